@@ -1,0 +1,471 @@
+"""Frozen configuration dataclasses and the one loader that fills them.
+
+Every setting is a field of a frozen dataclass with a ``help`` in its metadata. From those
+fields, and nothing else, come the CLI flags (``--max-frame-bytes``), the environment
+variables (``NETSTACK_MAX_FRAME_BYTES``) and the TOML keys (``max_frame_bytes``, at the top
+level or inside a table named after its group, e.g. ``[limits]``). Precedence is
+defaults < TOML < environment < flags, applied by :func:`build`.
+
+Groups (``Limits``, ``Timeouts``, ``TLS``) compose into one config per product. A config is
+validated once, in ``__post_init__``, and never changes. Servers take it as a parameter
+and never read the environment themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from netstack.errors import ConfigError
+
+ENV_PREFIX = "NETSTACK_"
+
+T = TypeVar("T")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Sizes and counts a peer may not exceed."""
+
+    # Same default as websockets' max_size: large enough for real messages, small enough
+    # that a hostile length prefix cannot make us allocate gigabytes.
+    max_frame_bytes: int = field(
+        default=1 << 20, metadata=_help("largest length-prefixed frame body accepted")
+    )
+    # nginx's large_client_header_buffers is 8 KiB per line; chat lines carry JSON, so 64 KiB.
+    max_line_bytes: int = field(
+        default=64 * 1024, metadata=_help("longest line frame accepted, terminator excluded")
+    )
+    # 65507 is the largest UDP payload over IPv4 (65535 - 8 UDP - 20 IP header bytes).
+    max_datagram_bytes: int = field(
+        default=65507, metadata=_help("largest UDP datagram sent or accepted")
+    )
+    # gunicorn's worker_connections default is 1000; same order of magnitude.
+    max_connections: int = field(
+        default=1024, metadata=_help("concurrent connections; more are refused")
+    )
+    # Write-buffer water marks: asyncio's default high mark is 64 KiB.
+    write_buffer_high_bytes: int = field(
+        default=64 * 1024, metadata=_help("pause reading when this many bytes are unsent")
+    )
+    write_buffer_low_bytes: int = field(
+        default=16 * 1024, metadata=_help("resume reading when unsent bytes fall below this")
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_frame_bytes",
+            "max_line_bytes",
+            "max_datagram_bytes",
+            "max_connections",
+            "write_buffer_high_bytes",
+        ):
+            _positive(name, getattr(self, name))
+        if self.max_datagram_bytes > 65507:
+            raise ConfigError(
+                "max_datagram_bytes must be <= 65507 (largest UDP payload)",
+                field="max_datagram_bytes",
+            )
+        if not 0 <= self.write_buffer_low_bytes <= self.write_buffer_high_bytes:
+            raise ConfigError(
+                "write_buffer_low_bytes must be between 0 and write_buffer_high_bytes",
+                field="write_buffer_low_bytes",
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Seconds; ``None`` disables a timeout."""
+
+    # A half-sent frame followed by silence must not hold a slot forever; 60 s is nginx's
+    # client_body_timeout.
+    idle_timeout: float | None = field(
+        default=60.0, metadata=_help("close a connection silent this long (none: never)")
+    )
+    connect_timeout: float = field(default=5.0, metadata=_help("TCP connect timeout"))
+    # UDP has no connection: a lost datagram is only noticed by this timeout.
+    request_timeout: float = field(
+        default=1.0, metadata=_help("wait this long for a reply before retrying")
+    )
+    # uvicorn's timeout_graceful_shutdown is unset by default; gunicorn's is 30 s.
+    graceful_timeout: float = field(
+        default=10.0, metadata=_help("on shutdown, wait this long for connections to finish")
+    )
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout is not None:
+            _positive("idle_timeout", self.idle_timeout)
+        _positive("connect_timeout", self.connect_timeout)
+        _positive("request_timeout", self.request_timeout)
+        _non_negative("graceful_timeout", self.graceful_timeout)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLS:
+    """TLS files. A server needs certfile and keyfile; a client may give cafile."""
+
+    certfile: str | None = field(default=None, metadata=_help("PEM certificate chain"))
+    keyfile: str | None = field(default=None, metadata=_help("PEM private key"))
+    cafile: str | None = field(
+        default=None, metadata=_help("client: PEM CA bundle to verify the server with")
+    )
+
+    def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError(
+                "certfile and keyfile must be given together",
+                field="keyfile" if self.keyfile is None else "certfile",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None or self.cafile is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    """Logging, configured by the CLI only."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata=_help("lowest level logged")
+    )
+    log_format: Literal["text", "json"] = field(
+        default="text", metadata=_help("text for people, json for log shippers")
+    )
+
+
+# --------------------------------------------------------------------------- products
+
+Proto = Literal["tcp", "udp"]
+Framing = Literal["length", "line"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EchoServerConfig:
+    """``netstack echo serve``."""
+
+    proto: Proto = field(default="tcp", metadata=_help("transport"))
+    bind: str = field(default="127.0.0.1:9000", metadata=_help("HOST:PORT or [IPv6]:PORT"))
+    framing: Framing = field(default="length", metadata=_help("TCP frame format"))
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    tls: TLS = field(default_factory=TLS)
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.bind, field="bind")
+        if self.proto == "udp" and self.tls.enabled:
+            raise ConfigError("TLS is not available over UDP", field="certfile")
+        if self.tls.enabled and self.tls.certfile is None:
+            raise ConfigError("a TLS server needs certfile and keyfile", field="certfile")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EchoClientConfig:
+    """``netstack echo send``."""
+
+    proto: Proto = field(default="tcp", metadata=_help("transport"))
+    connect: str = field(default="127.0.0.1:9000", metadata=_help("server HOST:PORT"))
+    framing: Framing = field(default="length", metadata=_help("TCP frame format"))
+    count: int = field(default=1000, metadata=_help("messages to send"))
+    size: int = field(default=64, metadata=_help("bytes per message"))
+    # Jittered exponential backoff, as AWS's "Exponential Backoff and Jitter" advises.
+    retries: int = field(
+        default=5, metadata=_help("reconnects (TCP) or resends (UDP) before giving up")
+    )
+    backoff_initial: float = field(default=0.1, metadata=_help("first retry delay, seconds"))
+    backoff_max: float = field(default=5.0, metadata=_help("longest retry delay, seconds"))
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    tls: TLS = field(default_factory=TLS)
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.connect, field="connect")
+        _positive("count", self.count)
+        _positive("size", self.size)
+        _non_negative("retries", self.retries)
+        _positive("backoff_initial", self.backoff_initial)
+        if self.backoff_max < self.backoff_initial:
+            raise ConfigError("backoff_max must be >= backoff_initial", field="backoff_max")
+        if (
+            self.framing == "line"
+            and self.proto == "tcp"
+            and self.size > self.limits.max_line_bytes
+        ):
+            raise ConfigError("size exceeds max_line_bytes", field="size")
+        if (
+            self.proto == "tcp"
+            and self.framing == "length"
+            and self.size > self.limits.max_frame_bytes
+        ):
+            raise ConfigError("size exceeds max_frame_bytes", field="size")
+        if self.proto == "udp" and self.size + 4 > self.limits.max_datagram_bytes:
+            raise ConfigError("size + 4-byte request id exceeds max_datagram_bytes", field="size")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}", field=name)
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value!r}", field=name)
+
+
+def parse_hostport(text: str, *, field: str = "bind") -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[IPv6]:PORT`` into host and port.
+
+    Raises:
+        ConfigError: naming ``field`` when the text is not of that shape.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{field}: expected HOST:PORT, got {text!r}", field=field)
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ConfigError(f"{field}: unbalanced '[' in {text!r}", field=field)
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(
+            f"{field}: write IPv6 addresses as [ADDR]:PORT, got {text!r}", field=field
+        )
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(
+            f"{field}: port must be a number, got {port_text!r}", field=field
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{field}: port must be 0-65535, got {port}", field=field)
+    return host, port
+
+
+# --------------------------------------------------------------------------- loader
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One leaf setting, flattened out of its group.
+
+    Attributes:
+        name: unique setting name (TOML key, ``--flag-name``, ``NETSTACK_NAME``).
+        group: the group field it lives in (``"limits"``), or ``None`` at top level.
+        type: the resolved annotation.
+        default: the default value.
+        help: one line for ``--help``.
+    """
+
+    name: str
+    group: str | None
+    type: Any
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        args = _literal_args(self.type)
+        return tuple(str(a) for a in args) if args else None
+
+    @property
+    def is_bool(self) -> bool:
+        return self.type is bool
+
+
+def _literal_args(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    return ()
+
+
+def _default_of(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def specs(cls: type[Any]) -> list[FieldSpec]:
+    """Every leaf setting of a config class, groups flattened, in declaration order."""
+    out: list[FieldSpec] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            sub = typing.get_type_hints(tp)
+            for g in dataclasses.fields(tp):
+                out.append(
+                    FieldSpec(
+                        g.name, f.name, sub[g.name], _default_of(g), g.metadata.get("help", "")
+                    )
+                )
+        else:
+            out.append(FieldSpec(f.name, None, tp, _default_of(f), f.metadata.get("help", "")))
+    names = [s.name for s in out]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:  # a programming error in a config class, not a user error
+        raise TypeError(f"{cls.__name__}: setting names must be unique, repeated: {dupes}")
+    return out
+
+
+def _iter_types(tp: Any) -> Iterator[Any]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        yield from typing.get_args(tp)
+    else:
+        yield tp
+
+
+def convert(spec: FieldSpec, raw: object, *, source: str) -> Any:
+    """Turn ``raw`` (text from env/flags, or a TOML value) into the field's type.
+
+    Raises:
+        ConfigError: naming the field and the source when the value does not fit.
+    """
+
+    def bad(reason: str) -> ConfigError:
+        return ConfigError(f"{spec.name}: {reason} (from {source})", field=spec.name)
+
+    options = list(_iter_types(spec.type))
+    if isinstance(raw, str) and type(None) in options and raw.strip().lower() in ("none", ""):
+        return None
+    errors: list[str] = []
+    for tp in options:
+        if tp is type(None):
+            if raw is None:
+                return None
+            continue
+        try:
+            return _convert_one(tp, raw)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
+    raise bad("; ".join(errors) or f"invalid value {raw!r}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert_one(tp: Any, raw: object) -> Any:
+    if args := _literal_args(tp):
+        if raw in args:
+            return raw
+        raise ValueError(f"must be one of {', '.join(map(str, args))}, got {raw!r}")
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if tp is int:
+        if isinstance(raw, bool):
+            raise ValueError(f"expected an integer, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.replace("_", ""), 0)
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {raw!r}")
+    if tp is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {raw!r}")
+    if tp is str:
+        if isinstance(raw, str):
+            return raw
+        raise ValueError(f"expected a string, got {raw!r}")
+    if typing.get_origin(tp) is tuple:
+        (item, _ellipsis) = typing.get_args(tp)
+        if isinstance(raw, str):
+            parts: list[object] = [p.strip() for p in raw.split(",") if p.strip()]
+        elif isinstance(raw, (list, tuple)):
+            parts = list(raw)
+        else:
+            raise ValueError(f"expected a comma-separated list, got {raw!r}")
+        return tuple(_convert_one(item, p) for p in parts)
+    raise TypeError(f"unsupported setting type {tp!r}")  # a bug in a config class
+
+
+def build(
+    cls: type[T],
+    *,
+    toml: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, object] | None = None,
+) -> T:
+    """Build ``cls`` from its defaults, a parsed TOML document, the environment and flags.
+
+    Args:
+        toml: parsed TOML; keys are setting names at the top level or inside a table named
+            after the setting's group (``[limits]``). Unknown keys are errors.
+        env: environment; only ``NETSTACK_<NAME>`` keys of known settings are read.
+        flags: setting name -> value given on the command line (``None`` means not given).
+
+    Raises:
+        ConfigError: naming the field, for an unknown key or a bad value anywhere.
+    """
+    all_specs = {s.name: s for s in specs(cls)}
+    values: dict[str, Any] = {}
+
+    for key, raw in (toml or {}).items():
+        if key in all_specs:
+            values[key] = convert(all_specs[key], raw, source="config file")
+            continue
+        groups = {s.group for s in all_specs.values() if s.group}
+        if key in groups and isinstance(raw, Mapping):
+            for sub, sub_raw in raw.items():
+                spec = all_specs.get(sub)
+                if spec is None or spec.group != key:
+                    raise ConfigError(f"unknown key {key}.{sub} in config file", field=sub)
+                values[sub] = convert(spec, sub_raw, source="config file")
+            continue
+        raise ConfigError(f"unknown key {key!r} in config file", field=key)
+
+    for spec in all_specs.values():
+        if env is not None and spec.env in env:
+            values[spec.name] = convert(spec, env[spec.env], source=spec.env)
+        if flags is not None and flags.get(spec.name) is not None:
+            values[spec.name] = convert(spec, flags[spec.name], source=spec.flag)
+
+    return _assemble(cls, values)
+
+
+def _assemble(cls: type[T], values: Mapping[str, Any]) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is a dataclass type
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            sub = {g.name: values[g.name] for g in dataclasses.fields(tp) if g.name in values}
+            kwargs[f.name] = tp(**sub)  # type: ignore[operator]  # a dataclass type
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)

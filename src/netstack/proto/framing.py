@@ -1,0 +1,250 @@
+"""Stream framing codecs: length-prefixed frames and line frames, plus UDP request ids.
+
+Theory of operation
+-------------------
+A codec turns a byte stream into :class:`Frame` events and frames into bytes. It has the
+shape of every netstack core (``receive_data``, ``receive_eof``, ``events_received``,
+``send``, ``data_to_send``), so one transport class drives any of them.
+
+States::
+
+    OPEN --receive_eof (buffer empty)--------> CLOSED
+    OPEN --receive_eof (partial frame)-------> ERROR   raises RemoteProtocolError
+    OPEN --bad bytes / limit exceeded--------> ERROR   raises RemoteProtocolError
+    CLOSED/ERROR --receive_data/receive_eof--> unchanged, raises LocalProtocolError
+
+Invariants:
+
+* Limits are checked before a body is buffered. For length frames the 4-byte header
+  announces the size, so an oversized frame is refused as soon as its header arrives. For
+  line frames a missing terminator is refused once more than ``max_line_bytes`` (+1 for a
+  possible ``\\r``) bytes are waiting.
+* Frames completed before an error stay in :meth:`events_received`: the caller may still
+  serve them (nothing accepted is lost) and then close.
+* Splitting the input differently never changes the events (tests feed it whole, a byte at
+  a time and at random splits).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from netstack.errors import LimitExceeded, LocalProtocolError, RemoteProtocolError
+from netstack.proto.buffer import ReceiveBuffer
+
+HEADER: Final = struct.Struct("!I")
+"""Length prefix: 4-byte unsigned big-endian (network order), as in most binary protocols."""
+
+REQUEST_ID: Final = struct.Struct("!I")
+"""UDP request id prefixed to every datagram so replies can be matched to requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One complete message, without its length prefix or line terminator."""
+
+    data: bytes
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+    ERROR = "error"
+
+
+class Codec:
+    """Shared event queue, outgoing queue and state for both codecs."""
+
+    limit_name: str = ""
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError(f"{self.limit_name} must be > 0")
+        self.limit = limit
+        self.state = State.OPEN
+        self._buffer = ReceiveBuffer()
+        self._events: list[Frame] = []
+        self._outgoing: list[bytes] = []
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed received bytes; complete frames become events.
+
+        Raises:
+            LimitExceeded: a frame is larger than the limit (named in ``.limit``).
+            RemoteProtocolError: the bytes are not valid framing.
+            LocalProtocolError: the codec is already closed.
+        """
+        self._check_open("receive_data")
+        self._buffer.feed(data)
+        try:
+            self._parse()
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def receive_eof(self) -> None:
+        """The peer closed its side.
+
+        Raises:
+            RemoteProtocolError: the stream ended inside a frame.
+        """
+        self._check_open("receive_eof")
+        if self._buffer:
+            self.state = State.ERROR
+            raise RemoteProtocolError(
+                f"connection closed inside a frame ({len(self._buffer)} bytes pending)"
+            )
+        self.state = State.CLOSED
+
+    def events_received(self) -> list[Frame]:
+        """Drain and return the frames completed so far."""
+        events, self._events = self._events, []
+        return events
+
+    def send(self, frame: Frame) -> None:
+        """Queue ``frame`` for sending; fetch its bytes with :meth:`data_to_send`."""
+        self._outgoing.append(self.encode(frame.data))
+
+    def data_to_send(self) -> list[bytes]:
+        """Drain and return the bytes queued by :meth:`send`."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def encode(self, payload: bytes) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _parse(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_open(self, what: str) -> None:
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"{what} called in state {self.state.value}")
+
+
+class LengthPrefixedCodec(Codec):
+    """Frames are a 4-byte big-endian length followed by that many bytes.
+
+    Args:
+        max_frame_bytes: largest body accepted or sent.
+    """
+
+    limit_name = "max_frame_bytes"
+
+    def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
+        super().__init__(max_frame_bytes)
+        self._need: int | None = None  # body length of the frame being read, once known
+
+    def encode(self, payload: bytes) -> bytes:
+        """Return ``payload`` with its length prefix.
+
+        Raises:
+            LocalProtocolError: ``payload`` is larger than ``max_frame_bytes``.
+        """
+        if len(payload) > self.limit:
+            raise LocalProtocolError(
+                f"frame of {len(payload)} bytes exceeds max_frame_bytes={self.limit}"
+            )
+        return HEADER.pack(len(payload)) + payload
+
+    def _parse(self) -> None:
+        while True:
+            if self._need is None:
+                header = self._buffer.read_exact(HEADER.size)
+                if header is None:
+                    return
+                (size,) = HEADER.unpack(header)
+                if size > self.limit:
+                    raise LimitExceeded("max_frame_bytes", self.limit, actual=size)
+                self._need = size
+            body = self._buffer.read_exact(self._need)
+            if body is None:
+                return
+            self._need = None
+            self._events.append(Frame(body))
+
+
+class LineCodec(Codec):
+    """Frames are lines ending in ``\\n``; a ``\\r`` just before it is dropped too.
+
+    Args:
+        max_line_bytes: longest line accepted or sent, terminator excluded.
+    """
+
+    limit_name = "max_line_bytes"
+
+    def encode(self, payload: bytes) -> bytes:
+        """Return ``payload`` followed by ``\\n``.
+
+        Raises:
+            LocalProtocolError: ``payload`` contains ``\\n`` or is longer than the limit.
+        """
+        if b"\n" in payload:
+            raise LocalProtocolError("a line frame cannot contain a newline")
+        if len(payload) > self.limit:
+            raise LocalProtocolError(
+                f"line of {len(payload)} bytes exceeds max_line_bytes={self.limit}"
+            )
+        return payload + b"\n"
+
+    def _parse(self) -> None:
+        while (raw := self._buffer.read_until(b"\n")) is not None:
+            line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            if len(line) > self.limit:
+                raise LimitExceeded("max_line_bytes", self.limit, actual=len(line))
+            self._events.append(Frame(line))
+        # No terminator yet: refuse to buffer more than one line can hold (+1 for a '\r').
+        pending = len(self._buffer)
+        if pending > self.limit + 1 or (
+            pending == self.limit + 1 and not self._buffer.peek(pending).endswith(b"\r")
+        ):
+            raise LimitExceeded("max_line_bytes", self.limit, actual=pending)
+
+
+Framing = Literal["length", "line"]
+
+
+def make_codec(framing: Framing, *, max_frame_bytes: int, max_line_bytes: int) -> Codec:
+    """Return a fresh codec for ``framing``."""
+    if framing == "length":
+        return LengthPrefixedCodec(max_frame_bytes)
+    return LineCodec(max_line_bytes)
+
+
+def encode_datagram(request_id: int, payload: bytes, *, max_datagram_bytes: int) -> bytes:
+    """Return a UDP datagram: 4-byte request id, then ``payload``.
+
+    Raises:
+        LocalProtocolError: the datagram would exceed ``max_datagram_bytes`` or the id does
+            not fit in 32 bits.
+    """
+    if not 0 <= request_id <= 0xFFFFFFFF:
+        raise LocalProtocolError(f"request id {request_id} does not fit in 32 bits")
+    size = REQUEST_ID.size + len(payload)
+    if size > max_datagram_bytes:
+        raise LocalProtocolError(
+            f"datagram of {size} bytes exceeds max_datagram_bytes={max_datagram_bytes}"
+        )
+    return REQUEST_ID.pack(request_id) + payload
+
+
+def decode_datagram(datagram: bytes, *, max_datagram_bytes: int) -> tuple[int, bytes]:
+    """Split a datagram into (request id, payload).
+
+    Raises:
+        LimitExceeded: the datagram is larger than ``max_datagram_bytes``.
+        RemoteProtocolError: it is too short to hold a request id.
+    """
+    if len(datagram) > max_datagram_bytes:
+        raise LimitExceeded("max_datagram_bytes", max_datagram_bytes, actual=len(datagram))
+    if len(datagram) < REQUEST_ID.size:
+        raise RemoteProtocolError(f"datagram of {len(datagram)} bytes has no request id")
+    (request_id,) = REQUEST_ID.unpack_from(datagram)
+    return request_id, datagram[REQUEST_ID.size :]

@@ -1,0 +1,1 @@
+"""Layer 2: one package per product (messaging, models, and later wsgi, lb, chat...)."""

@@ -1,0 +1,1 @@
+"""Layer 1: asyncio/uvloop glue. No product logic lives here."""
