@@ -469,3 +469,51 @@ def _assemble(cls: type[T], values: Mapping[str, Any]) -> T:
         elif f.name in values:
             kwargs[f.name] = values[f.name]
     return cls(**kwargs)
+
+
+ModelName = Literal["blocking", "threaded", "pool", "selectloop", "asyncio"]
+ALL_MODELS: tuple[ModelName, ...] = ("blocking", "threaded", "pool", "selectloop", "asyncio")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BenchModelsConfig:
+    """``netstack bench models``: the concurrency-model comparison."""
+
+    models: tuple[str, ...] = field(
+        default=ALL_MODELS, metadata=_help("models to run, comma-separated")
+    )
+    connections: tuple[int, ...] = field(
+        default=(1, 10, 50, 200), metadata=_help("concurrency levels, comma-separated")
+    )
+    sizes: tuple[int, ...] = field(
+        default=(64, 4096), metadata=_help("message sizes in bytes, comma-separated")
+    )
+    duration: float = field(default=3.0, metadata=_help("seconds of load per point"))
+    quick: bool = field(default=False, metadata=_help("a ~30 s run: fewer points, shorter"))
+    race: bool = field(
+        default=False, metadata=_help("only show the lost-update race demonstration")
+    )
+    output: str = field(default="bench/models.png", metadata=_help("PNG plot path"))
+    # A pool of 16 threads with at most 8 handlers running: small enough to show queueing
+    # at 50+ connections, large enough to overlap I/O waits.
+    pool_threads: int = field(default=16, metadata=_help("pool model: worker threads"))
+    max_running: int = field(
+        default=8, metadata=_help("pool model: semaphore cap on running handlers")
+    )
+    client_processes: int = field(default=2, metadata=_help("load generator processes"))
+
+    def __post_init__(self) -> None:
+        unknown = set(self.models) - set(ALL_MODELS)
+        if unknown or not self.models:
+            raise ConfigError(
+                f"models: unknown {sorted(unknown)}; choose from {', '.join(ALL_MODELS)}",
+                field="models",
+            )
+        if not self.connections or min(self.connections) <= 0:
+            raise ConfigError("connections must be positive integers", field="connections")
+        if not self.sizes or min(self.sizes) <= 0:
+            raise ConfigError("sizes must be positive integers", field="sizes")
+        _positive("duration", self.duration)
+        _positive("pool_threads", self.pool_threads)
+        _positive("max_running", self.max_running)
+        _positive("client_processes", self.client_processes)
