@@ -165,7 +165,7 @@ class EchoServerConfig:
     def __post_init__(self) -> None:
         parse_hostport(self.bind, field="bind")
         if self.proto == "udp" and self.tls.enabled:
-            raise ConfigError("TLS is not available over UDP", field="certfile")
+            raise ConfigError("certfile: TLS is not available over UDP", field="certfile")
         if self.tls.enabled and self.tls.certfile is None:
             raise ConfigError("a TLS server needs certfile and keyfile", field="certfile")
 

@@ -140,7 +140,6 @@ class LengthPrefixedCodec(Codec):
 
     def __init__(self, max_frame_bytes: int = 1 << 20) -> None:
         super().__init__(max_frame_bytes)
-        self._need: int | None = None  # body length of the frame being read, once known
 
     def encode(self, payload: bytes) -> bytes:
         """Return ``payload`` with its length prefix.
@@ -155,20 +154,16 @@ class LengthPrefixedCodec(Codec):
         return HEADER.pack(len(payload)) + payload
 
     def _parse(self) -> None:
-        while True:
-            if self._need is None:
-                header = self._buffer.read_exact(HEADER.size)
-                if header is None:
-                    return
-                (size,) = HEADER.unpack(header)
-                if size > self.limit:
-                    raise LimitExceeded("max_frame_bytes", self.limit, actual=size)
-                self._need = size
-            body = self._buffer.read_exact(self._need)
-            if body is None:
+        # The header stays in the buffer until its body is complete, so "bytes buffered"
+        # always means "inside a frame" (receive_eof relies on it).
+        while len(self._buffer) >= HEADER.size:
+            (size,) = HEADER.unpack(self._buffer.peek(HEADER.size))
+            if size > self.limit:
+                raise LimitExceeded("max_frame_bytes", self.limit, actual=size)
+            frame = self._buffer.read_exact(HEADER.size + size)
+            if frame is None:
                 return
-            self._need = None
-            self._events.append(Frame(body))
+            self._events.append(Frame(frame[HEADER.size :]))
 
 
 class LineCodec(Codec):
@@ -179,6 +174,9 @@ class LineCodec(Codec):
     """
 
     limit_name = "max_line_bytes"
+
+    def __init__(self, max_line_bytes: int = 64 * 1024) -> None:
+        super().__init__(max_line_bytes)
 
     def encode(self, payload: bytes) -> bytes:
         """Return ``payload`` followed by ``\\n``.
