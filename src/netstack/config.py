@@ -179,6 +179,10 @@ class EchoClientConfig:
     framing: Framing = field(default="length", metadata=_help("TCP frame format"))
     count: int = field(default=1000, metadata=_help("messages to send"))
     size: int = field(default=64, metadata=_help("bytes per message"))
+    # One connection measures latency; more measure throughput (one message in flight each).
+    concurrency: int = field(
+        default=1, metadata=_help("parallel connections (UDP: requests in flight)")
+    )
     # Jittered exponential backoff, as AWS's "Exponential Backoff and Jitter" advises.
     retries: int = field(
         default=5, metadata=_help("reconnects (TCP) or resends (UDP) before giving up")
@@ -193,6 +197,7 @@ class EchoClientConfig:
         parse_hostport(self.connect, field="connect")
         _positive("count", self.count)
         _positive("size", self.size)
+        _positive("concurrency", self.concurrency)
         _non_negative("retries", self.retries)
         _positive("backoff_initial", self.backoff_initial)
         if self.backoff_max < self.backoff_initial:
