@@ -58,6 +58,7 @@ class EchoReport:
     resent: int = 0  # messages sent again after a drop or a timeout
     reconnects: int = 0  # TCP connections made after the first one of a worker
     stale: int = 0  # UDP replies to an earlier attempt, or duplicates, ignored
+    connect_failures: int = 0  # TCP connection attempts that failed (each one backed off)
     elapsed: float = 0.0
     rtts: list[float] = field(default_factory=list)
 
@@ -232,6 +233,7 @@ class EchoClient:
                 raise ConnectionClosed(f"TLS with {cfg.connect} failed: {exc}") from None
             except (OSError, TimeoutError) as exc:
                 last = exc
+                self.report.connect_failures += 1
                 logger.debug("! connect to %s failed (attempt %d): %s", cfg.connect, attempt, exc)
         reason = "timed out" if isinstance(last, TimeoutError) else str(last)
         raise ConnectionClosed(
