@@ -478,6 +478,7 @@ def _assemble(cls: type[T], values: Mapping[str, Any]) -> T:
 
 ModelName = Literal["blocking", "threaded", "pool", "selectloop", "asyncio"]
 ALL_MODELS: tuple[ModelName, ...] = ("blocking", "threaded", "pool", "selectloop", "asyncio")
+MAX_BENCH_CONNECTIONS = 4096
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -505,7 +506,14 @@ class BenchModelsConfig:
     max_running: int = field(
         default=8, metadata=_help("pool model: semaphore cap on running handlers")
     )
+    # Two processes on a 2-core machine: enough to keep 200 connections busy without
+    # starving the server of CPU (client and server share the cores; see bench/RESULTS.md).
     client_processes: int = field(default=2, metadata=_help("load generator processes"))
+    # A safety bound next to duration: the fastest model does under 100k msgs/s on two
+    # cores, so this only ends a point early when duration is 10 s or more.
+    max_messages: int = field(
+        default=1_000_000, metadata=_help("per point: stop after this many replies")
+    )
 
     def __post_init__(self) -> None:
         unknown = set(self.models) - set(ALL_MODELS)
@@ -516,9 +524,21 @@ class BenchModelsConfig:
             )
         if not self.connections or min(self.connections) <= 0:
             raise ConfigError("connections must be positive integers", field="connections")
+        # Each connection is a descriptor in the client and in the server (and a thread in
+        # the threaded model); beyond this the run measures ulimits, not models.
+        if max(self.connections) > MAX_BENCH_CONNECTIONS:
+            raise ConfigError(
+                f"connections must be <= {MAX_BENCH_CONNECTIONS}", field="connections"
+            )
         if not self.sizes or min(self.sizes) <= 0:
             raise ConfigError("sizes must be positive integers", field="sizes")
+        if max(self.sizes) > Limits().max_frame_bytes:
+            raise ConfigError(
+                f"sizes must be <= {Limits().max_frame_bytes} (the servers' max_frame_bytes)",
+                field="sizes",
+            )
         _positive("duration", self.duration)
         _positive("pool_threads", self.pool_threads)
         _positive("max_running", self.max_running)
         _positive("client_processes", self.client_processes)
+        _positive("max_messages", self.max_messages)
