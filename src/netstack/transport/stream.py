@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from netstack.config import Limits, Timeouts
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 E = TypeVar("E")
 
 _conn_ids = itertools.count(1)
+# The clock asyncio's own loop.time() reads, without a Python-level method call per read.
+_monotonic = time.monotonic
 
 
 class Core(Protocol[E]):
@@ -76,6 +79,7 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
         self.closed: asyncio.Future[None] | None = None
         self.in_flight = 0
         self._draining = False
+        self._closing = False
         self._idle_handle: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._log_extra: dict[str, object] = {}
@@ -108,26 +112,36 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
             low=self.limits.write_buffer_low_bytes,
         )
         self._loop = asyncio.get_running_loop()
-        self._time = self._loop.time
         self.closed = self._loop.create_future()
         if self.registry is not None and not self.registry.register(self):
             self.transport.close()
             return
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("= conn %d open from %s", self.conn_id, self.peer, extra=self._log_extra)
-        self._last_rx = self._time()
+        self._last_rx = _monotonic()
         if self.timeouts.idle_timeout is not None:
             self._idle_handle = self._loop.call_later(self.timeouts.idle_timeout, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
-        self._last_rx = self._time()
+        # The hot path: one write per read, and as few calls as the core allows.
+        self._last_rx = _monotonic()
+        core = self.core
         try:
-            self.core.receive_data(data)
+            core.receive_data(data)
         except RemoteProtocolError as exc:
             self._dispatch()  # frames completed before the error are still served
             self.reject(exc)
             return
-        self._dispatch()
+        for event in core.events_received():
+            self.handle_event(event)
+        chunks = core.data_to_send()
+        if chunks:
+            if len(chunks) == 1 and chunks[0] and not self._closing:
+                self.transport.write(chunks[0])
+            else:
+                self._write(chunks)
+        if self._draining and not self.busy():
+            self.close()
 
     def eof_received(self) -> bool | None:
         try:
@@ -146,6 +160,7 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
         self.flow.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
@@ -172,21 +187,19 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
     def flush(self) -> None:
         """Write what the core queued; an empty chunk means half-close (``write_eof``)."""
         chunks = self.core.data_to_send()
-        if not chunks or self.transport.is_closing():
-            return
-        if len(chunks) == 1:
-            chunk = chunks[0]
-            if chunk:
-                self.transport.write(chunk)
-            else:
-                self.transport.write_eof()
+        if chunks:
+            self._write(chunks)
+
+    def _write(self, chunks: list[bytes]) -> None:
+        if self._closing or self.transport.is_closing():
             return
         if b"" in chunks:
             end = chunks.index(b"")
-            self.transport.write(b"".join(chunks[:end]))
+            if end:
+                self.transport.write(b"".join(chunks[:end]))
             self.transport.write_eof()
         else:
-            self.transport.write(b"".join(chunks))
+            self.transport.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
 
     def reject(self, exc: RemoteProtocolError) -> None:
         """The peer broke the protocol: log at WARNING (no traceback) and close.
@@ -236,11 +249,13 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
 
     def close(self) -> None:
         """Close after flushing what is already written."""
+        self._closing = True
         if not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
         """Close now, dropping unsent data."""
+        self._closing = True
         self.transport.abort()
 
     async def wait_closed(self) -> None:
@@ -252,7 +267,7 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
         self._idle_handle = None
         timeout = self.timeouts.idle_timeout
         assert timeout is not None
-        remaining = self._last_rx + timeout - self._time()
+        remaining = self._last_rx + timeout - _monotonic()
         if remaining > 0:
             self._idle_handle = self._loop.call_later(remaining, self._check_idle)
             return

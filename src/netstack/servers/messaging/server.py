@@ -18,7 +18,6 @@ class EchoProtocol(StreamProtocol[Frame]):
     def __init__(self, cfg: EchoServerConfig) -> None:
         super().__init__(limits=cfg.limits, timeouts=cfg.timeouts)
         self.framing = cfg.framing
-        self.frames = 0
 
     def make_core(self) -> Codec:
         self.codec = make_codec(
@@ -29,7 +28,6 @@ class EchoProtocol(StreamProtocol[Frame]):
         return self.codec
 
     def handle_event(self, event: Frame) -> None:
-        self.frames += 1
         self.codec.send(event)
 
     def busy(self) -> bool:
