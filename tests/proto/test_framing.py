@@ -69,6 +69,8 @@ def test_encode_over_limit_is_a_local_error() -> None:
     codec = LengthPrefixedCodec(max_frame_bytes=2)
     with pytest.raises(LocalProtocolError):
         codec.encode(b"abc")
+    with pytest.raises(LocalProtocolError):
+        codec.send(Frame(b"abc"))  # send() inlines encode() on its fast path
     assert codec.state is State.OPEN
 
 
