@@ -178,4 +178,3 @@ def test_client_reset_does_not_kill_server(model: str) -> None:
         sock.close()
         with srv.connect() as other:
             assert echo(other, b"fine") == b"fine"
-

@@ -14,12 +14,13 @@ import asyncio
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from netstack import log
 from netstack.config import ALL_MODELS, parse_hostport
 from netstack.errors import ConfigError
 from netstack.servers.models import MODELS, AsyncioServer, ModelConfig, create_listener
+from netstack.transport.loop import run
 
 
 def _optional_seconds(text: str) -> float | None:
@@ -75,8 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         if args.model == "asyncio":
             server = AsyncioServer(listener, config, loop=args.loop)
-            _ready(shown, bound_port)
-            _run_asyncio(server)
+            _run_asyncio(server, lambda: _ready(shown, bound_port))
         else:
             model = MODELS[args.model](listener, config)
             stop = threading.Event()
@@ -91,15 +91,13 @@ def _ready(host: str, port: int) -> None:
     print(f"READY {host}:{port}", flush=True)
 
 
-def _run_asyncio(server: AsyncioServer) -> None:
-    from netstack.transport.loop import run
-
+def _run_asyncio(server: AsyncioServer, ready: Callable[[], None]) -> None:
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await server.serve_async(stop)
+        await server.serve_async(stop, ready=ready)
 
     run(serve(), loop=server.loop_name)
 

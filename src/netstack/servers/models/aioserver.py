@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from typing import cast
 
 from netstack.servers.models.base import (
@@ -146,8 +147,15 @@ class AsyncioServer(ModelServer):
         finally:
             watcher.cancel()
 
-    async def serve_async(self, stop: asyncio.Event) -> None:
-        """Serve on the running loop until ``stop`` is set, then close every connection."""
+    async def serve_async(
+        self, stop: asyncio.Event, *, ready: Callable[[], None] | None = None
+    ) -> None:
+        """Serve on the running loop until ``stop`` is set, then close every connection.
+
+        Args:
+            stop: set it to shut down.
+            ready: called once the server is accepting connections.
+        """
         loop = asyncio.get_running_loop()
         connections: set[EchoProtocol] = set()
         # asyncio closes the socket it serves on; hand it a duplicate so the caller's
@@ -157,6 +165,8 @@ class AsyncioServer(ModelServer):
             sock=self.listener.dup(),
             backlog=1024,
         )
+        if ready is not None:
+            ready()
         try:
             await stop.wait()
         finally:

@@ -263,7 +263,9 @@ class Task(Future[T]):
             return False
         if self._waiting_on is not None and self._waiting_on.cancel():
             return True  # _wakeup follows; the await raises CancelledError
-        self._must_cancel = True  # a _step is scheduled; it throws CancelledError in
+        # Not parked on a future: either a _step is scheduled (it throws CancelledError
+        # in) or the task is running and cancelling itself (_step applies it on return).
+        self._must_cancel = True
         return True
 
     def _step(self, exc: BaseException | None = None) -> None:
@@ -294,6 +296,9 @@ class Task(Future[T]):
             elif isinstance(yielded, Future) and yielded._loop is self._loop:
                 self._waiting_on = yielded
                 yielded.add_done_callback(self._wakeup)
+                # cancel() called by the task on itself while it ran: apply it now.
+                if self._must_cancel and yielded.cancel():
+                    self._must_cancel = False
             else:  # awaiting something foreign (an asyncio future, say): a bug in the caller
                 bad = RuntimeError(f"task awaited {yielded!r}, not a future of its loop")
                 self._loop.call_soon(self._step, bad)
