@@ -113,10 +113,20 @@ class Stats:
     rtts: list[float] = field(default_factory=list)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (Linux /proc), 0.0 where unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def drive(
-    host: str, port: int, connections: int, size: int, duration: float
-) -> tuple[float, float]:
-    """Return (msgs/s, p99 ms) for ``connections`` ping-pong connections."""
+    host: str, port: int, connections: int, size: int, duration: float, pid: int = 0
+) -> tuple[float, float, float]:
+    """Return (msgs/s, p99 ms, server CPU %) for ``connections`` ping-pong connections."""
     loop = asyncio.get_running_loop()
     message = struct.pack("!I", size) + b"x" * size
     stats = Stats()
@@ -128,9 +138,10 @@ async def drive(
         c.start()
     await asyncio.sleep(min(0.3, duration / 4))  # warm up
     stats.count, stats.sample = 0, True
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds(pid)
     await asyncio.sleep(duration)
     done, elapsed = stats.count, time.perf_counter() - start
+    cpu = (cpu_seconds(pid) - cpu_start) / elapsed * 100
     stats.sample = False
     for c in conns:
         c.running = False
@@ -138,7 +149,7 @@ async def drive(
     await asyncio.gather(*(c.closed for c in conns))
     rtts = sorted(stats.rtts)
     p99 = rtts[int(len(rtts) * 0.99)] * 1e3 if rtts else float("nan")
-    return done / elapsed, p99
+    return done / elapsed, p99, cpu
 
 
 # --------------------------------------------------------------------------- servers
@@ -253,18 +264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             missing.append("selectloop (netstack.servers.models.selectloop not importable)")
 
     servers = [start_server(name, cmd, marker, server_core) for name, cmd, marker in specs]
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:
         for run in range(args.runs):
             for conns in scenarios:
                 for srv in servers:
-                    rate, p99 = uvloop.run(
-                        drive(srv.host, srv.port, conns, args.size, args.duration)
+                    rate, p99, cpu = uvloop.run(
+                        drive(srv.host, srv.port, conns, args.size, args.duration, srv.proc.pid)
                     )
-                    results.setdefault((srv.name, conns), []).append((rate, p99))
+                    results.setdefault((srv.name, conns), []).append((rate, p99, cpu))
                     print(
                         f"run {run + 1}/{args.runs} {srv.name:>10} c={conns:<3}"
-                        f" {rate:>9.0f} msgs/s  p99 {p99:.3f} ms",
+                        f" {rate:>9.0f} msgs/s  p99 {p99:.3f} ms  server cpu {cpu:.0f}%",
                         file=sys.stderr,
                     )
     finally:
@@ -279,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" size {args.size} B, {args.runs} runs x {args.duration:g} s,"
         f" taskset {'on' if args.taskset else 'off'}"
     )
-    header = "| connections | " + " | ".join(f"{n} msgs/s (p99 ms)" for n in names)
+    header = "| connections | " + " | ".join(f"{n} msgs/s (p99 ms, cpu)" for n in names)
     print(header + " | netstack/raw |")
     print("|---" * (len(names) + 2) + "|")
     worst = float("inf")
@@ -287,10 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells = []
         med: dict[str, float] = {}
         for n in names:
-            rates = [r for r, _ in results[(n, conns)]]
-            p99s = [p for _, p in results[(n, conns)]]
+            rates, p99s, cpus = zip(*results[(n, conns)], strict=True)
             med[n] = statistics.median(rates)
-            cells.append(f"{med[n]:,.0f} ({statistics.median(p99s):.3f})")
+            cells.append(
+                f"{med[n]:,.0f} ({statistics.median(p99s):.3f}, {statistics.median(cpus):.0f}%)"
+            )
         ratio = med["netstack"] / med["raw"]
         worst = min(worst, ratio)
         print(f"| {conns} | " + " | ".join(cells) + f" | {ratio:.2f} |")

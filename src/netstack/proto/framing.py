@@ -166,6 +166,11 @@ class LengthPrefixedCodec(Codec):
             self._partial = bool(self._buffer)
             return
         end_of_data = len(data)
+        if end_of_data >= _HEADER_SIZE:
+            (size,) = _unpack_header(data)
+            if end_of_data == _HEADER_SIZE + size and size <= self.limit:
+                self._events.append(Frame(data[_HEADER_SIZE:]))  # exactly one frame
+                return
         pos = 0
         limit = self.limit
         events = self._events
