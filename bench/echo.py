@@ -263,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             missing.append("selectloop (netstack.servers.models.selectloop not importable)")
 
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure
     servers = [start_server(name, cmd, marker, server_core) for name, cmd, marker in specs]
     results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     try:
@@ -288,11 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# {datetime.date.today()} {platform.machine()} {os.cpu_count()} CPUs,"
         f" Python {platform.python_version()}, uvloop {uvloop.__version__},"
         f" size {args.size} B, {args.runs} runs x {args.duration:g} s,"
-        f" taskset {'on' if args.taskset else 'off'}"
+        f" taskset {'on' if args.taskset else 'off'},"
+        f" load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}"
     )
     header = "| connections | " + " | ".join(f"{n} msgs/s (p99 ms, cpu)" for n in names)
-    print(header + " | netstack/raw |")
-    print("|---" * (len(names) + 2) + "|")
+    print(header + " | netstack/raw | paired |")
+    print("|---" * (len(names) + 3) + "|")
     worst = float("inf")
     for conns in scenarios:
         cells = []
@@ -304,8 +306,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{med[n]:,.0f} ({statistics.median(p99s):.3f}, {statistics.median(cpus):.0f}%)"
             )
         ratio = med["netstack"] / med["raw"]
+        # Runs alternate servers, so each run also gives a paired ratio: robust to drift.
+        paired = statistics.median(
+            n[0] / r[0]
+            for n, r in zip(results[("netstack", conns)], results[("raw", conns)], strict=True)
+        )
         worst = min(worst, ratio)
-        print(f"| {conns} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        print(f"| {conns} | " + " | ".join(cells) + f" | {ratio:.2f} | {paired:.2f} |")
     for m in missing:
         print(f"missing: {m}")
     print(

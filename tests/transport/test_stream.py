@@ -160,3 +160,19 @@ async def test_idle_timeout_closes_or_aborts(unsent, logs):
     assert any("idle" in m for m in logs.messages(logging.DEBUG))
     proto.connection_lost(None)
     await proto.wait_closed()
+
+
+class Buggy(Echoish):
+    def handle_event(self, event: bytes) -> None:
+        raise ZeroDivisionError("a bug")
+
+
+async def test_a_bug_in_the_handler_is_logged_once_with_traceback_and_aborts(logs):
+    proto = Buggy(timeouts=Timeouts(idle_timeout=None))
+    t = RecordingTransport()
+    proto.connection_made(t)  # type: ignore[arg-type]
+    proto.data_received(b"boom")
+    assert t.aborted
+    (error,) = [r for r in logs.records if r.levelno == logging.ERROR]
+    assert error.exc_info is not None
+    assert error.conn_id == proto.conn_id

@@ -114,7 +114,7 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
         self._loop = asyncio.get_running_loop()
         self.closed = self._loop.create_future()
         if self.registry is not None and not self.registry.register(self):
-            self.transport.close()
+            self.close()
             return
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("= conn %d open from %s", self.conn_id, self.peer, extra=self._log_extra)
@@ -132,14 +132,18 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
             self._dispatch()  # frames completed before the error are still served
             self.reject(exc)
             return
-        for event in core.events_received():
-            self.handle_event(event)
-        chunks = core.data_to_send()
-        if chunks:
-            if len(chunks) == 1 and chunks[0] and not self._closing:
-                self.transport.write(chunks[0])
-            else:
-                self._write(chunks)
+        try:
+            for event in core.events_received():
+                self.handle_event(event)
+            chunks = core.data_to_send()
+            if chunks:
+                if len(chunks) == 1 and chunks[0] and not self._closing:
+                    self.transport.write(chunks[0])
+                else:
+                    self._write(chunks)
+        except Exception:
+            self.internal_error()
+            return
         if self._draining and not self.busy():
             self.close()
 
@@ -227,6 +231,16 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
             )
         self.flush()
         self.close()
+
+    def internal_error(self) -> None:
+        """A bug in us or the app: log once at ERROR with the traceback, then abort."""
+        logger.exception(
+            "! conn %d from %s: internal error; closing",
+            self.conn_id,
+            self.peer,
+            extra=self._log_extra,
+        )
+        self.abort()
 
     def begin_work(self) -> None:
         """An event was taken on for asynchronous processing."""
