@@ -27,8 +27,13 @@ def group() -> None:
     """Framed TCP/UDP echo server and request/response client."""
 
 
+# Settings of the shared groups that mean nothing to one side are left off its --help.
+SERVER_ONLY = ("max_connections", "graceful_timeout")
+CLIENT_ONLY = ("cafile", "connect_timeout", "request_timeout")
+
+
 @group.command(name="serve")
-@config_options(EchoServerConfig)
+@config_options(EchoServerConfig, exclude=CLIENT_ONLY)
 def serve(config_file: str | None, **flags: Any) -> None:
     """Run an echo server until SIGINT/SIGTERM, then close gracefully.
 
@@ -66,7 +71,7 @@ async def _serve(cfg: EchoServerConfig) -> None:
 
 
 @group.command(name="send")
-@config_options(EchoClientConfig)
+@config_options(EchoClientConfig, exclude=SERVER_ONLY)
 def send(config_file: str | None, **flags: Any) -> int:
     """Send COUNT messages of SIZE bytes, verify each echo, print RTT p50/p99 and msgs/s.
 
