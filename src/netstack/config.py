@@ -506,9 +506,10 @@ class BenchModelsConfig:
     max_running: int = field(
         default=8, metadata=_help("pool model: semaphore cap on running handlers")
     )
-    # Two processes on a 2-core machine: enough to keep 200 connections busy without
-    # starving the server of CPU (client and server share the cores; see bench/RESULTS.md).
-    client_processes: int = field(default=2, metadata=_help("load generator processes"))
+    # One process on the 2-core benchmark machine leaves the server a whole core. With two,
+    # three busy processes share two cores and the server is starved (asyncio model at 200
+    # connections: 73-81 % server CPU instead of 98-99 %). Raise it on bigger machines.
+    client_processes: int = field(default=1, metadata=_help("load generator processes"))
     # A safety bound next to duration: the fastest model does under 100k msgs/s on two
     # cores, so this only ends a point early when duration is 10 s or more.
     max_messages: int = field(

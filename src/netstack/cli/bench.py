@@ -194,7 +194,8 @@ def _table(cfg: BenchModelsConfig, points: list[Point]) -> Any:
     table = Table(
         title=(
             f"Concurrency models: {cfg.duration:g} s per point, {cfg.client_processes} load "
-            f"processes, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"process{'es' if cfg.client_processes > 1 else ''}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}, "
             f"asyncio model on {loop}"
         ),
         title_justify="left",
@@ -238,9 +239,22 @@ def _plot(points: list[Point], output: Path) -> None:
                 key=lambda p: p.connections,
             )
             xs = [p.connections for p in series]
-            rate_ax.plot(xs, [p.load.rate for p in series], marker="o", label=model)
+            rates = [p.load.rate for p in series]
             p99 = [p.p99_ms if p.p99_ms is not None else math.nan for p in series]
-            p99_ax.plot(xs, p99, marker="o", label=model)
+            (line,) = rate_ax.plot(xs, rates, marker="o", label=model)
+            p99_ax.plot(xs, p99, marker="o", color=line.get_color(), label=model)
+            # Hollow markers: some connections never got a reply (blocking, pool).
+            partial = [i for i, p in enumerate(series) if p.load.served < p.connections]
+            for ax, ys in ((rate_ax, rates), (p99_ax, p99)):
+                ax.scatter(
+                    [xs[i] for i in partial],
+                    [ys[i] for i in partial],
+                    s=70,
+                    facecolors="white",
+                    edgecolors=line.get_color(),
+                    linewidths=1.5,
+                    zorder=3,
+                )
         for ax, ylabel in ((rate_ax, "messages / s"), (p99_ax, "p99 latency (ms)")):
             ax.set_xscale("log")
             ax.set_xlabel("concurrent connections")
@@ -250,6 +264,12 @@ def _plot(points: list[Point], output: Path) -> None:
         p99_ax.set_title(f"p99 round trip, {size}-byte messages (served connections)")
         p99_ax.set_yscale("log")
         rate_ax.legend()
+    fig.supxlabel(
+        "Hollow marker: not every connection was served (blocking serves one at a time, pool "
+        "max_running at a time);\nits latency covers the served connections only. "
+        "Closed loop: one message in flight per connection.",
+        fontsize=9,
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110)
 

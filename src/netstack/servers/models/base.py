@@ -135,7 +135,8 @@ class Stats:
     ``self.messages += n`` is a read, an add and a write: two threads can read the same old
     value and one increment is lost (``race.py`` shows it happening). Every update
     therefore holds ``_lock``, a ``threading.Lock`` used as a mutex. The single-threaded
-    models pay for an uncontended acquire, about 50 ns, to keep one code path.
+    models pay for an uncontended ``with lock:`` (about 0.16 us on the benchmark machine,
+    against tens of microseconds per message) to keep one code path.
     """
 
     def __init__(self) -> None:
