@@ -292,18 +292,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" taskset {'on' if args.taskset else 'off'},"
         f" load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}"
     )
-    header = "| connections | " + " | ".join(f"{n} msgs/s (p99 ms, cpu)" for n in names)
-    print(header + " | netstack/raw | paired |")
-    print("|---" * (len(names) + 3) + "|")
+    header = "| connections | " + " | ".join(f"{n} msgs/s" for n in names)
+    print(header + " | netstack/raw | paired | server CPU µs/msg raw / netstack |")
+    print("|---" * (len(names) + 4) + "|")
     worst = float("inf")
     for conns in scenarios:
         cells = []
         med: dict[str, float] = {}
+        cost: dict[str, float] = {}
         for n in names:
             rates, p99s, cpus = zip(*results[(n, conns)], strict=True)
             med[n] = statistics.median(rates)
+            # CPU per message is robust to other load on the machine, throughput is not.
+            cost[n] = statistics.median(c / 100 / r * 1e6 for r, c in zip(rates, cpus, strict=True))
             cells.append(
-                f"{med[n]:,.0f} ({statistics.median(p99s):.3f}, {statistics.median(cpus):.0f}%)"
+                f"{med[n]:,.0f} (p99 {statistics.median(p99s):.3f} ms,"
+                f" cpu {statistics.median(cpus):.0f}%)"
             )
         ratio = med["netstack"] / med["raw"]
         # Runs alternate servers, so each run also gives a paired ratio: robust to drift.
@@ -312,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n, r in zip(results[("netstack", conns)], results[("raw", conns)], strict=True)
         )
         worst = min(worst, ratio)
-        print(f"| {conns} | " + " | ".join(cells) + f" | {ratio:.2f} | {paired:.2f} |")
+        print(
+            f"| {conns} | "
+            + " | ".join(cells)
+            + f" | {ratio:.2f} | {paired:.2f} | {cost['raw']:.1f} / {cost['netstack']:.1f} |"
+        )
     for m in missing:
         print(f"missing: {m}")
     print(
