@@ -27,7 +27,7 @@ def test_tiny_run_prints_table_and_writes_png(
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for heading in ("model", "conns", "msgs/s", "p99 ms", "CPU %", "threads", "RSS MiB"):
+    for heading in ("model", "conns", "msgs/s", "p99 ms", "CPU %", "threads", "RSS MiB", "other"):
         assert heading in out
     rows = [line for line in out.splitlines() if line.startswith(("│ asyncio", "│ selectloop"))]
     assert len(rows) == 4, out

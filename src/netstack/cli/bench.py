@@ -50,6 +50,7 @@ class Point:
     size: int
     load: LoadResult
     cpu_percent: float
+    other_cpu_percent: float
     threads: int
     rss_mib: float
     exit_code: int | None
@@ -153,8 +154,10 @@ def _measure(
     try:
         with ServerProcess(model, args) as server:
             proc = psutil.Process(server.pid)
+            ours = [proc, *(psutil.Process(pid) for pid in workers.pids)]
             threads, rss = proc.num_threads(), proc.memory_info().rss
-            cpu_before, started = proc.cpu_times(), time.monotonic()
+            ours_before, machine_before = [_busy(p.cpu_times()) for p in ours], _machine_busy()
+            started = time.monotonic()
             # One absolute deadline: no share runs on after the others have stopped.
             deadline = time.monotonic() + cfg.duration + START_ALLOWANCE
             specs = [
@@ -165,20 +168,37 @@ def _measure(
             while (results := workers.wait(SAMPLE_INTERVAL)) is None:
                 threads = max(threads, proc.num_threads())
                 rss = max(rss, proc.memory_info().rss)
-            cpu_after, ended = proc.cpu_times(), time.monotonic()
+            ours_after, machine_after = [_busy(p.cpu_times()) for p in ours], _machine_busy()
+            ended = time.monotonic()
     except RuntimeError as exc:
         raise RuntimeFailure(str(exc)) from exc
-    busy = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+    elapsed = ended - started
+    ours_busy = [after - before for before, after in zip(ours_before, ours_after, strict=True)]
+    # Everything else the machine did meanwhile: other users' jobs, but also the kernel's
+    # softirq work for our own loopback traffic, so it is never quite zero.
+    other = machine_after - machine_before - sum(ours_busy)
     return Point(
         model=model,
         connections=conns,
         size=size,
         load=merge(results),
-        cpu_percent=100 * busy / (ended - started),
+        cpu_percent=100 * ours_busy[0] / elapsed,
+        other_cpu_percent=max(0.0, 100 * other / elapsed),
         threads=threads,
         rss_mib=rss / (1 << 20),
         exit_code=server.returncode,
     )
+
+
+def _busy(times: Any) -> float:
+    return float(times.user + times.system)
+
+
+def _machine_busy() -> float:
+    import psutil
+
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -202,7 +222,7 @@ def _table(cfg: BenchModelsConfig, points: list[Point]) -> Any:
     )
     for name in ("model", "conns", "size", "msgs/s", "p50 ms", "p99 ms", "CPU %"):
         table.add_column(name, justify="left" if name == "model" else "right", no_wrap=True)
-    for name in ("threads", "RSS MiB", "served", "errors"):
+    for name in ("threads", "RSS MiB", "served", "errors", "other CPU %"):
         table.add_column(name, justify="right", no_wrap=True)
     for p in points:
         errors = str(p.load.errors)
@@ -220,6 +240,7 @@ def _table(cfg: BenchModelsConfig, points: list[Point]) -> Any:
             f"{p.rss_mib:.1f}",
             f"{p.load.served}/{p.connections}",
             errors,
+            f"{p.other_cpu_percent:.0f}",
         )
     return table
 

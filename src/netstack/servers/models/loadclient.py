@@ -276,6 +276,10 @@ class LoadWorkers:
     def processes(self) -> int:
         return len(self._procs)
 
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None]
+
     def start(self, specs: list[LoadSpec]) -> None:
         """Send one spec to each of the first ``len(specs)`` processes."""
         if len(specs) > len(self._procs):
