@@ -38,13 +38,14 @@ def test_tiny_run_prints_table_and_writes_png(
 def test_quick_keeps_explicit_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "q.png"
     argv = ["bench", "models", "--quick", "--models", "blocking", "--connections", "3"]
-    argv += ["--duration", "0.2", "--output", str(png)]
+    argv += ["--duration", "0.2", "--output", str(png), "--repeats", "3"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("│ blocking")]
     assert len(rows) == 1  # quick's sizes (64 only), the given connections
     assert " 64 " in rows[0]
     assert "1/3" in rows[0]  # one client served at a time; the others wait
+    assert "median msgs/s of 3 runs" in out.replace("\n", "")
     assert png.exists()
 
 

@@ -135,7 +135,12 @@ def _run(cfg: BenchModelsConfig, err_console: Console) -> list[Point]:
         task = progress.add_task("bench models", total=len(grid))
         for model, conns, size in grid:
             progress.update(task, description=f"{model:<10} {conns:>4} conns {size:>5} B")
-            points.append(_measure(workers, cfg, cast(ModelName, model), conns, size))
+            runs = [
+                _measure(workers, cfg, cast(ModelName, model), conns, size)
+                for _ in range(cfg.repeats)
+            ]
+            runs.sort(key=lambda p: p.load.rate)
+            points.append(runs[(len(runs) - 1) // 2])  # the median run (lower one if even)
             progress.advance(task)
     return points
 
@@ -213,7 +218,9 @@ def _table(cfg: BenchModelsConfig, points: list[Point]) -> Any:
     loop = "uvloop" if loop_factory("auto").__module__.startswith("uvloop") else "asyncio"
     table = Table(
         title=(
-            f"Concurrency models: {cfg.duration:g} s per point, {cfg.client_processes} load "
+            f"Concurrency models: {cfg.duration:g} s per point"
+            + (f", median msgs/s of {cfg.repeats} runs" if cfg.repeats > 1 else "")
+            + f", {cfg.client_processes} load "
             f"process{'es' if cfg.client_processes > 1 else ''}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, "
             f"asyncio model on {loop}"
