@@ -176,3 +176,12 @@ async def test_a_bug_in_the_handler_is_logged_once_with_traceback_and_aborts(log
     (error,) = [r for r in logs.records if r.levelno == logging.ERROR]
     assert error.exc_info is not None
     assert error.conn_id == proto.conn_id
+
+
+async def test_a_bug_after_eof_is_contained_too(logs):
+    proto = Buggy(timeouts=Timeouts(idle_timeout=None))
+    t = RecordingTransport()
+    proto.connection_made(t)  # type: ignore[arg-type]
+    proto.core.events.append(b"pending")
+    assert proto.eof_received() is None
+    assert t.aborted

@@ -34,6 +34,7 @@ class DatagramProtocol(asyncio.DatagramProtocol):
         received: datagrams received (including dropped ones).
         dropped: datagrams dropped as garbage, short or oversize.
         drop_reasons: dropped datagrams by reason (the limit name or ``"malformed"``).
+        errors: datagrams whose handler raised an unexpected exception (a bug).
     """
 
     transport: asyncio.DatagramTransport
@@ -42,6 +43,7 @@ class DatagramProtocol(asyncio.DatagramProtocol):
         self.limits = limits or Limits()
         self.received = 0
         self.dropped = 0
+        self.errors = 0
         self.drop_reasons: collections.Counter[str] = collections.Counter()
         self._last_warn = float("-inf")
         self._suppressed = 0
@@ -66,6 +68,10 @@ class DatagramProtocol(asyncio.DatagramProtocol):
             self.handle_datagram(data, addr)
         except RemoteProtocolError as exc:
             self.drop(exc, addr)
+        except Exception:
+            # A bug must not close the endpoint (asyncio would): log it and keep serving.
+            self.errors += 1
+            logger.exception("! error handling a datagram from %s", addr)
 
     def drop(self, exc: RemoteProtocolError, addr: Address) -> None:
         """Count and log a datagram we refuse."""

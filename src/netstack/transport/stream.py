@@ -182,9 +182,13 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
 
     def _dispatch(self) -> None:
         core = self.core
-        for event in core.events_received():
-            self.handle_event(event)
-        self.flush()
+        try:
+            for event in core.events_received():
+                self.handle_event(event)
+            self.flush()
+        except Exception:
+            self.internal_error()
+            return
         if self._draining and not self.busy():
             self.close()
 

@@ -88,3 +88,27 @@ async def test_warning_reports_suppressed_count(logs, monkeypatch):
         finally:
             sock.close()
     assert any("+2 more" in m for m in logs.messages())
+
+
+async def test_a_bug_in_the_handler_does_not_close_the_endpoint(logs):
+    class Flaky(UDPEchoProtocol):
+        def handle_datagram(self, data, addr):
+            if data.endswith(b"boom"):
+                raise ZeroDivisionError("a bug")
+            super().handle_datagram(data, addr)
+
+    from netstack.transport.listener import DatagramServer
+
+    async with DatagramServer(Flaky, "127.0.0.1", 0) as srv:
+        transport, ep = await open_endpoint(srv.addresses[0])
+        try:
+            transport.sendto(encode_datagram(1, b"boom", max_datagram_bytes=100))
+            await apoll_until(lambda: srv.protocol.errors == 1)
+            good = encode_datagram(2, b"fine", max_datagram_bytes=100)
+            transport.sendto(good)
+            assert await recv(ep) == good
+        finally:
+            transport.close()
+    errors = [r for r in logs.records if r.levelno == 40]
+    assert len(errors) == 1
+    assert errors[0].exc_info is not None
