@@ -132,11 +132,11 @@ def test_idle_timeout_closes_half_frame(model: str, caplog_netstack) -> None:
 @pytest.mark.parametrize("model", MODEL_IDS)
 def test_active_connection_outlives_idle_timeout(model: str) -> None:
     """The idle timer measures silence, not connection age."""
-    with running(model, idle_timeout=0.3) as srv, srv.connect() as sock:
+    with running(model, idle_timeout=0.6) as srv, srv.connect() as sock:
         sock.settimeout(TIMEOUT)
         for _ in range(4):
             assert echo(sock, b"ping") == b"ping"
-            # 0.1 s of silence, 0.4 s in total: never silent for 0.3 s at a stretch.
+            # 0.1 s of silence, 0.4 s in total: never silent for 0.6 s at a stretch.
             threading.Event().wait(0.1)
         assert echo(sock, b"still here") == b"still here"
 
