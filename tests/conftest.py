@@ -44,3 +44,17 @@ def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
         extra.write_to_path(str(certfile), append=True)
     cert.private_key_pem.write_to_path(str(keyfile))
     return TLSFiles(ca, str(cafile), str(certfile), str(keyfile))
+
+
+@pytest.fixture(autouse=True)
+def _restore_netstack_logging():
+    """In-process CLI tests call log.configure(), which stops propagation to the root
+    logger; put the netstack logger back so caplog sees records in later tests."""
+    import logging
+
+    logger = logging.getLogger("netstack")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
