@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import os
 import signal
 import socket
@@ -22,17 +21,6 @@ from netstack.config import EchoServerConfig
 from netstack.servers.messaging import create_server
 from netstack.transport.listener import format_address
 from tests.helpers import TIMEOUT
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """main() configures the netstack logger; put it back for the tests that follow."""
-    logger = logging.getLogger("netstack")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
 
 
 @pytest.fixture(params=["tcp", "udp"])
