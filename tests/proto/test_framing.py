@@ -35,7 +35,7 @@ def feed(codec: Codec, chunks: list[bytes]) -> list[Frame]:
 def test_length_frames_decode() -> None:
     codec = LengthPrefixedCodec()
     codec.receive_data(b"\x00\x00\x00\x03abc\x00\x00\x00\x00\x00\x00")
-    assert codec.events_received() == [Frame(b"abc"), Frame(b"")]
+    assert codec.events_received() == [b"abc", b""]
     assert codec.buffered == 2
     assert codec.events_received() == []
 
@@ -56,13 +56,13 @@ def test_frames_before_an_error_are_kept() -> None:
     codec = LengthPrefixedCodec(max_frame_bytes=4)
     with pytest.raises(LimitExceeded):
         codec.receive_data(b"\x00\x00\x00\x02ok" + struct.pack("!I", 5))
-    assert codec.events_received() == [Frame(b"ok")]
+    assert codec.events_received() == [b"ok"]
 
 
 def test_length_frame_at_limit_is_accepted() -> None:
     codec = LengthPrefixedCodec(max_frame_bytes=4)
     codec.receive_data(codec.encode(b"1234"))
-    assert codec.events_received() == [Frame(b"1234")]
+    assert codec.events_received() == [b"1234"]
 
 
 def test_encode_over_limit_is_a_local_error() -> None:
@@ -70,14 +70,14 @@ def test_encode_over_limit_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         codec.encode(b"abc")
     with pytest.raises(LocalProtocolError):
-        codec.send(Frame(b"abc"))  # send() inlines encode() on its fast path
+        codec.send(b"abc")  # send() inlines encode() on its fast path
     assert codec.state is State.OPEN
 
 
 def test_send_and_data_to_send() -> None:
     codec = LengthPrefixedCodec()
-    codec.send(Frame(b"hi"))
-    codec.send(Frame(b""))
+    codec.send(b"hi")
+    codec.send(b"")
     assert codec.data_to_send() == [b"\x00\x00\x00\x02hi", b"\x00\x00\x00\x00"]
     assert codec.data_to_send() == []
 
@@ -87,7 +87,7 @@ def test_clean_eof_closes() -> None:
     codec.receive_data(b"\x00\x00\x00\x01x")
     codec.receive_eof()
     assert codec.state is State.CLOSED
-    assert codec.events_received() == [Frame(b"x")]
+    assert codec.events_received() == [b"x"]
 
 
 def test_eof_inside_frame_is_remote_error() -> None:
@@ -121,22 +121,22 @@ def test_limit_must_be_positive() -> None:
 def test_lines_lf_and_crlf() -> None:
     codec = LineCodec(max_line_bytes=100)
     codec.receive_data(b"one\ntwo\r\nthree\r")
-    assert codec.events_received() == [Frame(b"one"), Frame(b"two")]
+    assert codec.events_received() == [b"one", b"two"]
     codec.receive_data(b"\n")
-    assert codec.events_received() == [Frame(b"three")]
+    assert codec.events_received() == [b"three"]
 
 
 def test_bare_cr_inside_a_line_is_content() -> None:
     codec = LineCodec(max_line_bytes=100)
     codec.receive_data(b"a\rb\n")
-    assert codec.events_received() == [Frame(b"a\rb")]
+    assert codec.events_received() == [b"a\rb"]
 
 
 def test_line_exactly_at_limit_with_crlf_split() -> None:
     codec = LineCodec(max_line_bytes=3)
     codec.receive_data(b"abc\r")  # 4 bytes pending, last is '\r': still acceptable
     codec.receive_data(b"\n")
-    assert codec.events_received() == [Frame(b"abc")]
+    assert codec.events_received() == [b"abc"]
 
 
 def test_unterminated_line_over_limit_refused_early() -> None:
@@ -215,7 +215,7 @@ def test_length_encode_decode_identity_any_split(messages: list[bytes], seed: in
     encoder = LengthPrefixedCodec()
     wire = b"".join(encoder.encode(m) for m in messages)
     for chunks in splits(wire, seed):
-        assert [f.data for f in feed(LengthPrefixedCodec(), chunks)] == messages
+        assert feed(LengthPrefixedCodec(), chunks) == messages
 
 
 @given(
@@ -229,7 +229,7 @@ def test_line_encode_decode_identity_any_split(
     codec = LineCodec(max_line_bytes=100)
     wire = b"".join(codec.encode(m)[:-1] + b"\r\n" if crlf else codec.encode(m) for m in messages)
     for chunks in splits(wire, seed):
-        assert [f.data for f in feed(LineCodec(max_line_bytes=100), chunks)] == messages
+        assert feed(LineCodec(max_line_bytes=100), chunks) == messages
 
 
 @given(st.binary(max_size=400), st.integers(0, 2**32 - 1), st.sampled_from(["length", "line"]))
@@ -291,7 +291,7 @@ class CodecMachine(RuleBasedStateMachine):
     @rule(payload=st.binary(max_size=40))
     def send(self, payload: bytes) -> None:
         try:
-            self.codec.send(Frame(payload))
+            self.codec.send(payload)
         except LocalProtocolError:
             assert len(payload) > self.codec.limit or b"\n" in payload
         self.codec.data_to_send()

@@ -67,7 +67,7 @@ async def test_tls_client_with_cafile(tls_certs):
 
 class MangleProtocol(EchoProtocol):
     def handle_event(self, event: Frame) -> None:
-        self.codec.send(Frame(event.data[::-1]))
+        self.codec.send(event[::-1])
 
 
 async def test_mismatched_echo_counts_as_error():

@@ -111,7 +111,7 @@ class EchoClientProtocol(StreamProtocol[Frame]):
         if waiter is None or waiter.done():
             self.unexpected += 1
         else:
-            waiter.set_result(event.data)
+            waiter.set_result(event)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -129,7 +129,7 @@ class EchoClientProtocol(StreamProtocol[Frame]):
             raise ConnectionClosed("connection closed")
         waiter: asyncio.Future[bytes] = self._loop.create_future()
         self._waiter = waiter
-        self.codec.send(Frame(payload))
+        self.codec.send(payload)
         self.flush()
         return await waiter
 

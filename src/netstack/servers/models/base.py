@@ -106,7 +106,7 @@ class EchoSession:
         if not frames:
             return Reply(b"", 0, 0, error)
         encode = self._codec.encode
-        out = b"".join([encode(f.data) for f in frames])
+        out = b"".join([encode(f) for f in frames])
         return Reply(out, len(frames), len(out) - 4 * len(frames), error)
 
     def receive_eof(self) -> RemoteProtocolError | None:
