@@ -8,7 +8,7 @@ import pytest
 
 from netstack.config import Limits, Timeouts
 from netstack.errors import LimitExceeded
-from netstack.transport.stream import StreamProtocol
+from netstack.transport.stream import IDLE_TICKS, StreamProtocol
 from tests.helpers import apoll_until
 from tests.transport.fakes import RecordingTransport, ScriptCore
 
@@ -160,6 +160,26 @@ async def test_idle_timeout_closes_or_aborts(unsent, logs):
     assert any("idle" in m for m in logs.messages(logging.DEBUG))
     proto.connection_lost(None)
     await proto.wait_closed()
+
+
+async def test_idle_close_is_never_early_and_at_most_one_tick_late():
+    proto, t = connect(timeouts=Timeouts(idle_timeout=100.0))
+
+    def tick() -> None:  # run the idle check now instead of waiting for its timer
+        assert proto._idle_handle is not None
+        proto._idle_handle.cancel()
+        proto._check_idle()
+
+    for _ in range(IDLE_TICKS - 1):
+        tick()
+    proto.data_received(b"keepalive")  # one silent tick short of a close
+    tick()  # sees the read: the silence counts from here, up to one tick after the read
+    for _ in range(IDLE_TICKS - 1):
+        tick()
+    assert not t.closing
+    tick()
+    assert t.closing
+    proto.connection_lost(None)
 
 
 class Buggy(Echoish):
