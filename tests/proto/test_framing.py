@@ -82,6 +82,15 @@ def test_send_and_data_to_send() -> None:
     assert codec.data_to_send() == []
 
 
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 257, 70_000])
+def test_send_matches_encode_on_both_sides_of_the_small_header_table(size: int) -> None:
+    codec = LengthPrefixedCodec()
+    payload = bytes(size)
+    codec.send(payload)
+    assert codec.data_to_send() == [struct.pack("!I", size) + payload]
+    assert codec.encode(payload) == struct.pack("!I", size) + payload
+
+
 def test_clean_eof_closes() -> None:
     codec = LengthPrefixedCodec()
     codec.receive_data(b"\x00\x00\x00\x01x")

@@ -49,6 +49,9 @@ _HEADER_SIZE: Final = HEADER.size
 _pack_header: Final = HEADER.pack
 _unpack_header: Final = HEADER.unpack_from
 
+# Prefixes of small frames, built once: a tuple index is cheaper per frame than a pack call.
+_SMALL_HEADERS: Final = tuple(_pack_header(n) for n in range(256))
+
 REQUEST_ID: Final = struct.Struct("!I")
 """UDP request id prefixed to every datagram so replies can be matched to requests."""
 
@@ -167,7 +170,7 @@ class LengthPrefixedCodec(Codec):
             LocalProtocolError: the codec is already closed.
         """
         if self._partial or self.state is not _OPEN:
-            super().receive_data(data)
+            Codec.receive_data(self, data)
             self._partial = bool(self._buffer)
             return
         end_of_data = len(data)
@@ -200,9 +203,10 @@ class LengthPrefixedCodec(Codec):
         Raises:
             LocalProtocolError: the frame is larger than ``max_frame_bytes``.
         """
-        if len(frame) > self.limit:
+        size = len(frame)
+        if size > self.limit:
             self.encode(frame)  # raises
-        self._outgoing.append(_pack_header(len(frame)) + frame)
+        self._outgoing.append((_SMALL_HEADERS[size] if size < 256 else _pack_header(size)) + frame)
 
     def encode(self, payload: bytes) -> bytes:
         """Return ``payload`` with its length prefix.

@@ -140,7 +140,7 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
                 self.handle_event(event)
             chunks = core.data_to_send()
             if chunks:
-                if len(chunks) == 1 and chunks[0] and not self._closing:
+                if len(chunks) == 1 and not self._closing and chunks[0]:
                     self.transport.write(chunks[0])
                 else:
                     self._write(chunks)
