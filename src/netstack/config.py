@@ -89,7 +89,8 @@ class Timeouts:
     """Seconds; ``None`` disables a timeout."""
 
     # A half-sent frame followed by silence must not hold a slot forever; 60 s is nginx's
-    # client_body_timeout.
+    # client_body_timeout. Checked by a tick timer (transport/stream.py IDLE_TICKS): a silent
+    # connection closes after between 1 and 1.25 times this, never earlier.
     idle_timeout: float | None = field(
         default=60.0, metadata=_help("close a connection silent this long (none: never)")
     )
