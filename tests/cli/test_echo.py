@@ -20,7 +20,7 @@ from netstack.cli.options import load_config
 from netstack.config import EchoServerConfig
 from netstack.servers.messaging import create_server
 from netstack.transport.listener import format_address
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, free_port
 
 
 @pytest.fixture(params=["tcp", "udp"])
@@ -99,9 +99,7 @@ def test_port_in_use_is_startup_failure(capsys):
 
 
 def test_unreachable_server_is_runtime_failure(capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     argv = ["echo", "send", "--connect", f"127.0.0.1:{port}", "--retries", "1"]
     assert main([*argv, "--backoff-initial", "0.01"]) == 1
     err = capsys.readouterr().err

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -56,3 +57,27 @@ def splits(data: bytes, seed: int = 0) -> Iterator[list[bytes]]:
         )
         edges = [0, *cuts, len(data)]
         yield [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port nobody listens on, chosen *below* the ephemeral range.
+
+    A port from bind(0) is ephemeral: once released, the kernel may hand it to the client's
+    own socket, which then talks to itself (a UDP "reply" that is its own request, a TCP
+    self-connect), and the "unreachable" server answers.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except OSError:  # not Linux: the common default
+        low = 32768
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(10_000, low)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")

@@ -14,7 +14,7 @@ from netstack.proto.framing import Frame
 from netstack.servers.messaging import EchoClient, EchoProtocol, EchoReport, UDPEchoProtocol
 from netstack.servers.messaging.client import backoff_delay, make_payload
 from netstack.transport.listener import DatagramServer, Server, format_address
-from tests.helpers import TIMEOUT, apoll_until
+from tests.helpers import TIMEOUT, apoll_until, free_port
 from tests.transport.support import echo_server, server_config, udp_server
 
 
@@ -27,12 +27,6 @@ def client_config(addr, **kw) -> EchoClientConfig:
 async def run(cfg: EchoClientConfig) -> EchoReport:
     async with asyncio.timeout(TIMEOUT * 2):
         return await EchoClient(cfg, rng=random.Random(1)).run()
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("framing", ["length", "line"])

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from netstack.config import EchoClientConfig, Limits, parse_hostport
 from netstack.errors import ConnectionClosed
-from netstack.proto.framing import Codec, Frame, decode_datagram, encode_datagram, make_codec
+from netstack.proto.framing import Frame, decode_datagram, encode_datagram
+from netstack.servers.messaging.framed import FramedProtocol
 from netstack.transport.datagram import Address, DatagramProtocol
-from netstack.transport.stream import StreamProtocol
 from netstack.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -87,24 +87,13 @@ class EchoReport:
         ]
 
 
-class EchoClientProtocol(StreamProtocol[Frame]):
+class EchoClientProtocol(FramedProtocol):
     """A TCP client connection with one outstanding request."""
 
-    codec: Codec
-
     def __init__(self, cfg: EchoClientConfig) -> None:
-        super().__init__(limits=cfg.limits, timeouts=cfg.timeouts)
-        self.framing = cfg.framing
+        super().__init__(cfg.framing, limits=cfg.limits, timeouts=cfg.timeouts)
         self.unexpected = 0
         self._waiter: asyncio.Future[bytes] | None = None
-
-    def make_core(self) -> Codec:
-        self.codec = make_codec(
-            self.framing,
-            max_frame_bytes=self.limits.max_frame_bytes,
-            max_line_bytes=self.limits.max_line_bytes,
-        )
-        return self.codec
 
     def handle_event(self, event: Frame) -> None:
         waiter, self._waiter = self._waiter, None

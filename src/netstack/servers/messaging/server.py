@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 from netstack.config import EchoServerConfig, Limits, parse_hostport
-from netstack.proto.framing import Codec, Frame, decode_datagram, make_codec
+from netstack.proto.framing import Frame, decode_datagram
+from netstack.servers.messaging.framed import FramedProtocol
 from netstack.transport.datagram import Address, DatagramProtocol
 from netstack.transport.listener import DatagramServer, Server
-from netstack.transport.stream import StreamProtocol
 from netstack.transport.tls import server_context
 
 
-class EchoProtocol(StreamProtocol[Frame]):
+class EchoProtocol(FramedProtocol):
     """Send every frame back on the connection it came from."""
 
-    codec: Codec
-
     def __init__(self, cfg: EchoServerConfig) -> None:
-        super().__init__(limits=cfg.limits, timeouts=cfg.timeouts)
-        self.framing = cfg.framing
-
-    def make_core(self) -> Codec:
-        self.codec = make_codec(
-            self.framing,
-            max_frame_bytes=self.limits.max_frame_bytes,
-            max_line_bytes=self.limits.max_line_bytes,
-        )
-        return self.codec
+        super().__init__(cfg.framing, limits=cfg.limits, timeouts=cfg.timeouts)
 
     def handle_event(self, event: Frame) -> None:
         self.codec.send(event)
