@@ -75,6 +75,14 @@ class EchoReport:
         """Messages echoed per second."""
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
 
+    def record(self, reply: bytes, payload: bytes, sent_at: float) -> None:
+        """Count one answered message: its round trip, and whether the echo matched."""
+        self.rtts.append(time.perf_counter() - sent_at)
+        if reply == payload:
+            self.ok += 1
+        else:
+            self.errors += 1
+
     def lines(self) -> list[str]:
         """The human summary printed by ``netstack echo send``."""
         return [
@@ -257,11 +265,7 @@ class EchoClient:
                             break
                         report.resent += 1
                         continue
-                    report.rtts.append(time.perf_counter() - sent_at)
-                    if reply == payload:
-                        report.ok += 1
-                    else:
-                        report.errors += 1
+                    report.record(reply, payload, sent_at)
                     break
         finally:
             if conn is not None:
@@ -302,11 +306,7 @@ class EchoClient:
                     endpoint.waiters.pop(request_id, None)
                     last = exc
                     continue
-                report.rtts.append(time.perf_counter() - sent_at)
-                if reply == payload:
-                    report.ok += 1
-                else:
-                    report.errors += 1
+                report.record(reply, payload, sent_at)
                 break
             else:
                 report.errors += 1
