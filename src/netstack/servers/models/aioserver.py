@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import cast
 
 from netstack.servers.models.base import (
+    LISTEN_BACKLOG,
     STOP_CHECK_INTERVAL,
     EchoSession,
     ModelConfig,
@@ -163,7 +164,7 @@ class AsyncioServer(ModelServer):
         server = await loop.create_server(
             lambda: EchoProtocol(loop, self.config, self.stats, connections),
             sock=self.listener.dup(),
-            backlog=1024,
+            backlog=LISTEN_BACKLOG,
         )
         if ready is not None:
             ready()
