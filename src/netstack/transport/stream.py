@@ -296,14 +296,14 @@ class StreamProtocol(asyncio.Protocol, Generic[E]):
             self._idle_handle = self._loop.call_later(self._idle_tick, self._check_idle)
             return
         timeout = self.timeouts.idle_timeout
-        level = logging.WARNING if self.busy() else logging.DEBUG
+        busy = self.busy()
         logger.log(
-            level,
+            logging.WARNING if busy else logging.DEBUG,
             "! conn %d from %s: idle for %.1fs%s; closing",
             self.conn_id,
             self.peer,
             timeout,
-            " inside a frame" if self.busy() else "",
+            " inside a frame" if busy else "",
             extra=self._log_extra,
         )
         # A silent peer may also not be reading: close() could wait on unsent data forever.
