@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from netstack.config import EchoClientConfig, Limits, parse_hostport
 from netstack.errors import ConnectionClosed
 from netstack.proto.framing import Frame, decode_datagram, encode_datagram
+from netstack.servers.measure import nearest_rank
 from netstack.servers.messaging.framed import FramedProtocol
 from netstack.transport.datagram import Address, DatagramProtocol
 from netstack.transport.tls import client_context
@@ -66,9 +67,7 @@ class EchoReport:
         """Nearest-rank percentile of the RTTs in seconds (0.0 without samples)."""
         if not self.rtts:
             return 0.0
-        ordered = sorted(self.rtts)
-        index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
-        return ordered[index]
+        return nearest_rank(sorted(self.rtts), q)
 
     @property
     def rate(self) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
-import math
 import multiprocessing
 import os
 import queue
@@ -34,6 +33,7 @@ from multiprocessing.queues import Queue
 from typing import Final, Self
 
 from netstack.proto.framing import HEADER
+from netstack.servers.measure import nearest_rank
 
 _CONNECTING: Final = 0
 _SENDING: Final = 1
@@ -94,8 +94,7 @@ class LoadResult:
         if not self.latencies:
             return [None for _ in qs]
         ordered = sorted(self.latencies)
-        n = len(ordered)
-        return [ordered[min(n - 1, max(0, math.ceil(q / 100 * n) - 1))] for q in qs]
+        return [nearest_rank(ordered, q) for q in qs]
 
 
 def merge(results: list[LoadResult]) -> LoadResult:
