@@ -219,6 +219,167 @@ class EchoClientConfig:
             raise ConfigError("size + 4-byte request id exceeds max_datagram_bytes", field="size")
 
 
+# --------------------------------------------------------------------------- HTTP / WSGI
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HTTPLimits:
+    """What an HTTP/1.1 peer may send; each limit has its own status (RFC 9110 §15.5)."""
+
+    # Apache's LimitRequestLine is 8190; gunicorn's limit_request_line is 4094. -> 414
+    max_request_line_bytes: int = field(
+        default=8190, metadata=_help("longest request line (method, target, version); 414")
+    )
+    # h11's default is 16 KiB (node.js 16 KiB since 2018, tomcat 8 KiB). -> 431
+    max_header_bytes: int = field(
+        default=16 * 1024, metadata=_help("request line plus all header lines; 431")
+    )
+    # gunicorn's limit_request_fields is 100. -> 431
+    max_header_count: int = field(default=100, metadata=_help("header lines per request; 431"))
+    # nginx's client_max_body_size is 1 MiB; uploads need it raised on purpose. -> 413
+    max_body_bytes: int | None = field(
+        default=1 << 20, metadata=_help("request body size (none: unlimited); 413")
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_line_bytes", "max_header_bytes", "max_header_count"):
+            _positive(name, getattr(self, name))
+        if self.max_body_bytes is not None:
+            _non_negative("max_body_bytes", self.max_body_bytes)
+        if self.max_request_line_bytes > self.max_header_bytes:
+            raise ConfigError(
+                "max_request_line_bytes must be <= max_header_bytes",
+                field="max_request_line_bytes",
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HTTPTimeouts:
+    """HTTP connection timers, in seconds; ``None`` disables one."""
+
+    # nginx's client_header_timeout is 60 s; slowloris defence wants far less. -> 408
+    header_timeout: float | None = field(
+        default=10.0, metadata=_help("a request head must arrive within this; 408 then close")
+    )
+    # uvicorn's timeout_keep_alive is 5 s, gunicorn's keepalive 2 s.
+    keepalive_timeout: float | None = field(
+        default=5.0, metadata=_help("close a keep-alive connection idle this long")
+    )
+    # A body that stalls (no byte for this long) or a client that stops reading our response.
+    # nginx's client_body_timeout and send_timeout are both 60 s.
+    body_timeout: float | None = field(
+        default=30.0, metadata=_help("close when a request body stalls this long")
+    )
+    write_timeout: float | None = field(
+        default=30.0, metadata=_help("close when the client reads nothing of a response this long")
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "keepalive_timeout", "body_timeout", "write_timeout"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value)
+
+
+HTTPParserName = Literal["httptools", "h11"]
+
+# gunicorn's default access log format (its "%(X)s" atoms are what this format uses).
+DEFAULT_ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WSGIServerConfig:
+    """``netstack serve MODULE:APP``."""
+
+    app: str = field(default="", metadata=_help("MODULE:APP, the WSGI application"))
+    factory: bool = field(
+        default=False, metadata=_help("APP is a factory: call it with no arguments")
+    )
+    chdir: str | None = field(default=None, metadata=_help("change to this directory first"))
+    root_path: str = field(default="", metadata=_help("SCRIPT_NAME the app is mounted under"))
+    bind: tuple[str, ...] = field(
+        default=("127.0.0.1:8000",),
+        metadata=_help("HOST:PORT, [IPv6]:PORT, unix:PATH or fd:N; repeatable"),
+    )
+    # gunicorn's default backlog.
+    backlog: int = field(default=2048, metadata=_help("listen backlog per socket"))
+    workers: int = field(default=1, metadata=_help("worker processes (pre-fork)"))
+    # waitress's default is 4 threads; gunicorn gthread's is 1.
+    threads: int = field(
+        default=4, metadata=_help("app threads per worker; 0 runs the app on the event loop")
+    )
+    reload: bool = field(default=False, metadata=_help("restart when source files change (dev)"))
+    parser: HTTPParserName = field(default="httptools", metadata=_help("HTTP/1.1 parser"))
+    # gunicorn's default trusts the local host only.
+    forwarded_allow_ips: str = field(
+        default="127.0.0.1,::1",
+        metadata=_help("peers whose X-Forwarded-*/Forwarded headers are trusted ('*': all)"),
+    )
+    proxy_protocol: bool = field(
+        default=False, metadata=_help("expect a PROXY v1/v2 header from allowed peers")
+    )
+    access_log: bool = field(default=True, metadata=_help("log one line per request"))
+    access_log_format: str = field(
+        default=DEFAULT_ACCESS_LOG_FORMAT, metadata=_help("gunicorn-style %(atom)s format")
+    )
+    metrics_bind: str | None = field(
+        default=None, metadata=_help("HOST:PORT for Prometheus /metrics (none: off)")
+    )
+    # gunicorn: 0 disables; jitter spreads restarts so workers do not all recycle at once.
+    max_requests: int = field(
+        default=0, metadata=_help("restart a worker after this many requests (0: never)")
+    )
+    max_requests_jitter: int = field(
+        default=0, metadata=_help("add up to this many requests to max_requests, at random")
+    )
+    limits: Limits = field(default_factory=Limits)
+    http_limits: HTTPLimits = field(default_factory=HTTPLimits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    http_timeouts: HTTPTimeouts = field(default_factory=HTTPTimeouts)
+    tls: TLS = field(default_factory=TLS)
+
+    def __post_init__(self) -> None:
+        if not self.bind:
+            raise ConfigError("bind: give at least one address", field="bind")
+        for address in self.bind:
+            parse_bind(address)
+        _positive("backlog", self.backlog)
+        _positive("workers", self.workers)
+        _non_negative("threads", self.threads)
+        _non_negative("max_requests", self.max_requests)
+        _non_negative("max_requests_jitter", self.max_requests_jitter)
+        if self.metrics_bind is not None:
+            parse_hostport(self.metrics_bind, field="metrics_bind")
+        if self.tls.cafile is not None and self.tls.certfile is None:
+            raise ConfigError("a TLS server needs certfile and keyfile", field="certfile")
+
+
+BindKind = Literal["tcp", "unix", "fd"]
+
+
+def parse_bind(text: str) -> tuple[BindKind, str, int]:
+    """Parse a ``--bind`` value: ``HOST:PORT``, ``[IPv6]:PORT``, ``unix:PATH`` or ``fd:N``.
+
+    Returns:
+        ``("tcp", host, port)``, ``("unix", path, 0)`` or ``("fd", "", fd)``.
+
+    Raises:
+        ConfigError: naming ``bind``.
+    """
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ConfigError("bind: unix: needs a path", field="bind")
+        return "unix", path, 0
+    if text.startswith("fd:") or text.startswith("fd://"):
+        number = text.removeprefix("fd://").removeprefix("fd:")
+        if not number.isdigit():
+            raise ConfigError(f"bind: fd: needs a number, got {text!r}", field="bind")
+        return "fd", "", int(number)
+    host, port = parse_hostport(text, field="bind")
+    return "tcp", host, port
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -297,6 +458,10 @@ class FieldSpec:
     @property
     def is_bool(self) -> bool:
         return self.type is bool
+
+    @property
+    def is_tuple(self) -> bool:
+        return typing.get_origin(self.type) is tuple
 
 
 def _literal_args(tp: Any) -> tuple[Any, ...]:

@@ -41,16 +41,18 @@ def main_group(log_level: str | None, log_format: str | None) -> None:
       netstack echo serve --bind 127.0.0.1:9000
       netstack echo send --connect 127.0.0.1:9000 --count 1000 --size 64
       netstack bench models --quick
+      netstack serve myapp:app --bind 127.0.0.1:8000 --workers 2
     """
     cfg = load_config(LogConfig, {"log_level": log_level, "log_format": log_format})
     log.configure(cfg.log_level, cfg.log_format)
 
 
 def _register() -> None:
-    from netstack.cli import bench, echo
+    from netstack.cli import bench, echo, serve
 
     main_group.add_command(echo.group)
     main_group.add_command(bench.group)
+    main_group.add_command(serve.command)
 
 
 _register()

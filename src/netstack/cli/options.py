@@ -33,6 +33,13 @@ def _describe(spec: FieldSpec) -> str:
     return f"{spec.help} [default: {default}; env: {spec.env}]"
 
 
+def _join_multiple(_ctx: click.Context, _param: click.Parameter, value: Any) -> str | None:
+    """``--bind a --bind b,c`` -> ``"a,b,c"``; not given -> ``None`` (keeps precedence)."""
+    if not value:
+        return None
+    return ",".join(value)
+
+
 def config_options(cls: type[Any], *, exclude: Iterable[str] = ()) -> Callable[[F], F]:
     """Add ``--config FILE`` and one option per setting of ``cls`` to a click command."""
     skip = set(exclude)
@@ -45,6 +52,17 @@ def config_options(cls: type[Any], *, exclude: Iterable[str] = ()) -> Callable[[
                     spec.name,
                     default=None,
                     help=_describe(spec),
+                )
+            elif spec.is_tuple:
+                # Repeatable, and each value may itself be a comma-separated list.
+                opt = click.option(
+                    spec.flag,
+                    spec.name,
+                    multiple=True,
+                    default=None,
+                    metavar=spec.name.split("_")[-1].upper(),
+                    callback=_join_multiple,
+                    help=_describe(spec) + " (repeatable)",
                 )
             else:
                 metavar = (

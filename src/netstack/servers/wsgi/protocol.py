@@ -1,0 +1,733 @@
+"""One HTTP/1.1 connection of the WSGI server: parse, run the app, write the response.
+
+Theory of operation
+-------------------
+``data_received`` feeds :class:`~netstack.proto.http11.HTTPConnection` and walks the
+events it returns. Body events of the request in progress go to its body; everything
+after (pipelined requests) waits in ``pending`` until that request's response is done
+*and* its body has ended, so responses leave in request order (RFC 9112 §9.3.2).
+
+Each request becomes an :class:`Exchange`, run one of two ways:
+
+* ``threads == 0`` (inline): the app runs on the event loop once the body is complete
+  (bounded by ``max_body_bytes``); a streaming response is pumped chunk by chunk and the
+  pump stops while the transport's write buffer is above its high-water mark, resuming
+  in ``resume_writing``.
+* ``threads > 0``: the app runs in a worker thread as soon as the head is parsed, reading
+  a :class:`~netstack.servers.wsgi.body.StreamingBody`; what it sends is handed to the
+  loop with ``call_soon_threadsafe``, and the thread blocks while writing is paused.
+
+Timers are deadlines checked by the server's tick (one sweep for all connections), not one
+timer handle per request: ``header`` (a head must complete), ``keepalive`` (idle between
+requests), ``body`` (a body must keep arriving) and ``write`` (the client must keep
+reading). None runs while the app is working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from tempfile import SpooledTemporaryFile
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+from netstack.errors import LocalProtocolError, RemoteProtocolError
+from netstack.proto.http11 import (
+    END_OF_MESSAGE,
+    ConnectionClosed,
+    Data,
+    EndOfMessage,
+    HTTPConnection,
+    InformationalResponse,
+    Request,
+    State,
+)
+from netstack.proto.http11.write import reason_phrase
+from netstack.servers.wsgi.body import BodyError, StreamingBody
+
+if TYPE_CHECKING:
+    from netstack.servers.wsgi.server import WSGIServer
+
+logger = logging.getLogger(__name__)
+
+INF: Final = float("inf")
+# Kinds of deadline a connection can be under.
+NO_TIMER, HEADER, KEEPALIVE, BODY, WRITE = range(5)
+# Pipelined requests parsed ahead of the one being answered before we stop reading.
+MAX_PENDING_EVENTS: Final = 64
+# Inline mode keeps a body this large in memory, then spools it to a temporary file.
+SPOOL_BYTES: Final = 1 << 20
+
+# "Content-Type" -> b"content-type", for the header names applications send.
+_NAMES: dict[str, bytes] = {}
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def error_response(status: int, message: str, *, close: bool = True) -> bytes:
+    """A complete, small plain-text error response (the one place errors become replies)."""
+    body = f"{status} {reason_phrase(status).decode()}: {message}\n".encode()
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        b"content-length: %d\r\n" % (status, reason_phrase(status), len(body))
+    )
+    if close:
+        head += b"connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+SERVICE_UNAVAILABLE: Final = error_response(503, "too many connections, try again")
+
+
+class _NoBody:
+    """Stands in for the body of a request without one, to swallow its EndOfMessage."""
+
+    done = False
+
+    def feed(self, data: bytes) -> bool:  # pragma: no cover - a body-less request has no Data
+        return False
+
+    def finish(self) -> None:
+        pass
+
+    def fail(self, reason: str) -> None:
+        pass
+
+
+class _BufferedBody:
+    """Inline mode: the whole body, collected before the app runs."""
+
+    __slots__ = ("done", "file")
+
+    def __init__(self) -> None:
+        # Closed by fail() or by the exchange once the app is done with it.
+        self.file: Any = SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115
+        self.done = False
+
+    def feed(self, data: bytes) -> bool:
+        self.file.write(data)
+        return False
+
+    def finish(self) -> None:
+        self.file.seek(0)
+        self.done = True
+
+    def fail(self, reason: str) -> None:
+        self.file.close()
+
+
+Body = _NoBody | _BufferedBody | StreamingBody
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: the server sends the file with ``os.sendfile`` when it can."""
+
+    def __init__(self, filelike: Any, blksize: int = 64 * 1024) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            data = self.filelike.read(self.blksize)
+            if not data:
+                return
+            yield data
+
+
+class WSGIProtocol(asyncio.Protocol):
+    """asyncio protocol for one client connection of a :class:`WSGIServer`."""
+
+    def __init__(self, server: WSGIServer) -> None:
+        self.server = server
+        self.transport: Any = None
+        self.conn: HTTPConnection | None = None
+        self.peer: Any = None
+        self.pending: deque[Any] = deque()
+        self.body: Body | None = None
+        self.exchange: Exchange | None = None
+        self.discarding = False
+        self.write_paused = False
+        self.read_paused = False
+        self.closed = False
+        self.timer = NO_TIMER
+        self.deadline = INF
+        self.requests = 0
+        self.base_environ: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        server = self.server
+        if not server.admit(self):
+            transport.write(SERVICE_UNAVAILABLE)
+            transport.close()
+            self.closed = True
+            return
+        self.conn = HTTPConnection(server.http_limits, server.parser)
+        self.peer = transport.get_extra_info("peername")
+        transport.set_write_buffer_limits(
+            high=server.limits.write_buffer_high_bytes, low=server.limits.write_buffer_low_bytes
+        )
+        self._arm(HEADER, server.http_timeouts.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.release(self)
+        if self.body is not None:
+            self.body.fail("the client closed the connection")
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.lost = True
+            if exchange.writable is not None:
+                exchange.writable.set()  # a thread blocked on writing wakes up and stops
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._reject(exc)
+            return
+        events = conn.events_received()
+        if events:
+            self._handle(events)
+        elif self.timer == KEEPALIVE:
+            # The first bytes of a new head: from now on it has header_timeout to finish.
+            self._arm(HEADER, self.server.http_timeouts.header_timeout)
+
+    def eof_received(self) -> bool:
+        conn = self.conn
+        if conn is None:
+            return False
+        try:
+            conn.receive_eof()
+        except RemoteProtocolError as exc:
+            if self.body is not None:
+                self.body.fail(str(exc))
+            if self.exchange is None:
+                self._close()
+            return True
+        self._handle(conn.events_received())
+        return True  # keep our side open to finish answering, then close
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._arm(WRITE, self.server.http_timeouts.write_timeout)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.timer == WRITE:
+            self._arm(NO_TIMER, None)
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.writable is not None:
+                exchange.writable.set()
+            if exchange.inline_iterator is not None:
+                exchange.pump()
+
+    # ------------------------------------------------------------------ events
+
+    def _handle(self, events: list[Any]) -> None:
+        for event in events:
+            body = self.body
+            kind = type(event)
+            if body is not None:
+                if kind is Data:
+                    if not self.discarding and body.feed(event.data):
+                        self._pause_reading()
+                    self._arm(BODY, self.server.http_timeouts.body_timeout)
+                    continue
+                if kind is EndOfMessage:
+                    self.body = None
+                    self.discarding = False
+                    body.finish()
+                    if self.timer == BODY:
+                        self._arm(NO_TIMER, None)
+                    exchange = self.exchange
+                    if exchange is not None and not exchange.started:
+                        exchange.start()
+                    elif exchange is None:
+                        self._next()
+                    continue
+            if self.exchange is not None or self.pending:
+                self.pending.append(event)
+                if len(self.pending) > MAX_PENDING_EVENTS:
+                    self._pause_reading()
+                continue
+            self._begin(event)
+
+    def _begin(self, event: Any) -> None:
+        kind = type(event)
+        if kind is Request:
+            self._arm(NO_TIMER, None)
+            self.exchange = Exchange(self, event)
+        elif kind is ConnectionClosed:
+            self._close()
+        # Data/EndOfMessage here belong to a body being discarded after an early response.
+
+    def _next(self) -> None:
+        """The last response is done: start the next pipelined request, if any."""
+        pending = self.pending
+        if self.read_paused and len(pending) <= MAX_PENDING_EVENTS // 2:
+            self._resume_reading()
+        if pending and self.exchange is None and self.body is None:
+            events = list(pending)
+            pending.clear()
+            self._handle(events)
+
+    def response_done(self) -> None:
+        """Called on the loop when an exchange has sent its whole response."""
+        exchange = self.exchange
+        self.exchange = None
+        self.requests += 1
+        server = self.server
+        server.request_finished(exchange)
+        conn = self.conn
+        assert conn is not None
+        if conn.our_state is not State.IDLE or self.closed:
+            self._close()
+            return
+        if self.body is not None:
+            # The app answered without reading the whole body: drop the rest of it.
+            self.discarding = True
+            if self.read_paused:
+                self._resume_reading()
+        else:
+            self._arm(KEEPALIVE, server.http_timeouts.keepalive_timeout)
+        if server.closing:
+            self._close()
+            return
+        self._next()
+
+    # ------------------------------------------------------------------ output
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        out = conn.data_to_send()
+        if out and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _reject(self, exc: RemoteProtocolError) -> None:
+        """A malformed request or a limit: a short error response, then close."""
+        logger.warning("%s: %s", _format_peer(self.peer), exc)
+        self.server.rejected += 1
+        if self.body is not None:
+            self.body.fail(str(exc))
+            self.body = None
+        if self.exchange is None or not self.exchange.headers_sent:
+            self.write(error_response(exc.status_hint, str(exc)))
+        if self.conn is not None:
+            self.conn.close()
+        if self.exchange is None:
+            self._close()
+        else:
+            self.exchange.must_close = True
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    # ------------------------------------------------------------------ flow and timers
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.read_paused and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def resume_reading_threadsafe(self) -> None:
+        self.server.loop.call_soon_threadsafe(self._resume_reading)
+
+    def _arm(self, kind: int, timeout: float | None) -> None:
+        self.timer = kind
+        self.deadline = INF if timeout is None else self.server.now + timeout
+
+    def on_deadline(self) -> None:
+        """The server's tick found this connection past its deadline."""
+        kind = self.timer
+        self.timer = NO_TIMER
+        self.deadline = INF
+        if kind == KEEPALIVE:
+            self._close()
+        elif kind == HEADER:
+            self.server.timed_out += 1
+            logger.warning("%s: request head not complete in time", _format_peer(self.peer))
+            self.write(error_response(408, "request head not received in time"))
+            self._close()
+        elif kind == BODY:
+            self.server.timed_out += 1
+            logger.warning("%s: request body stalled", _format_peer(self.peer))
+            if self.body is not None:
+                self.body.fail("timed out waiting for the request body")
+            if self.exchange is None or not self.exchange.headers_sent:
+                self.write(error_response(408, "request body not received in time"))
+                if self.exchange is not None:
+                    self.exchange.must_close = True
+            self._close()
+        elif kind == WRITE:
+            self.server.timed_out += 1
+            logger.warning("%s: client stopped reading the response", _format_peer(self.peer))
+            self.abort()
+
+    def shutdown(self) -> None:
+        """Graceful close: idle connections close now, busy ones after their response."""
+        if self.exchange is None and self.body is None:
+            self._close()
+
+
+def _format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer or "unix")
+
+
+class Exchange:
+    """One request and its response: calls the app and turns what it returns into events."""
+
+    __slots__ = (
+        "continue_sent",
+        "environ",
+        "has_length",
+        "headers_sent",
+        "inline_iterator",
+        "lost",
+        "must_close",
+        "protocol",
+        "request",
+        "response_headers",
+        "result",
+        "sent_bytes",
+        "server",
+        "start_time",
+        "started",
+        "status_code",
+        "writable",
+    )
+
+    def __init__(self, protocol: WSGIProtocol, request: Request) -> None:
+        self.protocol = protocol
+        self.server = server = protocol.server
+        self.request = request
+        self.started = False
+        self.headers_sent = False
+        self.must_close = False
+        self.lost = False
+        self.continue_sent = False
+        self.has_length = False
+        self.status_code = 0
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.sent_bytes = 0
+        self.start_time = time.perf_counter() if server.timed else 0.0
+        self.inline_iterator: Iterator[bytes] | None = None
+        self.result: Iterable[bytes] | None = None
+        # Created when a worker thread streams a response (see send_threaded).
+        self.writable: threading.Event | None = None
+        environ = server.environ_for(request, protocol)
+        self.environ = environ
+        if not (request.chunked or request.content_length):
+            protocol.body = _NO_BODY
+            environ["wsgi.input"] = io.BytesIO()
+            if server.threads:
+                self.started = True
+                server.submit(self.run_threaded)
+            return  # inline: started on EndOfMessage, right after this in the same events
+        if server.threads == 0:
+            body = _BufferedBody()
+            environ["wsgi.input"] = body  # replaced by the file once complete
+            protocol.body = body
+            protocol._arm(BODY, server.http_timeouts.body_timeout)
+            if request.expect_continue:
+                self._send_continue()
+            return  # started on EndOfMessage
+        streaming = StreamingBody(
+            resume=protocol.resume_reading_threadsafe,
+            on_first_read=self._continue_threadsafe if request.expect_continue else None,
+            timeout=server.http_timeouts.body_timeout,
+        )
+        protocol.body = streaming
+        environ["wsgi.input"] = streaming
+        protocol._arm(BODY, server.http_timeouts.body_timeout)
+        self.started = True
+        server.submit(self.run_threaded)
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        """Inline mode: the body is complete, run the app on the loop."""
+        self.started = True
+        body = self.environ["wsgi.input"]
+        if isinstance(body, _BufferedBody):
+            self.environ["wsgi.input"] = body.file
+        if self.must_close:
+            self.protocol.response_done()
+            return
+        try:
+            result = self.call_app()
+        except Exception:
+            self.app_error()
+            return
+        if type(result) is list and len(result) <= 1:
+            self.complete(result[0] if result else b"")
+            return
+        self.result = result
+        self.inline_iterator = iter(result)
+        self.pump()
+
+    def pump(self) -> None:
+        """Inline mode: send chunks until the iterator ends or writing pauses."""
+        iterator = self.inline_iterator
+        assert iterator is not None
+        protocol = self.protocol
+        try:
+            for chunk in iterator:
+                if chunk:
+                    self.send_data(chunk)
+                if protocol.write_paused and not protocol.closed:
+                    return  # resume_writing() calls pump() again
+                if protocol.closed:
+                    break
+        except Exception:
+            self.inline_iterator = None
+            self.app_error()
+            return
+        self.inline_iterator = None
+        self.finish()
+
+    # ------------------------------------------------------------------ WSGI
+
+    def call_app(self) -> Iterable[bytes]:
+        return self.server.app(self.environ, self.start_response)  # type: ignore[no-any-return]
+
+    def start_response(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: ExcInfo | None = None,
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # PEP 3333: avoid a reference cycle
+        elif self.status_code:
+            raise AssertionError("start_response() called twice without exc_info")
+        try:
+            code = int(status[:3])
+            if len(status) < 4 or status[3] != " " or code < 200:
+                raise ValueError
+            encoded = []
+            has_length = False
+            for name, value in headers:
+                raw = _NAMES.get(name)
+                if raw is None:
+                    raw = name.lower().encode("latin-1")
+                    if len(_NAMES) < 1024:
+                        _NAMES[name] = raw
+                if raw == b"content-length":
+                    has_length = True
+                encoded.append((raw, value.encode("latin-1")))
+        except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
+            raise ValueError(
+                f"invalid status or headers from the app: {status!r} {headers!r}"
+            ) from None
+        self.status_code = code
+        self.response_headers = encoded
+        self.has_length = has_length
+        return self.write_callable
+
+    def write_callable(self, data: bytes) -> None:
+        """The legacy ``write()`` returned by start_response (PEP 3333)."""
+        if not self.status_code:
+            raise AssertionError("write() before start_response()")
+        if self.server.threads == 0:
+            self.send_data(data)
+        else:
+            self.send_threaded(data)
+
+    # ------------------------------------------------------------------ sending (loop)
+
+    def complete(self, body: bytes) -> None:
+        """Head, body and end in one write (the body is known in full)."""
+        protocol = self.protocol
+        conn = protocol.conn
+        assert conn is not None
+        if not self.status_code:
+            self.app_error(AssertionError("the app returned without calling start_response()"))
+            return
+        if self.must_close or protocol.closed:
+            conn.close()
+            protocol.response_done()
+            return
+        headers = self.response_headers
+        if not self.has_length:
+            headers.append((b"content-length", b"%d" % len(body)))
+        try:
+            conn.send_response(self.status_code, headers, body, self.server.default_block)
+        except LocalProtocolError as exc:
+            self.app_error(exc)
+            return
+        self.headers_sent = True
+        self.sent_bytes = len(body)
+        protocol.flush()
+        if self.result is not None:
+            self.finish_close_result()
+        protocol.response_done()
+
+    def send_head(self) -> None:
+        conn = self.protocol.conn
+        assert conn is not None
+        if not self.status_code:
+            raise AssertionError("the app sent body data before start_response()")
+        conn.send_head(self.status_code, self.response_headers, self.server.default_block)
+        self.headers_sent = True
+
+    def send_data(self, data: bytes) -> None:
+        protocol = self.protocol
+        if protocol.closed or self.must_close:
+            return
+        if not self.headers_sent:
+            self.send_head()
+        conn = protocol.conn
+        assert conn is not None
+        conn.send(Data(data))
+        self.sent_bytes += len(data)
+        protocol.flush()
+
+    def finish(self) -> None:
+        """End the response (after a streamed body) and move to the next request."""
+        protocol = self.protocol
+        conn = protocol.conn
+        assert conn is not None
+        if not protocol.closed and not self.must_close:
+            try:
+                if not self.headers_sent:
+                    if not self.status_code:
+                        raise AssertionError("the app returned without calling start_response()")
+                    self.send_head()
+                conn.send(END_OF_MESSAGE)
+            except (LocalProtocolError, AssertionError) as exc:
+                self.app_error(exc)
+                return
+            protocol.flush()
+        self.finish_close_result()
+        protocol.response_done()
+
+    def finish_close_result(self) -> None:
+        result = self.result
+        self.result = None
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                logger.exception("error closing the app's response iterable")
+
+    def app_error(self, exc: BaseException | None = None) -> None:
+        """The app raised (or broke WSGI): 500 if nothing was sent, else cut the connection."""
+        protocol = self.protocol
+        logger.error(
+            "error in the app handling %s %s",
+            self.request.method.decode("latin-1"),
+            self.request.target.decode("latin-1"),
+            exc_info=exc if exc is not None else True,
+        )
+        self.server.app_errors += 1
+        self.finish_close_result()
+        self.inline_iterator = None
+        if not self.headers_sent and not protocol.closed:
+            self.status_code = 500
+            protocol.write(error_response(500, "internal server error"))
+            self.sent_bytes = 0
+        if protocol.conn is not None:
+            protocol.conn.close()
+        protocol.response_done()
+        protocol._close()
+
+    def _send_continue(self) -> None:
+        if not self.continue_sent and not self.headers_sent:
+            self.continue_sent = True
+            conn = self.protocol.conn
+            assert conn is not None
+            if conn.our_state is State.IDLE:
+                conn.send(InformationalResponse(100))
+                self.protocol.flush()
+
+    # ------------------------------------------------------------------ threaded mode
+
+    def _continue_threadsafe(self) -> None:
+        self.server.loop.call_soon_threadsafe(self._send_continue)
+
+    def run_threaded(self) -> None:
+        """In a worker thread: run the app and hand what it sends to the loop."""
+        loop = self.server.loop
+        try:
+            result = self.call_app()
+            if type(result) is list and len(result) <= 1:
+                loop.call_soon_threadsafe(self.complete, result[0] if result else b"")
+                return
+            self.result = result
+            for chunk in result:
+                if chunk:
+                    self.send_threaded(chunk)
+                if self.lost or self.must_close:
+                    break
+        except Exception as exc:
+            if self.lost:  # the client went away: not the app's fault, not an ERROR
+                loop.call_soon_threadsafe(self.finish)
+            else:
+                loop.call_soon_threadsafe(self.app_error, exc)
+            return
+        loop.call_soon_threadsafe(self.finish)
+
+    def send_threaded(self, data: bytes) -> None:
+        """From the app thread: send one chunk, waiting until the loop has written it.
+
+        At most one chunk is in flight, and none while the transport is paused, so a
+        fast generator cannot queue an unbounded response in memory.
+        """
+        if self.lost:
+            raise BodyError("the client closed the connection")
+        writable = self.writable
+        if writable is None:
+            writable = self.writable = threading.Event()
+        writable.clear()
+        self.server.loop.call_soon_threadsafe(self._send_and_release, data)
+        if not writable.wait(self.server.http_timeouts.write_timeout):
+            raise BodyError("the client stopped reading the response")
+        if self.lost:
+            raise BodyError("the client closed the connection")
+
+    def _send_and_release(self, data: bytes) -> None:
+        self.send_data(data)
+        if (not self.protocol.write_paused or self.protocol.closed) and self.writable:
+            self.writable.set()  # else resume_writing() sets it
+
+
+_NO_BODY: Final = _NoBody()

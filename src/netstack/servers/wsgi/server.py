@@ -1,0 +1,350 @@
+"""``WSGIServer``: listeners, the per-worker tick, the app thread pool and graceful close.
+
+One instance runs in each worker process (or in the only process). It mirrors
+``asyncio.Server``: ``async with WSGIServer(cfg, app) as srv: await srv.serve_forever()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import random
+import socket
+import stat
+import threading
+from collections.abc import Callable
+from email.utils import formatdate
+from types import TracebackType
+from typing import Any, Self
+
+from netstack.config import WSGIServerConfig, parse_bind
+from netstack.errors import ConfigError
+from netstack.proto.http11 import Request
+from netstack.servers.wsgi.accesslog import access_logger, log_exchange
+from netstack.servers.wsgi.app import WSGIApp
+from netstack.servers.wsgi.environ import base_environ, build_environ
+from netstack.servers.wsgi.protocol import Exchange, FileWrapper, WSGIProtocol
+from netstack.transport.tls import server_context
+
+logger = logging.getLogger(__name__)
+
+SERVER_LINE = b"server: netstack\r\n"
+
+
+def bind_socket(address: str, backlog: int) -> socket.socket:
+    """Create a listening socket for one ``--bind`` value.
+
+    Raises:
+        ConfigError: a malformed address (names ``bind``).
+        OSError: the address cannot be bound (in use, permission).
+    """
+    kind, host, port = parse_bind(address)
+    if kind == "fd":
+        sock = socket.socket(fileno=port)
+        if sock.type != socket.SOCK_STREAM:
+            raise ConfigError(f"bind: fd {port} is not a stream socket", field="bind")
+        sock.listen(backlog)
+    elif kind == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(host).st_mode):
+                os.unlink(host)  # a stale socket from a previous run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(host)
+        sock.listen(backlog)
+    else:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def tick_interval(cfg: WSGIServerConfig) -> float:
+    """How often deadlines are checked: a quarter of the shortest timeout, at most 1 s."""
+    t = cfg.http_timeouts
+    enabled = [
+        x
+        for x in (t.header_timeout, t.keepalive_timeout, t.body_timeout, t.write_timeout)
+        if x is not None
+    ]
+    return max(0.01, min([1.0, *(x / 4 for x in enabled)]))
+
+
+class _ThreadPool:
+    """N daemon threads taking callables from one queue (cheaper than an Executor's
+    futures: the result goes back to the loop through ``call_soon_threadsafe``)."""
+
+    def __init__(self, size: int) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"netstack-app-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            job = get()
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException:  # a bug in Exchange itself; keep the thread alive
+                logger.exception("unexpected error in an app thread")
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._queue.put(job)
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+class WSGIServer:
+    """Serve a WSGI app on the configured listeners.
+
+    Args:
+        cfg: the server configuration.
+        app: the WSGI callable.
+        sockets: already-bound listening sockets (pre-fork workers inherit them); when
+            ``None`` the server binds ``cfg.bind`` itself.
+        multiprocess: sets ``wsgi.multiprocess``.
+    """
+
+    def __init__(
+        self,
+        cfg: WSGIServerConfig,
+        app: WSGIApp,
+        *,
+        sockets: list[socket.socket] | None = None,
+        multiprocess: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.app = app
+        self.limits = cfg.limits
+        self.http_limits = cfg.http_limits
+        self.http_timeouts = cfg.http_timeouts
+        self.parser = cfg.parser
+        self.threads = cfg.threads
+        self.multiprocess = multiprocess
+        self._given_sockets = sockets
+        self.sockets: list[socket.socket] = []
+        self.ssl = server_context(cfg.tls)
+        self.connections: set[WSGIProtocol] = set()
+        self.closing = False
+        self.now = 0.0
+        # Server and Date header lines, rebuilt once a second by the tick.
+        self.default_block = SERVER_LINE
+        self._date_second = -1
+        self._stop = asyncio.Event()
+        self._all_closed = asyncio.Event()
+        self._servers: list[asyncio.Server] = []
+        self._tick_task: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._pool: _ThreadPool | None = None
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop_policy().get_event_loop()
+        # Counters (the metrics endpoint and tests read them).
+        self.requests = 0
+        self.refused = 0
+        self.rejected = 0
+        self.timed_out = 0
+        self.app_errors = 0
+        self.max_requests = 0
+        if cfg.max_requests:
+            self.max_requests = cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
+        self.access_log = cfg.access_log
+        self.on_request: Callable[[Exchange], None] | None = None
+        # Whether exchanges record their start time (access log, metrics).
+        self.timed = cfg.access_log
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind (unless given sockets) and start accepting.
+
+        Raises:
+            OSError: an address cannot be bound.
+        """
+        self.loop = loop = asyncio.get_running_loop()
+        self._update_clock()
+        if self._given_sockets is not None:
+            self.sockets = list(self._given_sockets)
+        else:
+            try:
+                for address in self.cfg.bind:
+                    self.sockets.append(bind_socket(address, self.cfg.backlog))
+            except OSError:
+                for sock in self.sockets:
+                    sock.close()
+                raise
+        if self.threads:
+            self._pool = _ThreadPool(self.threads)
+        for sock in self.sockets:
+            server = await loop.create_server(
+                lambda: WSGIProtocol(self), sock=sock, ssl=self.ssl, backlog=self.cfg.backlog
+            )
+            self._servers.append(server)
+        self._tick_task = loop.create_task(self._tick(tick_interval(self.cfg)))
+
+    @property
+    def addresses(self) -> list[Any]:
+        """Bound addresses: ``(host, port)`` for TCP, the path for unix sockets."""
+        out = []
+        for sock in self.sockets:
+            name = sock.getsockname()
+            out.append(tuple(name[:2]) if isinstance(name, tuple) else name)
+        return out
+
+    def request_stop(self) -> None:
+        """Make :meth:`serve_forever` return after a graceful close (signal-safe)."""
+        self._stop.set()
+
+    async def serve_forever(self) -> None:
+        await self._stop.wait()
+        self.close()
+        await self.wait_closed()
+
+    def close(self) -> None:
+        if self._close_task is None:
+            self._stop.set()
+            self._close_task = asyncio.get_running_loop().create_task(self._shutdown())
+
+    async def wait_closed(self) -> None:
+        if self._close_task is not None:
+            await asyncio.shield(self._close_task)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def _shutdown(self) -> None:
+        """uvicorn's shutdown(), event-driven: stop accepting, drain, then abort."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        logger.info("shutting down: %d connection(s) to finish", len(self.connections))
+        for conn in list(self.connections):
+            conn.shutdown()
+        if not self.connections:
+            self._all_closed.set()
+        try:
+            async with asyncio.timeout(self.cfg.timeouts.graceful_timeout):
+                await self._all_closed.wait()
+        except TimeoutError:
+            logger.warning(
+                "graceful_timeout=%.1fs expired: aborting %d connection(s)",
+                self.cfg.timeouts.graceful_timeout,
+                len(self.connections),
+            )
+            for conn in list(self.connections):
+                conn.abort()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick_task
+        if self._pool is not None:
+            self._pool.shutdown()
+        for sock in self.sockets:
+            if sock.family == socket.AF_UNIX and self._given_sockets is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(sock.getsockname())
+            sock.close()
+
+    # ------------------------------------------------------------------ connections
+
+    def admit(self, conn: WSGIProtocol) -> bool:
+        if self.closing or len(self.connections) >= self.limits.max_connections:
+            self.refused += 1
+            if not self.closing:
+                logger.warning(
+                    "refusing a connection: max_connections=%d reached",
+                    self.limits.max_connections,
+                )
+            return False
+        self.connections.add(conn)
+        return True
+
+    def release(self, conn: WSGIProtocol) -> None:
+        self.connections.discard(conn)
+        if self.closing and not self.connections:
+            self._all_closed.set()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        assert self._pool is not None
+        self._pool.submit(job)
+
+    def environ_for(self, request: Request, conn: WSGIProtocol) -> dict[str, Any]:
+        base = conn.base_environ
+        if base is None:
+            base = conn.base_environ = self._base_for(conn)
+        return build_environ(base, request, self.cfg.root_path)
+
+    def _base_for(self, conn: WSGIProtocol) -> dict[str, Any]:
+        """The environ keys shared by every request on one connection."""
+        sockname = conn.transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple):
+            name, port = str(sockname[0]), str(sockname[1])
+        else:
+            name, port = "localhost", ""
+        base = base_environ(
+            server_name=name,
+            server_port=port,
+            script_name=self.cfg.root_path,
+            multithread=self.threads > 1,
+            multiprocess=self.multiprocess,
+            url_scheme="https" if self.ssl is not None else "http",
+        )
+        peer = conn.peer
+        if isinstance(peer, tuple):
+            base["REMOTE_ADDR"] = peer[0]
+            base["REMOTE_PORT"] = str(peer[1])
+        else:
+            base["REMOTE_ADDR"] = "unix"
+        base["wsgi.file_wrapper"] = FileWrapper
+        return base
+
+    def request_finished(self, exchange: Exchange | None) -> None:
+        self.requests += 1
+        if exchange is not None:
+            if self.access_log and access_logger.isEnabledFor(logging.INFO):
+                log_exchange(self.cfg.access_log_format, exchange)
+            if self.on_request is not None:
+                self.on_request(exchange)
+        if self.max_requests and self.requests >= self.max_requests and not self.closing:
+            logger.info("max_requests=%d reached: restarting this worker", self.max_requests)
+            self.max_requests = 0
+            self.request_stop()
+
+    # ------------------------------------------------------------------ clock
+
+    def _update_clock(self) -> None:
+        self.now = now = self.loop.time()
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            date = formatdate(usegmt=True).encode("ascii")
+            self.default_block = SERVER_LINE + b"date: " + date + b"\r\n"
+
+    async def _tick(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._update_clock()
+            now = self.now
+            for conn in [c for c in self.connections if c.deadline <= now]:
+                conn.on_deadline()
