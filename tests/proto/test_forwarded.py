@@ -410,3 +410,19 @@ def test_append_forwarded_quotes_hosts_only_when_needed(host: str, written: byte
     out = append_forwarded([], "1.2.3.4", "http", host)
     assert dict(out)[b"forwarded"] == b"for=1.2.3.4;proto=http;" + written
     assert resolve(LB, out, TRUST, "http", source="forwarded").host == host
+
+
+@given(
+    st.ip_addresses().map(str),
+    st.lists(st.sampled_from(["10.0.0.3", "10.0.0.4", "192.168.1.1", "fd00::9"]), max_size=4),
+    st.sampled_from(["http", "https"]),
+)
+def test_client_survives_any_chain_of_trusted_proxies(client, hops, proto) -> None:
+    """Property: through any number of trusted hops, both header families name the client."""
+    headers = append_forwarded([], client, proto, "example.com")
+    for hop in hops:
+        headers = append_forwarded(headers, hop, "http", "internal")
+    # Even a client inside a trusted network is found: it is the leftmost hop.
+    for source in ("x-forwarded", "forwarded"):
+        got = resolve(LB, headers, TRUST, "http", source=source)  # type: ignore[arg-type]
+        assert got == info(client, None, proto, "example.com")
