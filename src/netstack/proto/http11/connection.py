@@ -337,6 +337,26 @@ class HTTPConnection:
             self._remaining -= len(data)
         self._to_send.append(data)
 
+    def send_body_elsewhere(self, count: int) -> None:
+        """Account for ``count`` body bytes the caller writes itself (``os.sendfile``).
+
+        Raises:
+            LocalProtocolError: unless a Content-Length response is being sent with at
+                least ``count`` bytes still due.
+        """
+        if (
+            self.our_state is not State.SEND_BODY
+            or self._framing is not Framing.LENGTH
+            or not 0 <= count <= self._remaining
+        ):
+            raise LocalProtocolError("out-of-band body bytes need a Content-Length response")
+        self._remaining -= count
+
+    @property
+    def sending_body(self) -> bool:
+        """The response being sent has a body (not HEAD, 204 or 304)."""
+        return self.our_state is State.SEND_BODY and self._framing is not Framing.NONE
+
     def _send_end(self, trailers: Headers) -> None:
         if self.our_state is not State.SEND_BODY:
             raise LocalProtocolError(f"cannot end a response in state {self.our_state}")

@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -57,11 +59,18 @@ logger = logging.getLogger(__name__)
 
 INF: Final = float("inf")
 # Kinds of deadline a connection can be under.
-NO_TIMER, HEADER, KEEPALIVE, BODY, WRITE = range(5)
+NO_TIMER, HEADER, KEEPALIVE, BODY, WRITE, LINGER = range(6)
+# After an error reply, how long and how much we keep reading (and discarding) so that
+# closing with unread input does not make the kernel reset the connection and destroy
+# the reply before the client reads it (nginx's lingering_close).
+LINGER_SECONDS: Final = 2.0
+LINGER_BYTES: Final = 1 << 20
 # Pipelined requests parsed ahead of the one being answered before we stop reading.
 MAX_PENDING_EVENTS: Final = 64
 # Inline mode keeps a body this large in memory, then spools it to a temporary file.
 SPOOL_BYTES: Final = 1 << 20
+# Block size for files sent without sendfile.
+FILE_BLOCK: Final = 256 * 1024
 
 # "Content-Type" -> b"content-type", for the header names applications send.
 _NAMES: dict[str, bytes] = {}
@@ -160,6 +169,12 @@ class WSGIProtocol(asyncio.Protocol):
         self.deadline = INF
         self.requests = 0
         self.base_environ: dict[str, Any] | None = None
+        self.peer_trusted = False
+        self.lingering = False
+        self.lingered = 0
+        self.write_waiter: asyncio.Future[None] | None = None
+        # PROXY protocol: bytes received before the header is complete.
+        self.proxy_buffer: bytes | None = None
 
     # ------------------------------------------------------------------ asyncio
 
@@ -172,7 +187,11 @@ class WSGIProtocol(asyncio.Protocol):
             self.closed = True
             return
         self.conn = HTTPConnection(server.http_limits, server.parser)
-        self.peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
+        self.peer = peer if isinstance(peer, tuple) else None
+        self.peer_trusted = server.trusted.contains(peer[0] if self.peer else None)
+        if server.proxy_protocol and self.peer_trusted:
+            self.proxy_buffer = b""
         transport.set_write_buffer_limits(
             high=server.limits.write_buffer_high_bytes, low=server.limits.write_buffer_low_bytes
         )
@@ -180,6 +199,7 @@ class WSGIProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._wake_writer()
         self.server.release(self)
         if self.body is not None:
             self.body.fail("the client closed the connection")
@@ -193,6 +213,15 @@ class WSGIProtocol(asyncio.Protocol):
         conn = self.conn
         if conn is None:
             return
+        if self.lingering:
+            self.lingered += len(data)
+            if self.lingered > LINGER_BYTES:
+                self.abort()
+            return
+        if self.proxy_buffer is not None:
+            data = self._proxy_header(data)
+            if not data:
+                return
         try:
             conn.receive_data(data)
         except RemoteProtocolError as exc:
@@ -205,9 +234,32 @@ class WSGIProtocol(asyncio.Protocol):
             # The first bytes of a new head: from now on it has header_timeout to finish.
             self._arm(HEADER, self.server.http_timeouts.header_timeout)
 
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Consume a PROXY v1/v2 header from a trusted peer; return the bytes after it."""
+        from netstack.proto import proxy_protocol
+
+        assert self.proxy_buffer is not None
+        buffer = self.proxy_buffer + data
+        try:
+            parsed = proxy_protocol.parse(buffer)
+        except RemoteProtocolError as exc:
+            self.proxy_buffer = None
+            self._reject(exc)
+            return b""
+        if parsed is None:
+            self.proxy_buffer = buffer
+            return b""
+        header, used = parsed
+        self.proxy_buffer = None
+        if header.src_addr is not None and header.family in ("INET", "INET6"):
+            self.peer = (header.src_addr, header.src_port or 0)
+            # The proxy vouches for the client, which is not itself a trusted proxy.
+            self.peer_trusted = self.server.trusted.contains(header.src_addr)
+        return buffer[used:]
+
     def eof_received(self) -> bool:
         conn = self.conn
-        if conn is None:
+        if conn is None or self.lingering:
             return False
         try:
             conn.receive_eof()
@@ -220,12 +272,26 @@ class WSGIProtocol(asyncio.Protocol):
         self._handle(conn.events_received())
         return True  # keep our side open to finish answering, then close
 
+    async def writable(self) -> None:
+        """Wait until the transport accepts writes again (or the connection is lost)."""
+        if not self.write_paused or self.closed:
+            return
+        if self.write_waiter is None:
+            self.write_waiter = self.server.loop.create_future()
+        await self.write_waiter
+
+    def _wake_writer(self) -> None:
+        waiter, self.write_waiter = self.write_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def pause_writing(self) -> None:
         self.write_paused = True
         self._arm(WRITE, self.server.http_timeouts.write_timeout)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._wake_writer()
         if self.timer == WRITE:
             self._arm(NO_TIMER, None)
         exchange = self.exchange
@@ -290,6 +356,8 @@ class WSGIProtocol(asyncio.Protocol):
         exchange = self.exchange
         self.exchange = None
         self.requests += 1
+        if exchange is not None and exchange.spool is not None:
+            exchange.spool.fail("")  # closes the temporary file
         server = self.server
         server.request_finished(exchange)
         conn = self.conn
@@ -333,10 +401,28 @@ class WSGIProtocol(asyncio.Protocol):
             self.write(error_response(exc.status_hint, str(exc)))
         if self.conn is not None:
             self.conn.close()
-        if self.exchange is None:
-            self._close()
+        exchange = self.exchange
+        if exchange is None or not exchange.started:
+            # Nothing is running the app (an inline request still collecting its body).
+            if exchange is not None and exchange.spool is not None:
+                exchange.spool.fail(str(exc))
+            self.exchange = None
+            self._close_lingering()
         else:
-            self.exchange.must_close = True
+            exchange.must_close = True  # the app thread finishes, then the connection closes
+
+    def _close_lingering(self) -> None:
+        """Close after an error reply: half-close, drain the client's input, then close."""
+        transport = self.transport
+        if self.closed or self.lingering:
+            return
+        if not transport.can_write_eof():
+            self._close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        self._resume_reading()
+        self._arm(LINGER, LINGER_SECONDS)
 
     def _close(self) -> None:
         if not self.closed:
@@ -372,13 +458,13 @@ class WSGIProtocol(asyncio.Protocol):
         kind = self.timer
         self.timer = NO_TIMER
         self.deadline = INF
-        if kind == KEEPALIVE:
+        if kind == KEEPALIVE or kind == LINGER:
             self._close()
         elif kind == HEADER:
             self.server.timed_out += 1
             logger.warning("%s: request head not complete in time", _format_peer(self.peer))
             self.write(error_response(408, "request head not received in time"))
-            self._close()
+            self._close_lingering()
         elif kind == BODY:
             self.server.timed_out += 1
             logger.warning("%s: request body stalled", _format_peer(self.peer))
@@ -413,6 +499,8 @@ class Exchange:
     __slots__ = (
         "continue_sent",
         "environ",
+        "file_task",
+        "spool",
         "has_length",
         "headers_sent",
         "inline_iterator",
@@ -448,6 +536,9 @@ class Exchange:
         self.result: Iterable[bytes] | None = None
         # Created when a worker thread streams a response (see send_threaded).
         self.writable: threading.Event | None = None
+        self.file_task: asyncio.Task[None] | None = None
+        # Inline mode: the body collected before the app runs (closed after the response).
+        self.spool: _BufferedBody | None = None
         environ = server.environ_for(request, protocol)
         self.environ = environ
         if not (request.chunked or request.content_length):
@@ -458,7 +549,7 @@ class Exchange:
                 server.submit(self.run_threaded)
             return  # inline: started on EndOfMessage, right after this in the same events
         if server.threads == 0:
-            body = _BufferedBody()
+            body = self.spool = _BufferedBody()
             environ["wsgi.input"] = body  # replaced by the file once complete
             protocol.body = body
             protocol._arm(BODY, server.http_timeouts.body_timeout)
@@ -494,6 +585,9 @@ class Exchange:
             return
         if type(result) is list and len(result) <= 1:
             self.complete(result[0] if result else b"")
+            return
+        if type(result) is FileWrapper:
+            self.start_file(result)
             return
         self.result = result
         self.inline_iterator = iter(result)
@@ -652,23 +746,97 @@ class Exchange:
     def app_error(self, exc: BaseException | None = None) -> None:
         """The app raised (or broke WSGI): 500 if nothing was sent, else cut the connection."""
         protocol = self.protocol
-        logger.error(
-            "error in the app handling %s %s",
-            self.request.method.decode("latin-1"),
-            self.request.target.decode("latin-1"),
-            exc_info=exc if exc is not None else True,
-        )
-        self.server.app_errors += 1
+        error = exc if exc is not None else sys.exc_info()[1]
+        status = 500
+        if isinstance(error, BodyError):
+            # The app failed reading a body the client broke (limit, stall, hang-up): the
+            # client was answered (413) or is gone, or stalled (408). Not an app bug.
+            logger.warning("request body failed while the app read it: %s", error)
+            status = 408
+        else:
+            logger.error(
+                "error in the app handling %s %s",
+                self.request.method.decode("latin-1"),
+                self.request.target.decode("latin-1"),
+                exc_info=exc if exc is not None else True,
+            )
+            self.server.app_errors += 1
         self.finish_close_result()
         self.inline_iterator = None
-        if not self.headers_sent and not protocol.closed:
-            self.status_code = 500
-            protocol.write(error_response(500, "internal server error"))
+        if not self.headers_sent and not protocol.closed and not self.must_close:
+            self.status_code = status
+            message = "internal server error" if status == 500 else "request body not received"
+            protocol.write(error_response(status, message))
             self.sent_bytes = 0
         if protocol.conn is not None:
             protocol.conn.close()
         protocol.response_done()
         protocol._close()
+
+    # ------------------------------------------------------------------ files
+
+    def start_file(self, wrapper: FileWrapper) -> None:
+        """On the loop: send a ``wsgi.file_wrapper`` response.
+
+        A regular file goes out with ``os.sendfile`` where the loop can do it (asyncio's
+        loop, plain TCP); uvloop has no sendfile, so there, and under TLS, the file is
+        read with ``os.pread`` in blocks under flow control. Objects without a file
+        descriptor are iterated like any other response.
+        """
+        self.result = wrapper
+        file = wrapper.filelike
+        try:
+            fd = file.fileno()
+            offset = file.tell()
+            size = os.fstat(fd).st_size - offset
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            self.inline_iterator = iter(wrapper)
+            self.pump()
+            return
+        count = max(size, 0)
+        declared = [v for n, v in self.response_headers if n == b"content-length"]
+        if declared and declared[0].isdigit():
+            count = min(count, int(declared[0]))
+        elif not declared:
+            self.response_headers.append((b"content-length", b"%d" % count))
+        try:
+            self.send_head()
+        except (LocalProtocolError, AssertionError) as exc:
+            self.app_error(exc)
+            return
+        self.protocol.flush()
+        self.file_task = self.server.loop.create_task(self._send_file(file, fd, offset, count))
+
+    async def _send_file(self, file: Any, fd: int, offset: int, count: int) -> None:
+        protocol = self.protocol
+        conn = protocol.conn
+        assert conn is not None
+        loop = self.server.loop
+        try:
+            if not conn.sending_body:
+                pass  # HEAD: the head was all
+            elif hasattr(loop, "_sendfile_native") and self.server.ssl is None:
+                conn.send_body_elsewhere(count)
+                await loop.sendfile(protocol.transport, file, offset, count)
+                self.sent_bytes = count
+            else:
+                position, end = offset, offset + count
+                while position < end and not protocol.closed:
+                    data = os.pread(fd, min(FILE_BLOCK, end - position), position)
+                    if not data:
+                        break  # the file shrank: finish() reports the short body
+                    position += len(data)
+                    self.send_data(data)
+                    if protocol.write_paused:
+                        await protocol.writable()
+        except (OSError, RuntimeError, LocalProtocolError) as exc:
+            if not protocol.closed:
+                self.app_error(exc)
+            else:
+                self.finish_close_result()
+                protocol.response_done()
+            return
+        self.finish()
 
     def _send_continue(self) -> None:
         if not self.continue_sent and not self.headers_sent:
@@ -691,6 +859,9 @@ class Exchange:
             result = self.call_app()
             if type(result) is list and len(result) <= 1:
                 loop.call_soon_threadsafe(self.complete, result[0] if result else b"")
+                return
+            if type(result) is FileWrapper:
+                loop.call_soon_threadsafe(self.start_file, result)
                 return
             self.result = result
             for chunk in result:

@@ -22,6 +22,7 @@ from typing import Any, Self
 
 from netstack.config import WSGIServerConfig, parse_bind
 from netstack.errors import ConfigError
+from netstack.proto.forwarded import ClientInfo, Source, TrustedPeers, resolve
 from netstack.proto.http11 import Request
 from netstack.servers.wsgi.accesslog import access_logger, log_exchange
 from netstack.servers.wsgi.app import WSGIApp
@@ -32,6 +33,16 @@ from netstack.transport.tls import server_context
 logger = logging.getLogger(__name__)
 
 SERVER_LINE = b"server: netstack\r\n"
+# What an untrusted client's forwarding headers become in environ: removed.
+_FORWARDING_KEYS = (
+    "HTTP_FORWARDED",
+    "HTTP_X_FORWARDED_FOR",
+    "HTTP_X_FORWARDED_PROTO",
+    "HTTP_X_FORWARDED_HOST",
+    "HTTP_X_FORWARDED_PORT",
+    "HTTP_X_FORWARDED_PREFIX",
+    "HTTP_X_REAL_IP",
+)
 
 
 def bind_socket(address: str, backlog: int) -> socket.socket:
@@ -133,7 +144,11 @@ class WSGIServer:
         self.multiprocess = multiprocess
         self._given_sockets = sockets
         self.sockets: list[socket.socket] = []
+        # Unix socket files this server created (and removes on close).
+        self._unix_paths: list[str] = []
         self.ssl = server_context(cfg.tls)
+        self.trusted = TrustedPeers(cfg.forwarded_allow_ips)
+        self.proxy_protocol = cfg.proxy_protocol
         self.connections: set[WSGIProtocol] = set()
         self.closing = False
         self.now = 0.0
@@ -176,7 +191,10 @@ class WSGIServer:
         else:
             try:
                 for address in self.cfg.bind:
-                    self.sockets.append(bind_socket(address, self.cfg.backlog))
+                    sock = bind_socket(address, self.cfg.backlog)
+                    self.sockets.append(sock)
+                    if sock.family == socket.AF_UNIX:
+                        self._unix_paths.append(sock.getsockname())
             except OSError:
                 for sock in self.sockets:
                     sock.close()
@@ -261,10 +279,10 @@ class WSGIServer:
         if self._pool is not None:
             self._pool.shutdown()
         for sock in self.sockets:
-            if sock.family == socket.AF_UNIX and self._given_sockets is None:
-                with contextlib.suppress(OSError):
-                    os.unlink(sock.getsockname())
             sock.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     # ------------------------------------------------------------------ connections
 
@@ -293,7 +311,44 @@ class WSGIServer:
         base = conn.base_environ
         if base is None:
             base = conn.base_environ = self._base_for(conn)
-        return build_environ(base, request, self.cfg.root_path)
+        environ = build_environ(base, request, self.cfg.root_path)
+        if (
+            "HTTP_X_FORWARDED_FOR" in environ
+            or "HTTP_FORWARDED" in environ
+            or "HTTP_X_FORWARDED_PROTO" in environ
+            or "HTTP_X_FORWARDED_HOST" in environ
+        ):
+            self._apply_forwarded(environ, request, conn)
+        return environ
+
+    def _apply_forwarded(
+        self, environ: dict[str, Any], request: Request, conn: WSGIProtocol
+    ) -> None:
+        """Honour forwarding headers from a trusted peer; hide them from the app otherwise."""
+        info: ClientInfo | None = None
+        if conn.peer_trusted:
+            # X-Forwarded-* unless only RFC 7239 Forwarded is present.
+            source: Source = (
+                "forwarded"
+                if "HTTP_X_FORWARDED_FOR" not in environ and "HTTP_FORWARDED" in environ
+                else "x-forwarded"
+            )
+            peer = conn.peer if isinstance(conn.peer, tuple) else None
+            info = resolve(
+                peer, request.headers, self.trusted, environ["wsgi.url_scheme"], source=source
+            )
+        if info is not None and info.proxied:
+            if info.client_addr is not None:
+                environ["REMOTE_ADDR"] = info.client_addr
+                environ["REMOTE_PORT"] = (
+                    str(info.client_port) if info.client_port is not None else ""
+                )
+            environ["wsgi.url_scheme"] = info.scheme
+            if info.host is not None:
+                environ["HTTP_HOST"] = info.host
+            return
+        for key in _FORWARDING_KEYS:
+            environ.pop(key, None)
 
     def _base_for(self, conn: WSGIProtocol) -> dict[str, Any]:
         """The environ keys shared by every request on one connection."""
@@ -316,6 +371,7 @@ class WSGIServer:
             base["REMOTE_PORT"] = str(peer[1])
         else:
             base["REMOTE_ADDR"] = "unix"
+            base["REMOTE_PORT"] = ""
         base["wsgi.file_wrapper"] = FileWrapper
         return base
 
