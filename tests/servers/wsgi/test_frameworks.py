@@ -50,8 +50,10 @@ async def test_flask_app_runs_unchanged(threads: int) -> None:
         )
         data = await exchange(server, raw)
     hello_reply, upload, stream, missing = responses(data)
-    assert hello_reply.status == 200 and b'"hello":"ada"' in hello_reply.body.replace(b" ", b"")
-    assert upload.status == 200 and b'"size":9' in upload.body.replace(b" ", b"")
+    assert hello_reply.status == 200
+    assert b'"hello":"ada"' in hello_reply.body.replace(b" ", b"")
+    assert upload.status == 200
+    assert b'"size":9' in upload.body.replace(b" ", b"")
     assert stream.body == b"line 0\nline 1\nline 2\n"
     assert missing.status == 404
 
@@ -128,5 +130,6 @@ async def test_unix_socket(tmp_path: Path) -> None:
         async with asyncio.timeout(TIMEOUT):
             data = await reader.read()
         writer.close()
-    assert responses(data)[0].status == 200 and seen == ["unix"]
+    assert responses(data)[0].status == 200
+    assert seen == ["unix"]
     assert not path.exists()  # removed on close

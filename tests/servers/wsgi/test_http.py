@@ -62,9 +62,11 @@ async def test_generator_response_is_chunked_on_http11_and_close_delimited_on_ht
         data11 = await exchange(server, get(extra="Connection: close\r\n"))
         data10 = await exchange(server, get(version="1.0"))
     (r11,) = responses(data11)
-    assert r11.headers["transfer-encoding"] == "chunked" and r11.body == b"one two"
+    assert r11.headers["transfer-encoding"] == "chunked"
+    assert r11.body == b"one two"
     assert data10.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"transfer-encoding" not in data10 and data10.endswith(b"\r\n\r\none two")
+    assert b"transfer-encoding" not in data10
+    assert data10.endswith(b"\r\n\r\none two")
 
 
 @THREADS
@@ -84,7 +86,8 @@ async def test_head_sends_no_body(threads: int) -> None:
         raw = b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n" + get(extra="Connection: close\r\n")
         data = await exchange(server, raw)
     replies = responses(data, [b"HEAD", b"GET"])
-    assert replies[0].headers["content-length"] == "13" and replies[0].body == b""
+    assert replies[0].headers["content-length"] == "13"
+    assert replies[0].body == b""
     assert replies[1].body == b"Hello, world!"
 
 
@@ -255,7 +258,8 @@ async def test_headers_reach_environ_and_underscored_names_are_dropped() -> None
     assert seen["HTTP_X_THING"] == "1, 2"
     assert seen["HTTP_COOKIE"] == "a=1; b=2"
     assert "HTTP_X_SPOOF" not in seen
-    assert seen["REMOTE_ADDR"] == "127.0.0.1" and seen["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert seen["REMOTE_ADDR"] == "127.0.0.1"
+    assert seen["SERVER_PROTOCOL"] == "HTTP/1.1"
     assert seen["wsgi.input_terminated"] is True
 
 
@@ -294,7 +298,8 @@ async def test_proxy_protocol_v1_sets_the_client_address() -> None:
             b"PROXY TCP4 198.51.100.9 127.0.0.1 5555 80\r\n" + get(extra="Connection: close\r\n"),
         )
         bad = await exchange(server, b"PROXY TCP4 nonsense\r\n" + get())
-    assert responses(data)[0].status == 200 and seen == ["198.51.100.9"]
+    assert responses(data)[0].status == 200
+    assert seen == ["198.51.100.9"]
     assert responses(bad)[0].status == 400
 
 
@@ -305,11 +310,12 @@ async def test_file_wrapper_sends_the_file(tmp_path: Any) -> None:
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
-        return environ["wsgi.file_wrapper"](open(path, "rb"))  # noqa: SIM115 - closed by the server
+        return environ["wsgi.file_wrapper"](open(path, "rb"))
 
     async with serve(app, validate=False) as server:
         data = await exchange(server, get(extra="Connection: close\r\n"))
         head = await exchange(server, b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     reply = responses(data)[0]
-    assert reply.headers["content-length"] == str(len(payload)) and reply.body == payload
+    assert reply.headers["content-length"] == str(len(payload))
+    assert reply.body == payload
     assert responses(head, [b"HEAD"])[0].body == b""

@@ -47,7 +47,8 @@ async def status_of(server: Any, raw: bytes) -> tuple[int, bytes]:
         ),
         # Smuggling and malformed framing (as strict as gunicorn 25+).
         (
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             400,
         ),
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
@@ -157,7 +158,8 @@ async def test_keepalive_timeout_closes_idle_connections_silently() -> None:
         async with asyncio.timeout(TIMEOUT):
             data = await reader.read()  # the response, then EOF once idle
         writer.close()
-    assert len(responses(data)) == 1 and data.endswith(b"Hello, world!")
+    assert len(responses(data)) == 1
+    assert data.endswith(b"Hello, world!")
 
 
 async def test_stalled_body_gets_408() -> None:
@@ -213,7 +215,7 @@ async def test_a_client_that_does_not_read_pauses_a_streaming_response() -> None
             yield b"x" * 65536
 
     async with serve(app, validate=False, threads=0, write_timeout=None) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         writer.transport.pause_reading()  # type: ignore[attr-defined]
         writer.write(get())
         await apoll_until(lambda: produced > 0)

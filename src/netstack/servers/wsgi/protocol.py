@@ -458,7 +458,7 @@ class WSGIProtocol(asyncio.Protocol):
         kind = self.timer
         self.timer = NO_TIMER
         self.deadline = INF
-        if kind == KEEPALIVE or kind == LINGER:
+        if kind in (KEEPALIVE, LINGER):
             self._close()
         elif kind == HEADER:
             self.server.timed_out += 1
@@ -500,7 +500,6 @@ class Exchange:
         "continue_sent",
         "environ",
         "file_task",
-        "spool",
         "has_length",
         "headers_sent",
         "inline_iterator",
@@ -512,6 +511,7 @@ class Exchange:
         "result",
         "sent_bytes",
         "server",
+        "spool",
         "start_time",
         "started",
         "status_code",
