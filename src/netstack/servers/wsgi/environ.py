@@ -67,15 +67,15 @@ def build_environ(base: dict[str, Any], request: Request, script_name: str) -> d
     byte survives (frameworks re-encode it to latin-1 and decode it as UTF-8).
     """
     environ = base.copy()
-    target = request.target
-    path, _, query = target.partition(b"?")
-    if path[:1] != b"/" and path != b"*":
+    raw = request.target.decode("latin-1")
+    path, _, query = raw.partition("?")
+    if path[:1] != "/" and path != "*":
         # absolute-form (RFC 9112 §3.2.2): http://host/path -> /path
-        scheme_end = path.find(b"://")
+        scheme_end = path.find("://")
         if scheme_end != -1:
-            slash = path.find(b"/", scheme_end + 3)
-            path = path[slash:] if slash != -1 else b"/"
-    path_info = unquote_to_bytes(path).decode("latin-1") if b"%" in path else path.decode("latin-1")
+            slash = path.find("/", scheme_end + 3)
+            path = path[slash:] if slash != -1 else "/"
+    path_info = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
     if script_name and (path_info == script_name or path_info.startswith(script_name + "/")):
         path_info = path_info[len(script_name) :]
     method = _METHODS.get(request.method)
@@ -86,8 +86,8 @@ def build_environ(base: dict[str, Any], request: Request, script_name: str) -> d
     environ["REQUEST_METHOD"] = method
     environ["PATH_INFO"] = path_info
     if query:
-        environ["QUERY_STRING"] = query.decode("latin-1")
-    environ["RAW_URI"] = target.decode("latin-1")
+        environ["QUERY_STRING"] = query
+    environ["RAW_URI"] = raw
     environ["SERVER_PROTOCOL"] = _PROTOCOLS[request.http_version]
     for name, value in request.headers:
         key = _KEYS.get(name) or _key(name)

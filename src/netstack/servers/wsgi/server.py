@@ -173,8 +173,10 @@ class WSGIServer:
             self.max_requests = cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
         self.access_log = cfg.access_log
         self.on_request: Callable[[Exchange], None] | None = None
-        # Whether exchanges record their start time (access log, metrics).
+        # Whether exchanges record their start time (access log, metrics), and whether
+        # request_finished() has anything to do beyond counting.
         self.timed = cfg.access_log
+        self.observed = bool(cfg.access_log or self.max_requests)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -376,6 +378,10 @@ class WSGIServer:
         return base
 
     def request_finished(self, exchange: Exchange | None) -> None:
+        """Count a finished request; log it, report it, recycle the worker if due.
+
+        Only called when :attr:`observed` is set; otherwise the protocol just counts.
+        """
         self.requests += 1
         if exchange is not None:
             if self.access_log and access_logger.isEnabledFor(logging.INFO):
