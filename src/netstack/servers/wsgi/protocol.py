@@ -72,6 +72,7 @@ SPOOL_BYTES: Final = 1 << 20
 # Block size for files sent without sendfile.
 FILE_BLOCK: Final = 256 * 1024
 
+CONNECTION_CLOSE: Final = (b"connection", b"close")
 # "Content-Type" -> b"content-type", for the header names applications send.
 _NAMES: dict[str, bytes] = {}
 
@@ -685,6 +686,8 @@ class Exchange:
         headers = self.response_headers
         if not self.has_length:
             headers.append((b"content-length", b"%d" % len(body)))
+        if self.server.closing:
+            headers.append(CONNECTION_CLOSE)  # shutting down: no more requests here
         try:
             conn.send_response(self.status_code, headers, body, self.server.default_block)
         except LocalProtocolError as exc:
@@ -704,6 +707,8 @@ class Exchange:
         assert conn is not None
         if not self.status_code:
             raise AssertionError("the app sent body data before start_response()")
+        if self.server.closing:
+            self.response_headers.append(CONNECTION_CLOSE)
         conn.send_head(self.status_code, self.response_headers, self.server.default_block)
         self.headers_sent = True
 
