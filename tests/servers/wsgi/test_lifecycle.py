@@ -36,7 +36,7 @@ async def test_a_client_that_stops_reading_is_cut_after_write_timeout() -> None:
             yield b"x" * 65536
 
     async with serve(app, validate=False, threads=0, write_timeout=0.3) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         writer.transport.pause_reading()  # type: ignore[attr-defined]
         writer.write(get())
         await apoll_until(lambda: server.timed_out == 1)
