@@ -1,0 +1,210 @@
+"""Chat over WebSocket (``websockets``' asyncio server), plus the HTTP side of the same port.
+
+``/ws`` is the WebSocket endpoint: JSON text messages, Origin checked (same origin or
+``allowed_origins``; clients that send no Origin, i.e. not browsers, are accepted),
+keepalive pings, messages over ``max_message_bytes`` closed with 1009 by websockets.
+Other paths are plain HTTP answered in ``process_request``: ``/`` the browser page,
+``/files/<sha256>`` a shared file (session token in ``Authorization: Bearer`` or
+``?token=``), ``/healthz``.
+
+Imported lazily (``websockets`` is the ``chat`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import importlib.resources
+import logging
+import ssl
+import urllib.parse
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from netstack.config import ChatServerConfig
+from netstack.proto.chat import HASH_RE
+from netstack.servers.chat.service import INLINE_MIMES, ChatService
+
+logger = logging.getLogger(__name__)
+
+WS_PATH = "/ws"
+
+# The page loads nothing from elsewhere; scripts and styles are inline in one file.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' blob: data:; connect-src 'self' ws: wss:; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def load_page() -> bytes:
+    """The browser client (``static/index.html``)."""
+    return (
+        importlib.resources.files("netstack.servers.chat")
+        .joinpath("static/index.html")
+        .read_bytes()
+    )
+
+
+class WSOutlet:
+    """A websockets connection as a session :class:`~.service.Outlet`."""
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+        self._closing: asyncio.Task[None] | None = None
+
+    def write(self, text: str) -> None:
+        # Synchronous and ordered: websockets' broadcast() writes straight to the transport.
+        broadcast([self.ws], text)
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+    def buffered(self) -> int:
+        return self.ws.transport.get_write_buffer_size()
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str, **extra: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+        ]
+    )
+    for name, value in extra.items():
+        headers[name.replace("_", "-")] = value
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _text(status: http.HTTPStatus, text: str) -> Response:
+    return _response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+class WSTransport:
+    """The WebSocket/HTTP listener of a chat server."""
+
+    def __init__(
+        self, service: ChatService, cfg: ChatServerConfig, ssl_context: ssl.SSLContext | None
+    ) -> None:
+        self.service = service
+        self.cfg = cfg
+        self.ssl = ssl_context
+        self.page = load_page()
+        self.server: Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        limits, timeouts = self.cfg.chat_limits, self.cfg.chat_timeouts
+        self.server = await serve(
+            self._handler,
+            host,
+            port,
+            process_request=self._process_request,
+            max_size=limits.max_message_bytes,
+            ping_interval=timeouts.ping_interval,
+            ping_timeout=timeouts.ping_timeout,
+            # permessage-deflate costs ~64 KiB of zlib state per connection; chat lines
+            # are short. Off, like the memory-per-connection target asks.
+            compression=None,
+            ssl=self.ssl,
+            reuse_address=True,
+            server_header="netstack-chat",
+        )
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        assert self.server is not None
+        return [tuple(s.getsockname()[:2]) for s in self.server.sockets]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    # ------------------------------------------------------------------ WebSocket
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        session = self.service.open_session(WSOutlet(ws))
+        try:
+            async for message in ws:
+                session.receive(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            session.connection_lost()
+
+    def origin_allowed(self, origin: str, host: str | None) -> bool:
+        if origin in self.cfg.allowed_origins:
+            return True
+        scheme = "https" if self.ssl is not None else "http"
+        return host is not None and origin == f"{scheme}://{host}"
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        try:
+            return await self._route(request)
+        except Exception:
+            logger.exception("chat HTTP request %s failed", request.path)
+            return _text(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
+
+    async def _route(self, request: Request) -> Response | None:
+        path, _, query = request.path.partition("?")
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            if path != WS_PATH:
+                return _text(http.HTTPStatus.NOT_FOUND, f"WebSocket endpoint is {WS_PATH}\n")
+            origin = request.headers.get("Origin")
+            if origin is not None and not self.origin_allowed(origin, request.headers.get("Host")):
+                logger.warning("chat: refused WebSocket from Origin %s", origin)
+                return _text(http.HTTPStatus.FORBIDDEN, "Origin not allowed\n")
+            return None
+        if request.method != "GET":
+            return _text(http.HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n")
+        if path in ("/", "/index.html"):
+            return _response(
+                http.HTTPStatus.OK,
+                self.page,
+                "text/html; charset=utf-8",
+                Content_Security_Policy=PAGE_CSP,
+                Cache_Control="no-cache",
+            )
+        if path == "/healthz":
+            return _text(http.HTTPStatus.OK, "ok\n")
+        if path.startswith("/files/"):
+            return await self._file(path.removeprefix("/files/"), query, request.headers)
+        return _text(http.HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def _file(self, file_hash: str, query: str, headers: Any) -> Response:
+        token = urllib.parse.parse_qs(query).get("token", [""])[0]
+        auth = headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        if not token:
+            return _text(http.HTTPStatus.UNAUTHORIZED, "a session token is required\n")
+        if not HASH_RE.fullmatch(file_hash):
+            return _text(http.HTTPStatus.NOT_FOUND, "no such file\n")
+        try:
+            found = await self.service.download(token, file_hash)
+        except PermissionError:
+            return _text(http.HTTPStatus.UNAUTHORIZED, "bad or expired session token\n")
+        if found is None:
+            return _text(http.HTTPStatus.NOT_FOUND, "no such file\n")
+        info, data = found
+        inline = info.mime in INLINE_MIMES
+        quoted = urllib.parse.quote(info.name, safe="")
+        disposition = "inline" if inline else "attachment"
+        return _response(
+            http.HTTPStatus.OK,
+            data,
+            info.mime if inline else "application/octet-stream",
+            Content_Disposition=f"{disposition}; filename*=UTF-8''{quoted}",
+            Content_Security_Policy="default-src 'none'; sandbox",
+            Cache_Control="private, max-age=31536000, immutable",
+        )
