@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -19,7 +20,7 @@ from netstack.errors import ConfigError
 from netstack.servers.chat.fanout import Fanout, LocalFanout
 from netstack.servers.chat.service import ChatService
 from netstack.servers.chat.sqlite import SQLiteStore
-from netstack.servers.chat.store import Store
+from netstack.servers.chat.store import Store, StoreUnavailable
 from netstack.servers.chat.tcp import ChatTCPProtocol
 from netstack.transport.listener import Server, format_address
 from netstack.transport.tls import server_context
@@ -91,6 +92,7 @@ class ChatServer:
         self.ws: WSTransport | None = None
         self._stop = asyncio.Event()
         self._closed = False
+        self._started = False
 
     async def start(self) -> None:
         """Open the store and bind both listeners.
@@ -100,7 +102,10 @@ class ChatServer:
         """
         from netstack.servers.chat.ws import WSTransport  # websockets: imported lazily
 
-        await self.store.open()
+        try:
+            await self.store.open()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"cannot open the chat database: {exc}") from exc
         await self.fanout.start()
         try:
             ws = self.ws = WSTransport(self.service, self.cfg, self.ssl)
@@ -120,6 +125,7 @@ class ChatServer:
         except BaseException:
             await self.close()
             raise
+        self._started = True
         for name, addr in self.listening():
             logger.info("chat listening on %s %s", name, format_address(addr))
 
@@ -161,7 +167,8 @@ class ChatServer:
             await self.tcp.wait_closed()
         await self.fanout.close()
         await self.store.close()
-        logger.info("chat server closed")
+        if self._started:
+            logger.info("chat server closed")
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -15,9 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from netstack.errors import NetstackError
+
 Role = Literal["owner", "moderator", "member"]
 Visibility = Literal["public", "invite"]
 ROLE_RANK: dict[str, int] = {"member": 0, "moderator": 1, "owner": 2}
+
+
+class StoreUnavailable(NetstackError):
+    """The database cannot be opened (missing directory, permissions, bad URL target)."""
 
 
 class StoreConflict(Exception):
