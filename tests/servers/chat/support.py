@@ -47,6 +47,7 @@ class Client:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.closed = False
+        self.hello: dict[str, Any] = {}
 
     async def send_raw(self, data: str | bytes) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -135,7 +136,7 @@ class TCPClient(Client):
     async def open(cls, addr: tuple[str, int]) -> TCPClient:
         reader, writer = await asyncio.open_connection(*addr, limit=1 << 24)
         client = cls(reader, writer)
-        await client.expect("hello")
+        client.hello = await client.expect("hello")
         return client
 
     async def send_raw(self, data: str | bytes) -> None:
@@ -169,7 +170,7 @@ class WSClient(Client):
     async def open(cls, addr: tuple[str, int], **kw: Any) -> WSClient:
         ws = await connect(f"ws://{addr[0]}:{addr[1]}/ws", max_size=None, **kw)
         client = cls(ws)
-        await client.expect("hello")
+        client.hello = await client.expect("hello")
         return client
 
     async def send_raw(self, data: str | bytes) -> None:

@@ -38,7 +38,8 @@ async def http_get(
     addr: tuple[str, int], path: str, **headers: str
 ) -> tuple[int, dict[str, str], bytes]:
     reader, writer = await asyncio.open_connection(*addr)
-    lines = [f"GET {path} HTTP/1.1", f"Host: {addr[0]}:{addr[1]}"]
+    headers.setdefault("Host", f"{addr[0]}:{addr[1]}")
+    lines = [f"GET {path} HTTP/1.1"]
     lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
     async with asyncio.timeout(TIMEOUT):
@@ -64,6 +65,9 @@ async def closing(*clients: Client) -> None:
 async def test_register_login_resume_logout(db: Path) -> None:
     async with chat_server(db) as srv:
         a = await tcp(srv)
+        assert a.hello["protocol"] == 1
+        assert a.hello["ping_every"] == 30.0  # half the default 60 s idle timeout
+        assert a.hello["limits"]["max_text_chars"] == 4000
         reg = await a.register("alice")
         assert reg["nick"] == "alice"
         assert len(reg["token"]) >= 40
@@ -533,9 +537,28 @@ async def test_http_page_and_routes(db: Path) -> None:
         status, headers, body = await http_get(srv.ws_address, "/")
         assert status == 200
         assert headers["content-type"] == "text/html; charset=utf-8"
-        assert "default-src 'none'" in headers["content-security-policy"]
-        assert b"<html" in body.lower() or b"<!doctype html>" in body.lower()
+        host, port = srv.ws_address
+        csp = headers["content-security-policy"]
+        assert "default-src 'none'" in csp
+        assert f"connect-src 'self' ws://{host}:{port} wss://{host}:{port};" in csp
+        assert body.startswith(b"<!doctype html>")
+        assert b'<script src="/app.js"' in body
+        status, headers, body = await http_get(srv.ws_address, "/app.js")
+        assert (status, headers["content-type"]) == (200, "text/javascript; charset=utf-8")
+        assert b"function connect()" in body
+        status, headers, _ = await http_get(srv.ws_address, "/app.css")
+        assert (status, headers["content-type"]) == (200, "text/css; charset=utf-8")
+        _, headers, _ = await http_get(srv.ws_address, "/", Host="evil/host")
+        assert (
+            "connect-src 'self' ws://localhost wss://localhost;"
+            in headers["content-security-policy"]
+        )
         assert (await http_get(srv.ws_address, "/healthz"))[:1] == (200,)
+        reader, writer = await asyncio.open_connection(*srv.ws_address)
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+        writer.close()
         assert (await http_get(srv.ws_address, "/nope"))[0] == 404
 
 

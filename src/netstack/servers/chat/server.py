@@ -85,7 +85,11 @@ class ChatServer:
         self.store = store if store is not None else open_store(database_location(cfg))
         self.fanout = fanout if fanout is not None else LocalFanout()
         self.service = ChatService(
-            self.store, self.fanout, limits=cfg.chat_limits, timeouts=cfg.chat_timeouts
+            self.store,
+            self.fanout,
+            limits=cfg.chat_limits,
+            timeouts=cfg.chat_timeouts,
+            idle_timeout=cfg.timeouts.idle_timeout,
         )
         self.ssl = server_context(cfg.tls)
         self.tcp: Server | None = None

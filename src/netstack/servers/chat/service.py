@@ -176,6 +176,7 @@ class ChatService:
         fanout: event delivery between sessions (and instances).
         limits: per-client limits.
         timeouts: ``session_ttl`` for login tokens.
+        idle_timeout: the TCP idle timeout, announced to clients in ``hello``.
         clock: monotonic seconds for flood control (tests pass a fake one).
         wallclock: milliseconds since the epoch for message timestamps and expiry.
     """
@@ -189,6 +190,7 @@ class ChatService:
         timeouts: ChatTimeouts | None = None,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], int] = now_ms,
+        idle_timeout: float | None = None,
     ) -> None:
         self.store = store
         self.fanout = fanout
@@ -196,6 +198,7 @@ class ChatService:
         self.timeouts = timeouts or ChatTimeouts()
         self.clock = clock
         self.wallclock = wallclock
+        self.idle_timeout = idle_timeout
         self.sessions: set[Session] = set()
         self.online: dict[int, set[Session]] = {}
         self._handlers: dict[str, Callable[[Session, Command], Awaitable[dict[str, object]]]] = {
@@ -230,7 +233,10 @@ class ChatService:
         """A new connection: returns its session, after sending ``hello``."""
         session = Session(self, outlet)
         self.sessions.add(session)
-        session.send(hello_event(self.limits))
+        hello = hello_event(self.limits)
+        # TCP clients must say something within idle_timeout: a ping every half of it.
+        hello["ping_every"] = self.idle_timeout / 2 if self.idle_timeout else None
+        session.send(hello)
         return session
 
     def session_closed(self, session: Session) -> None:

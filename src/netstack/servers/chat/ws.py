@@ -16,12 +16,12 @@ import asyncio
 import http
 import importlib.resources
 import logging
+import re
 import ssl
 import urllib.parse
-from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -32,22 +32,30 @@ from netstack.servers.chat.service import INLINE_MIMES, ChatService
 logger = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
-# The page loads nothing from elsewhere; scripts and styles are inline in one file.
-PAGE_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "img-src 'self' blob: data:; connect-src 'self' ws: wss:; base-uri 'none'; "
-    "form-action 'none'; frame-ancestors 'none'"
-)
+# The browser client: three static files, no build step.
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+}
 
 
-def load_page() -> bytes:
-    """The browser client (``static/index.html``)."""
+def page_csp(host: str) -> str:
+    """The page loads only its own files and talks only to this server."""
     return (
-        importlib.resources.files("netstack.servers.chat")
-        .joinpath("static/index.html")
-        .read_bytes()
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+        f"connect-src 'self' ws://{host} wss://{host}; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
     )
+
+
+def load_static() -> dict[str, bytes]:
+    """The browser client's files, read once (``static/``)."""
+    root = importlib.resources.files("netstack.servers.chat").joinpath("static")
+    return {name: root.joinpath(name).read_bytes() for name, _ in STATIC.values()}
 
 
 class WSOutlet:
@@ -84,6 +92,18 @@ def _response(status: http.HTTPStatus, body: bytes, content_type: str, **extra: 
     return Response(status.value, status.phrase, headers, body)
 
 
+class _BadRequest(Exception):
+    pass
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    """A header that must appear at most once (a repeated Host or Origin is refused)."""
+    try:
+        return headers.get(name)
+    except MultipleValuesError:
+        raise _BadRequest(f"repeated {name} header") from None
+
+
 def _text(status: http.HTTPStatus, text: str) -> Response:
     return _response(status, text.encode(), "text/plain; charset=utf-8")
 
@@ -97,7 +117,7 @@ class WSTransport:
         self.service = service
         self.cfg = cfg
         self.ssl = ssl_context
-        self.page = load_page()
+        self.static = load_static()
         self.server: Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -151,39 +171,44 @@ class WSTransport:
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         try:
             return await self._route(request)
+        except _BadRequest as exc:
+            return _text(http.HTTPStatus.BAD_REQUEST, f"{exc}\n")
         except Exception:
             logger.exception("chat HTTP request %s failed", request.path)
             return _text(http.HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
 
     async def _route(self, request: Request) -> Response | None:
         path, _, query = request.path.partition("?")
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        headers = request.headers
+        if (_header(headers, "Upgrade") or "").lower() == "websocket":
             if path != WS_PATH:
                 return _text(http.HTTPStatus.NOT_FOUND, f"WebSocket endpoint is {WS_PATH}\n")
-            origin = request.headers.get("Origin")
-            if origin is not None and not self.origin_allowed(origin, request.headers.get("Host")):
+            origin = _header(headers, "Origin")
+            if origin is not None and not self.origin_allowed(origin, _header(headers, "Host")):
                 logger.warning("chat: refused WebSocket from Origin %s", origin)
                 return _text(http.HTTPStatus.FORBIDDEN, "Origin not allowed\n")
             return None
         if request.method != "GET":
             return _text(http.HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n")
-        if path in ("/", "/index.html"):
+        if path in STATIC:
+            name, content_type = STATIC[path]
+            host = _header(headers, "Host") or ""
             return _response(
                 http.HTTPStatus.OK,
-                self.page,
-                "text/html; charset=utf-8",
-                Content_Security_Policy=PAGE_CSP,
+                self.static[name],
+                content_type,
+                Content_Security_Policy=page_csp(host if _HOST_RE.fullmatch(host) else "localhost"),
                 Cache_Control="no-cache",
             )
         if path == "/healthz":
             return _text(http.HTTPStatus.OK, "ok\n")
         if path.startswith("/files/"):
-            return await self._file(path.removeprefix("/files/"), query, request.headers)
+            return await self._file(path.removeprefix("/files/"), query, headers)
         return _text(http.HTTPStatus.NOT_FOUND, "not found\n")
 
-    async def _file(self, file_hash: str, query: str, headers: Any) -> Response:
+    async def _file(self, file_hash: str, query: str, headers: Headers) -> Response:
         token = urllib.parse.parse_qs(query).get("token", [""])[0]
-        auth = headers.get("Authorization", "")
+        auth = _header(headers, "Authorization") or ""
         if auth.lower().startswith("bearer "):
             token = auth[7:].strip()
         if not token:
