@@ -548,6 +548,8 @@ async def test_http_page_and_routes(db: Path) -> None:
         assert b"function connect()" in body
         status, headers, _ = await http_get(srv.ws_address, "/app.css")
         assert (status, headers["content-type"]) == (200, "text/css; charset=utf-8")
+        status, headers, _ = await http_get(srv.ws_address, "/favicon.svg")
+        assert (status, headers["content-type"]) == (200, "image/svg+xml")
         _, headers, _ = await http_get(srv.ws_address, "/", Host="evil/host")
         assert (
             "connect-src 'self' ws://localhost wss://localhost;"

@@ -459,6 +459,7 @@ function appendMessageNode(m, scroll = true) {
     avatar(m.from),
     el("div", {}, [el("div", { class: "meta" }, [el("span", { class: "from" }, [m.from]), time]), body]),
   ]);
+  body.hidden = !m.text;
   if (m.file) body.after(fileNode(m.file));
   box.append(node);
   state.prev = { from: m.from, ts: m.ts, day };
