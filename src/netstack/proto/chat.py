@@ -521,9 +521,7 @@ def _cross_checks(kind: str, args: Mapping[str, object]) -> None:
     if kind in ("say", "dm") and "file" not in args and not str(args["text"]).strip():
         raise CommandError(Code.BAD_TEXT, "text is empty")
     if kind == "history" and ("room" in args) == ("with" in args):
-        raise CommandError(
-            Code.CONFLICTING_FIELDS, "history needs exactly one of 'room' or 'with'"
-        )
+        raise CommandError(Code.CONFLICTING_FIELDS, "history needs exactly one of 'room' or 'with'")
 
 
 # --------------------------------------------------------------------------- events
