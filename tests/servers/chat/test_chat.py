@@ -638,3 +638,23 @@ async def test_server_close_tells_clients(db: Path) -> None:
     await line.wait_closed()
     with pytest.raises((ConnectionClosed, OSError)):
         await connect(f"ws://{srv.cfg.bind}/ws")
+
+
+async def test_max_clients_per_transport(db: Path) -> None:
+    limits = ChatLimits(max_clients=2, flood_burst=100)
+    async with chat_server(db, chat_limits=limits) as srv:
+        held = [await ws(srv), await ws(srv)]
+        host, port = srv.ws_address
+        with pytest.raises(InvalidStatus) as info:
+            await connect(f"ws://{host}:{port}/ws")
+        assert info.value.response.status_code == 503
+        lines = [await tcp(srv), await tcp(srv)]
+        reader, writer = await asyncio.open_connection(*srv.tcp_address)
+        async with asyncio.timeout(TIMEOUT):
+            assert await reader.read() == b""  # refused: closed without a hello
+        writer.close()
+        await held[0].close()
+        await apoll_until(lambda: srv.ws is not None and srv.ws.clients == 1)
+        again = await ws(srv)
+        await again.ok("ping")
+        await closing(again, held[1], *lines)

@@ -360,8 +360,9 @@ class ChatService:
         result: dict[str, object] = {"nick": user.nick}
         if new_token:
             token = auth.new_token()
-            expires = self.wallclock() + int(self.timeouts.session_ttl * 1000)
-            await self.store.create_session(auth.token_hash(token), user.id, expires)
+            now = self.wallclock()
+            expires = now + int(self.timeouts.session_ttl * 1000)
+            await self.store.create_session(auth.token_hash(token), user.id, expires, now)
             session.token_hash = auth.token_hash(token)
             result.update(token=token, expires=expires)
         rooms = await self.store.user_rooms(user.id)

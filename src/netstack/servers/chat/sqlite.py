@@ -202,14 +202,15 @@ class SQLiteStore:
         )
         return User(*row) if row else None
 
-    async def create_session(self, token_hash: str, user_id: int, expires: int) -> None:
-        await self._run(
-            self._one,
-            "INSERT INTO sessions (token_hash, user_id, expires) VALUES (?,?,?)",
-            token_hash,
-            user_id,
-            expires,
-        )
+    async def create_session(self, token_hash: str, user_id: int, expires: int, now: int) -> None:
+        def do(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM sessions WHERE expires<=?", (now,))
+            db.execute(
+                "INSERT INTO sessions (token_hash, user_id, expires) VALUES (?,?,?)",
+                (token_hash, user_id, expires),
+            )
+
+        await self._run(self._transaction, do)
 
     async def session_user(self, token_hash: str, now: int) -> User | None:
         row = await self._run(

@@ -116,7 +116,8 @@ class Store(Protocol):
     async def get_user(self, nick: str) -> User | None:
         """Look a user up by nick, ignoring case."""
 
-    async def create_session(self, token_hash: str, user_id: int, expires: int) -> None: ...
+    async def create_session(self, token_hash: str, user_id: int, expires: int, now: int) -> None:
+        """Store a new session; sessions expired by ``now`` are purged on the way."""
 
     async def session_user(self, token_hash: str, now: int) -> User | None:
         """The user of an unexpired session, else None."""

@@ -120,6 +120,7 @@ class WSTransport:
         self.ssl = ssl_context
         self.static = load_static()
         self.server: Server | None = None
+        self.clients = 0
 
     async def start(self, host: str, port: int) -> None:
         limits, timeouts = self.cfg.chat_limits, self.cfg.chat_timeouts
@@ -153,12 +154,14 @@ class WSTransport:
 
     async def _handler(self, ws: ServerConnection) -> None:
         session = self.service.open_session(WSOutlet(ws))
+        self.clients += 1
         try:
             async for message in ws:
                 session.receive(message)
         except ConnectionClosed:
             pass
         finally:
+            self.clients -= 1
             session.connection_lost()
 
     def origin_allowed(self, origin: str, host: str | None) -> bool:
@@ -184,6 +187,12 @@ class WSTransport:
         if (_header(headers, "Upgrade") or "").lower() == "websocket":
             if path != WS_PATH:
                 return _text(http.HTTPStatus.NOT_FOUND, f"WebSocket endpoint is {WS_PATH}\n")
+            if self.clients >= self.cfg.chat_limits.max_clients:
+                logger.warning(
+                    "chat: refusing WebSocket: max_clients=%d reached",
+                    self.cfg.chat_limits.max_clients,
+                )
+                return _text(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many clients\n")
             origin = _header(headers, "Origin")
             if origin is not None and not self.origin_allowed(origin, _header(headers, "Host")):
                 logger.warning("chat: refused WebSocket from Origin %s", origin)
