@@ -131,7 +131,8 @@ class ChatServer:
             raise
         self._started = True
         for name, addr in self.listening():
-            logger.info("chat listening on %s %s", name, format_address(addr))
+            if name in ("ws", "wss"):  # the TCP listener logs its own line
+                logger.info("listening on %s %s", name, format_address(addr))
 
     def listening(self) -> list[tuple[str, tuple[str, int]]]:
         """``(kind, (host, port))`` for each bound socket: ``ws``/``wss`` and ``tcp``/``tls``."""

@@ -79,6 +79,32 @@ class Outlet(Protocol):
         """Bytes written but not yet sent."""
 
 
+class _LastEncoded:
+    """UTF-8 of the text being fanned out, encoded once for all its recipients.
+
+    A publish hands the same ``str`` object to every subscriber in turn, so an identity
+    check on the last text turns N encodes into one.
+    """
+
+    text: str = ""
+    utf8: bytes = b""
+    line: bytes = b"\n"
+
+
+def utf8(text: str) -> bytes:
+    """``text.encode()``, cached for the text being fanned out."""
+    if text is not _LastEncoded.text:
+        _LastEncoded.text, _LastEncoded.utf8 = text, text.encode()
+        _LastEncoded.line = _LastEncoded.utf8 + b"\n"
+    return _LastEncoded.utf8
+
+
+def utf8_line(text: str) -> bytes:
+    """``text.encode() + b"\\n"`` (a TCP line), cached like :func:`utf8`."""
+    utf8(text)
+    return _LastEncoded.line
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

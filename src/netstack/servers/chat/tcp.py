@@ -14,7 +14,7 @@ from netstack.config import ChatLimits, Limits, Timeouts
 from netstack.errors import LimitExceeded, RemoteProtocolError
 from netstack.proto.chat import Code, encode, error_event
 from netstack.proto.framing import Frame, LineCodec
-from netstack.servers.chat.service import ChatService, Session
+from netstack.servers.chat.service import ChatService, Session, utf8_line
 from netstack.transport.stream import StreamProtocol
 
 
@@ -65,7 +65,7 @@ class ChatTCPProtocol(StreamProtocol[Frame]):
 
     def write(self, text: str) -> None:
         if not self.transport.is_closing():
-            self.transport.write(text.encode() + b"\n")
+            self.transport.write(utf8_line(text))
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         # Outlet.close: TCP has no close code; the error event before it says why.

@@ -27,7 +27,7 @@ from websockets.http11 import Request, Response
 
 from netstack.config import ChatServerConfig
 from netstack.proto.chat import HASH_RE
-from netstack.servers.chat.service import INLINE_MIMES, ChatService
+from netstack.servers.chat.service import INLINE_MIMES, ChatService, utf8
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class WSOutlet:
 
     def write(self, text: str) -> None:
         # Synchronous and ordered: websockets' broadcast() writes straight to the transport.
-        broadcast([self.ws], text)
+        # Bytes with text=True: a text frame without re-encoding per recipient.
+        broadcast([self.ws], utf8(text), text=True)
 
     def close(self, code: int, reason: str) -> None:
         if self._closing is None:
