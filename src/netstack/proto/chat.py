@@ -88,6 +88,7 @@ class Code(enum.StrEnum):
     FLOOD = "flood"
     # Semantics (the server).
     AUTH_FAILED = "auth_failed"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
     BAD_TOKEN = "bad_token"
     NICK_TAKEN = "nick_taken"
     NO_SUCH_ROOM = "no_such_room"

@@ -50,6 +50,7 @@ async def service(tmp_path: Path) -> AsyncIterator[ChatService]:
     await store.open()
     svc = ChatService(store, LocalFanout(), limits=ChatLimits(flood_rate=1000, flood_burst=1000))
     yield svc
+    svc.close()
     await store.close()
 
 
@@ -228,3 +229,36 @@ async def test_local_fanout() -> None:
     assert got == ["x"]
     assert fanout.subscribers("room:a") == 0
     await fanout.close()
+
+
+async def test_password_guessing_is_throttled_per_nick(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db")
+    await store.open()
+    now = [1000.0]
+    svc = ChatService(
+        store,
+        LocalFanout(),
+        limits=ChatLimits(flood_rate=1000, flood_burst=1000),
+        clock=lambda: now[0],
+    )
+    session, outlet = open_session(svc)
+    rid = iter(range(1, 100))
+
+    async def send(kind: str, **fields: Any) -> dict[str, Any]:
+        i = next(rid)
+        session.receive(json.dumps({"type": kind, "id": i, **fields}))
+        return await reply(outlet, i)
+
+    assert (await send("register", nick="alice", password=PASSWORD))["type"] == "ack"
+    assert (await send("logout"))["type"] == "ack"
+    for _ in range(10):
+        assert (await send("login", nick="alice", password="wrong guess"))["code"] == "auth_failed"
+    refused = await send("login", nick="ALICE", password=PASSWORD)  # the right one, too late
+    assert refused["code"] == "too_many_attempts"
+    assert "retry in 301 s" in refused["message"]
+    other = await send("login", nick="bob", password="wrong guess")
+    assert other["code"] == "auth_failed"  # other nicks are not affected
+    now[0] += 300.0
+    assert (await send("login", nick="alice", password=PASSWORD))["type"] == "ack"
+    svc.close()
+    await store.close()

@@ -171,6 +171,7 @@ class ChatServer:
             self.tcp.close()
             await self.tcp.wait_closed()
         await self.fanout.close()
+        self.service.close()
         await self.store.close()
         if self._started:
             logger.info("chat server closed")

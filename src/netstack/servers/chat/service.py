@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import hashlib
 import logging
 import time
@@ -63,6 +64,13 @@ logger = logging.getLogger(__name__)
 # Safe to show inline in a browser; anything else is served as an attachment.
 INLINE_MIMES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "text/plain"})
 MUTE_FOREVER = 2**62
+# Password guessing: after this many failed logins for one nick within the window, further
+# attempts are refused without checking the password until the window has passed.
+MAX_LOGIN_FAILURES = 10
+LOGIN_WINDOW = 300.0
+# scrypt costs ~50 ms of CPU and 16 MiB per hash: a few at a time, queued beyond that, so
+# a burst of logins cannot take every core or a lot of memory.
+HASH_WORKERS = 2
 CLOSE_GOING_AWAY = 1001
 
 
@@ -227,6 +235,10 @@ class ChatService:
         self.idle_timeout = idle_timeout
         self.sessions: set[Session] = set()
         self.online: dict[int, set[Session]] = {}
+        self._hasher = concurrent.futures.ThreadPoolExecutor(
+            max_workers=HASH_WORKERS, thread_name_prefix="chat-scrypt"
+        )
+        self._failures: dict[str, tuple[int, float]] = {}  # nick key -> (count, first time)
         self._handlers: dict[str, Callable[[Session, Command], Awaitable[dict[str, object]]]] = {
             "register": self._register,
             "login": self._login,
@@ -346,12 +358,34 @@ class ChatService:
     # ------------------------------------------------------------------ accounts
 
     async def _hash(self, password: str) -> str:
-        return await asyncio.get_running_loop().run_in_executor(None, auth.hash_password, password)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._hasher, auth.hash_password, password)
 
     async def _verify(self, password: str, stored: str) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, auth.verify_password, password, stored
-        )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._hasher, auth.verify_password, password, stored)
+
+    def _check_attempts(self, key: str) -> None:
+        now = self.clock()
+        count, first = self._failures.get(key, (0, now))
+        if now - first >= LOGIN_WINDOW:
+            del self._failures[key]
+        elif count >= MAX_LOGIN_FAILURES:
+            wait = int(LOGIN_WINDOW - (now - first)) + 1
+            raise CommandError(
+                Code.TOO_MANY_ATTEMPTS, f"too many failed logins for this nick; retry in {wait} s"
+            )
+
+    def _failed(self, key: str) -> None:
+        now = self.clock()
+        if len(self._failures) > 100_000:  # bound the table: forget windows that have passed
+            self._failures = {k: v for k, v in self._failures.items() if now - v[1] < LOGIN_WINDOW}
+        count, first = self._failures.get(key, (0, now))
+        self._failures[key] = (count + 1, first)
+
+    def close(self) -> None:
+        """Release the hashing threads (after the listeners are closed)."""
+        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     async def _register(self, session: Session, cmd: Command) -> dict[str, object]:
         nick = cmd.text("nick")
@@ -365,11 +399,15 @@ class ChatService:
         return await self._enter(session, user, new_token=True)
 
     async def _login(self, session: Session, cmd: Command) -> dict[str, object]:
-        user = await self.store.get_user(cmd.text("nick"))
+        key = cmd.text("nick").lower()
+        self._check_attempts(key)
+        user = await self.store.get_user(key)
         stored = user.password_hash if user is not None else auth.DUMMY_HASH
         ok = await self._verify(cmd.text("password"), stored)
         if user is None or not ok:
+            self._failed(key)
             raise CommandError(Code.AUTH_FAILED, "wrong nick or password")
+        self._failures.pop(key, None)
         return await self._enter(session, user, new_token=True)
 
     async def _resume(self, session: Session, cmd: Command) -> dict[str, object]:
