@@ -262,3 +262,36 @@ async def test_password_guessing_is_throttled_per_nick(tmp_path: Path) -> None:
     assert (await send("login", nick="alice", password=PASSWORD))["type"] == "ack"
     svc.close()
     await store.close()
+
+
+async def test_pending_dms_survive_a_drop_during_login(service: ChatService) -> None:
+    alice, a_out = open_session(service)
+    alice.receive(json.dumps({"type": "register", "id": 1, "nick": "alice", "password": PASSWORD}))
+    await reply(a_out, 1)
+    bob, b_out = open_session(service)
+    bob.receive(json.dumps({"type": "register", "id": 1, "nick": "bob", "password": PASSWORD}))
+    token = (await reply(b_out, 1))["token"]
+    bob.connection_lost()
+    alice.receive(json.dumps({"type": "dm", "id": 2, "to": "bob", "text": "later"}))
+    assert (await reply(a_out, 2))["delivered"] is False
+
+    dropped, d_out = open_session(service)
+    real = service.store.pending
+
+    async def pending_then_drop(user_id: int) -> list[Any]:
+        found = await real(user_id)
+        dropped.connection_lost()  # gone before the ack and the DMs are written
+        return found
+
+    service.store.pending = pending_then_drop  # type: ignore[method-assign]
+    dropped.receive(json.dumps({"type": "resume", "id": 1, "token": token}))
+    await apoll_until(lambda: dropped._worker is None)
+    assert d_out.types() == ["hello"]
+    service.store.pending = real  # type: ignore[method-assign]
+
+    again, g_out = open_session(service)
+    again.receive(json.dumps({"type": "resume", "id": 1, "token": token}))
+    await reply(g_out, 1)
+    await apoll_until(lambda: "dm" in g_out.types())
+    assert [e["message"]["text"] for e in g_out.sent if e["type"] == "dm"] == ["later"]
+    assert await service.store.pending(again.user.id) == []  # type: ignore[union-attr]

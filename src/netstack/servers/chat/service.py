@@ -129,6 +129,7 @@ class Session:
         self.rooms: set[str] = set()
         self.closed = False
         self.after_ack: list[dict[str, object]] = []
+        self.pending_upto = 0  # last pending DM sent after the login ack, to clear
         # Commands to run, error texts to send and a final close, in arrival order.
         self._inbox: collections.deque[Command | str | tuple[int, str]] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
@@ -311,6 +312,11 @@ class ChatService:
         events, session.after_ack = session.after_ack, []
         for event in events:
             session.send(event)
+        if session.pending_upto and not session.closed and session.user is not None:
+            # Written to the client: no longer pending, even if it disconnects right now
+            # (shield: the disconnect cancels this task, not the store update).
+            upto, session.pending_upto = session.pending_upto, 0
+            await asyncio.shield(self.store.clear_pending(session.user.id, upto))
 
     # ------------------------------------------------------------------ helpers
 
@@ -447,9 +453,11 @@ class ChatService:
                 )
         result["rooms"] = rooms
         result["last_id"] = await self.store.last_message_id()
-        # Sent after the ack: the DMs that waited for this login.
-        for message in await self.store.take_pending(user.id):
+        # Sent after the ack: the DMs that waited for this login. They stop being pending
+        # only once written (handle() clears them), so a drop during login loses none.
+        for message in await self.store.pending(user.id):
             session.after_ack.append({"type": "dm", "message": message.to_json(), "pending": True})
+            session.pending_upto = message.id
         return result
 
     def _go_offline(self, session: Session) -> None:

@@ -461,17 +461,22 @@ class SQLiteStore:
         row = await self._run(self._one, "SELECT COALESCE(MAX(id), 0) FROM messages")
         return cast(int, row[0])
 
-    async def take_pending(self, user_id: int) -> list[Message]:
-        def do(db: sqlite3.Connection) -> list[Message]:
-            rows = db.execute(
-                _MESSAGE_SELECT + " JOIN pending_dms p ON p.message_id=m.id"
-                " WHERE p.user_id=? ORDER BY m.id",
-                (user_id,),
-            ).fetchall()
-            db.execute("DELETE FROM pending_dms WHERE user_id=?", (user_id,))
-            return [_message(row) for row in rows]
+    async def pending(self, user_id: int) -> list[Message]:
+        rows = await self._run(
+            self._all,
+            _MESSAGE_SELECT + " JOIN pending_dms p ON p.message_id=m.id WHERE p.user_id=?"
+            " ORDER BY m.id",
+            user_id,
+        )
+        return [_message(row) for row in rows]
 
-        return await self._run(self._transaction, do)
+    async def clear_pending(self, user_id: int, up_to: int) -> None:
+        await self._run(
+            self._one,
+            "DELETE FROM pending_dms WHERE user_id=? AND message_id<=?",
+            user_id,
+            up_to,
+        )
 
     # ------------------------------------------------------------------ files
 

@@ -190,8 +190,11 @@ class Store(Protocol):
 
     async def last_message_id(self) -> int: ...
 
-    async def take_pending(self, user_id: int) -> list[Message]:
-        """Pending DMs for ``user_id``, oldest first; they are no longer pending after."""
+    async def pending(self, user_id: int) -> list[Message]:
+        """DMs that arrived while ``user_id`` was offline, oldest first."""
+
+    async def clear_pending(self, user_id: int, up_to: int) -> None:
+        """Forget the pending DMs of ``user_id`` with ids up to ``up_to`` (delivered)."""
 
     # Files (stored by content hash).
     async def put_file(self, info: FileInfo, data: bytes, uploader_id: int, now: int) -> None: ...
