@@ -295,3 +295,17 @@ async def test_pending_dms_survive_a_drop_during_login(service: ChatService) -> 
     await apoll_until(lambda: "dm" in g_out.types())
     assert [e["message"]["text"] for e in g_out.sent if e["type"] == "dm"] == ["later"]
     assert await service.store.pending(again.user.id) == []  # type: ignore[union-attr]
+
+
+def test_local_presence_counts_connections() -> None:
+    from netstack.servers.chat.fanout import LocalPresence
+
+    presence = LocalPresence()
+    assert presence.connect(7) is True
+    assert presence.connect(7) is False
+    assert presence.is_online(7)
+    assert presence.disconnect(7) is False
+    assert presence.disconnect(7) is True
+    assert not presence.is_online(7)
+    assert presence.disconnect(7) is False  # never below zero
+    assert presence.connect(7) is True

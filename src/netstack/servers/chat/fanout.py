@@ -32,6 +32,47 @@ class Fanout(Protocol):
         """Deliver ``text`` to every subscriber of ``topic`` (on every instance)."""
 
 
+class Presence(Protocol):
+    """Who is connected, counted in connections per user across every instance.
+
+    The session logic calls :meth:`connect` / :meth:`disconnect` once per logged-in
+    connection and announces ``online`` / ``offline`` on the first and last one. With
+    several instances (Redis) the counts must be shared, or a DM to a user connected to
+    another instance would be queued as if they were offline.
+    """
+
+    def connect(self, user_id: int) -> bool:
+        """Count one more connection; ``True`` if it is the user's first."""
+
+    def disconnect(self, user_id: int) -> bool:
+        """Count one connection less; ``True`` if it was the user's last."""
+
+    def is_online(self, user_id: int) -> bool: ...
+
+
+class LocalPresence:
+    """Presence within one process."""
+
+    def __init__(self) -> None:
+        self._connections: dict[int, int] = {}
+
+    def connect(self, user_id: int) -> bool:
+        count = self._connections.get(user_id, 0) + 1
+        self._connections[user_id] = count
+        return count == 1
+
+    def disconnect(self, user_id: int) -> bool:
+        count = self._connections.get(user_id, 0) - 1
+        if count > 0:
+            self._connections[user_id] = count
+            return False
+        self._connections.pop(user_id, None)
+        return count == 0
+
+    def is_online(self, user_id: int) -> bool:
+        return user_id in self._connections
+
+
 def room_topic(name: str) -> str:
     return f"room:{name}"
 

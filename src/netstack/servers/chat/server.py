@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Self
 
 from netstack.config import ChatServerConfig, Limits, parse_hostport
 from netstack.errors import ConfigError
-from netstack.servers.chat.fanout import Fanout, LocalFanout
+from netstack.servers.chat.fanout import Fanout, LocalFanout, Presence
 from netstack.servers.chat.service import ChatService
 from netstack.servers.chat.sqlite import SQLiteStore
 from netstack.servers.chat.store import Store, StoreUnavailable
@@ -72,6 +72,7 @@ class ChatServer:
         cfg: the configuration.
         store: overrides the store named by ``cfg.db`` (tests, other backends).
         fanout: overrides the in-process fan-out (a Redis one, later).
+        presence: overrides the in-process presence counts (shared ones, later).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class ChatServer:
         *,
         store: Store | None = None,
         fanout: Fanout | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store if store is not None else open_store(database_location(cfg))
@@ -87,6 +89,7 @@ class ChatServer:
         self.service = ChatService(
             self.store,
             self.fanout,
+            presence=presence,
             limits=cfg.chat_limits,
             timeouts=cfg.chat_timeouts,
             idle_timeout=cfg.timeouts.idle_timeout,

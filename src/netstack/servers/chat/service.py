@@ -45,7 +45,13 @@ from netstack.proto.chat import (
     hello_event,
 )
 from netstack.servers.chat import auth
-from netstack.servers.chat.fanout import Fanout, room_topic, user_topic
+from netstack.servers.chat.fanout import (
+    Fanout,
+    LocalPresence,
+    Presence,
+    room_topic,
+    user_topic,
+)
 from netstack.servers.chat.store import (
     ROLE_RANK,
     FileInfo,
@@ -209,6 +215,7 @@ class ChatService:
     Args:
         store: persistence (opened by the caller).
         fanout: event delivery between sessions (and instances).
+        presence: who is connected (and on which instance does not matter).
         limits: per-client limits.
         timeouts: ``session_ttl`` for login tokens.
         idle_timeout: the TCP idle timeout, announced to clients in ``hello``.
@@ -221,6 +228,7 @@ class ChatService:
         store: Store,
         fanout: Fanout,
         *,
+        presence: Presence | None = None,
         limits: ChatLimits | None = None,
         timeouts: ChatTimeouts | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -229,13 +237,14 @@ class ChatService:
     ) -> None:
         self.store = store
         self.fanout = fanout
+        self.presence = presence if presence is not None else LocalPresence()
         self.limits = limits or ChatLimits()
         self.timeouts = timeouts or ChatTimeouts()
         self.clock = clock
         self.wallclock = wallclock
         self.idle_timeout = idle_timeout
         self.sessions: set[Session] = set()
-        self.online: dict[int, set[Session]] = {}
+        self.online: dict[int, set[Session]] = {}  # this instance's logged-in sessions
         self._hasher = concurrent.futures.ThreadPoolExecutor(
             max_workers=HASH_WORKERS, thread_name_prefix="chat-scrypt"
         )
@@ -359,7 +368,7 @@ class ChatService:
             self.fanout.unsubscribe(room_topic(room), s)
 
     def is_online(self, user_id: int) -> bool:
-        return bool(self.online.get(user_id))
+        return self.presence.is_online(user_id)
 
     # ------------------------------------------------------------------ accounts
 
@@ -440,7 +449,7 @@ class ChatService:
             return result
         session.conn.authenticate(user.nick)
         session.user = user
-        first = not self.is_online(user.id)
+        first = self.presence.connect(user.id)
         self.online.setdefault(user.id, set()).add(session)
         self.fanout.subscribe(user_topic(user.id), session)
         for room in rooms:
@@ -468,10 +477,11 @@ class ChatService:
         for room in session.rooms:
             self.fanout.unsubscribe(room_topic(room), session)
         sessions = self.online.get(user.id)
-        if sessions is not None:
+        if sessions is not None and session in sessions:
             sessions.discard(session)
             if not sessions:
                 del self.online[user.id]
+            if self.presence.disconnect(user.id):
                 for room in session.rooms:
                     self._publish(
                         room_topic(room),
