@@ -658,3 +658,48 @@ async def test_max_clients_per_transport(db: Path) -> None:
         again = await ws(srv)
         await again.ok("ping")
         await closing(again, held[1], *lines)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+async def test_garbage_never_takes_the_connection_down(db: Path, transport: str) -> None:
+    """Random bytes and random JSON: every message gets an error, the session survives."""
+    import random
+
+    rng = random.Random(6)
+    async with chat_server(db) as srv:
+        client = await (tcp(srv) if transport == "tcp" else ws(srv))
+        await client.register("fuzzer")
+        kinds = ["say", "join", "history", "mute", "upload", "dm", "nope", 5, None]
+        values: list[Any] = [
+            None,
+            True,
+            -1,
+            2**60,
+            1.5,
+            "",
+            "x" * 300,
+            [],
+            {},
+            {"a": [1]},
+            "général",
+        ]
+        sent = 0
+        for _ in range(150):
+            if rng.random() < 0.3:
+                raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60)))
+                raw = raw.replace(b"\n", b" ")
+                if transport == "ws":  # a text frame must be UTF-8: send what survives decoding
+                    raw = raw.decode("utf-8", "replace").encode()
+                await client.send_raw(raw)
+            else:
+                obj = {"type": rng.choice(kinds)}
+                for name in rng.sample(["room", "text", "nick", "to", "since", "id", "data"], 3):
+                    obj[name] = rng.choice(values)
+                await client.send_raw(json.dumps(obj))
+            sent += 1
+        pong = await client.ok("ping")
+        assert pong["type"] == "ack"
+        answered = [e for e in client.events if e["type"] in ("error", "ack")]
+        assert len(answered) == sent  # one reply per message, none lost, none twice
+        assert not client.closed
+        await client.close()
