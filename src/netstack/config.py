@@ -714,3 +714,133 @@ class BenchModelsConfig:
         _positive("client_processes", self.client_processes)
         _positive("max_messages", self.max_messages)
         _positive("repeats", self.repeats)
+
+
+# --------------------------------------------------------------------------- chat
+
+DB_SCHEMES: tuple[str, ...] = ("sqlite", "postgresql", "postgres")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatLimits:
+    """What one chat client may send, and how fast."""
+
+    # websockets' default max_size (1 MiB): room for a base64 upload of max_file_bytes.
+    max_message_bytes: int = field(
+        default=1 << 20, metadata=_help("largest client message (JSON text) accepted")
+    )
+    # Slack caps a message at 40,000 characters but truncates display at 4,000; IRC at 512 bytes.
+    max_text_chars: int = field(default=4000, metadata=_help("longest chat message text"))
+    # Fits max_message_bytes once base64-encoded (4/3) with room for the JSON around it.
+    max_file_bytes: int = field(default=512 * 1024, metadata=_help("largest uploaded file"))
+    # IRC servers allow roughly one line per 2 s after a burst of 5-10; chat UIs need more.
+    flood_rate: float = field(
+        default=5.0, metadata=_help("flood control: commands per second refilled")
+    )
+    flood_burst: int = field(
+        default=20, metadata=_help("flood control: commands allowed in a burst")
+    )
+    flood_tolerance: int = field(
+        default=10,
+        metadata=_help("flood control: commands dropped after the warning before disconnect"),
+    )
+    # Same order as the echo server's max_connections.
+    max_clients: int = field(
+        default=10000, metadata=_help("concurrent chat connections per transport")
+    )
+    # A reader that falls this far behind is dropped instead of buffering without bound.
+    max_outgoing_bytes: int = field(
+        default=4 << 20, metadata=_help("drop a client whose unsent output exceeds this")
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_message_bytes",
+            "max_text_chars",
+            "max_file_bytes",
+            "flood_rate",
+            "flood_burst",
+            "max_clients",
+            "max_outgoing_bytes",
+        ):
+            _positive(name, getattr(self, name))
+        _non_negative("flood_tolerance", self.flood_tolerance)
+        if (self.max_file_bytes + 2) // 3 * 4 + 1024 > self.max_message_bytes:
+            raise ConfigError(
+                "max_file_bytes: a base64 upload must fit in max_message_bytes "
+                "(needs max_file_bytes * 4/3 + 1 KiB <= max_message_bytes)",
+                field="max_file_bytes",
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatTimeouts:
+    """Chat-specific seconds (the shared ``Timeouts`` group supplies idle/graceful)."""
+
+    # websockets' defaults: a ping every 20 s, the connection is dead after 20 s unanswered.
+    ping_interval: float | None = field(
+        default=20.0, metadata=_help("WebSocket: send a ping this often (none: never)")
+    )
+    ping_timeout: float | None = field(
+        default=20.0, metadata=_help("WebSocket: close if a ping is unanswered this long")
+    )
+    # A week, like many web sessions; resume tokens are single strings a client keeps.
+    session_ttl: float = field(
+        default=7 * 24 * 3600.0, metadata=_help("login session token lifetime")
+    )
+
+    def __post_init__(self) -> None:
+        if self.ping_interval is not None:
+            _positive("ping_interval", self.ping_interval)
+        if self.ping_timeout is not None:
+            _positive("ping_timeout", self.ping_timeout)
+        _positive("session_ttl", self.session_ttl)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatServerConfig:
+    """``netstack chat serve``."""
+
+    bind: str = field(
+        default="127.0.0.1:8700", metadata=_help("WebSocket + HTTP (browser page) HOST:PORT")
+    )
+    tcp_bind: str | None = field(
+        default="127.0.0.1:8701",
+        metadata=_help("newline-delimited JSON over TCP HOST:PORT (none: off)"),
+    )
+    db: str | None = field(
+        default=None,
+        metadata=_help("SQLite file or postgresql://... (none: chat.sqlite3 in the data dir)"),
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata=_help("where the default database lives (none: $XDG_DATA_HOME/netstack)"),
+    )
+    allowed_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=_help("extra browser Origins allowed for WebSocket (same origin always is)"),
+    )
+    chat_limits: ChatLimits = field(default_factory=ChatLimits)
+    chat_timeouts: ChatTimeouts = field(default_factory=ChatTimeouts)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    tls: TLS = field(default_factory=TLS)
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.bind, field="bind")
+        if self.tcp_bind is not None:
+            parse_hostport(self.tcp_bind, field="tcp_bind")
+        if self.db is not None and "://" in self.db:
+            scheme = self.db.split("://", 1)[0].lower()
+            if scheme not in DB_SCHEMES:
+                raise ConfigError(
+                    f"db: unsupported scheme {scheme!r}; use a file path or postgresql://",
+                    field="db",
+                )
+        if self.tls.enabled and self.tls.certfile is None:
+            raise ConfigError("a TLS server needs certfile and keyfile", field="certfile")
+        for origin in self.allowed_origins:
+            if "://" not in origin:
+                raise ConfigError(
+                    f"allowed_origins: expected scheme://host[:port], got {origin!r}",
+                    field="allowed_origins",
+                )

@@ -42,17 +42,19 @@ def main_group(log_level: str | None, log_format: str | None) -> None:
       netstack echo send --connect 127.0.0.1:9000 --count 1000 --size 64
       netstack bench models --quick
       netstack serve myapp:app --bind 127.0.0.1:8000 --workers 2
+      netstack chat serve --bind 127.0.0.1:8700
     """
     cfg = load_config(LogConfig, {"log_level": log_level, "log_format": log_format})
     log.configure(cfg.log_level, cfg.log_format)
 
 
 def _register() -> None:
-    from netstack.cli import bench, echo, serve
+    from netstack.cli import bench, chat, echo, serve
 
     main_group.add_command(echo.group)
     main_group.add_command(bench.group)
     main_group.add_command(serve.command)
+    main_group.add_command(chat.group)
 
 
 _register()

@@ -1,0 +1,112 @@
+"""Fan-out: deliver one encoded event to every subscriber of a topic.
+
+Topics are ``room:<name>`` and ``user:<id>`` (every session of one user). Events are
+encoded once by the publisher and handed over as text, so a broadcast to N clients costs
+one ``json.dumps``, and a Redis implementation (several chat instances sharing rooms) can
+pass the same text through ``PUBLISH`` unchanged. :class:`LocalFanout` is the in-process
+implementation; a ``RedisFanout`` would subscribe to a Redis channel per topic with local
+subscribers and call the same ``deliver`` on them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Protocol
+
+
+class Subscriber(Protocol):
+    def deliver(self, text: str) -> None:
+        """Queue one encoded event for the client; must not block."""
+
+
+class Fanout(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def subscribe(self, topic: str, subscriber: Subscriber) -> None: ...
+
+    def unsubscribe(self, topic: str, subscriber: Subscriber) -> None: ...
+
+    def publish(self, topic: str, text: str) -> None:
+        """Deliver ``text`` to every subscriber of ``topic`` (on every instance)."""
+
+
+class Presence(Protocol):
+    """Who is connected, counted in connections per user across every instance.
+
+    The session logic calls :meth:`connect` / :meth:`disconnect` once per logged-in
+    connection and announces ``online`` / ``offline`` on the first and last one. With
+    several instances (Redis) the counts must be shared, or a DM to a user connected to
+    another instance would be queued as if they were offline.
+    """
+
+    def connect(self, user_id: int) -> bool:
+        """Count one more connection; ``True`` if it is the user's first."""
+
+    def disconnect(self, user_id: int) -> bool:
+        """Count one connection less; ``True`` if it was the user's last."""
+
+    def is_online(self, user_id: int) -> bool: ...
+
+
+class LocalPresence:
+    """Presence within one process."""
+
+    def __init__(self) -> None:
+        self._connections: dict[int, int] = {}
+
+    def connect(self, user_id: int) -> bool:
+        count = self._connections.get(user_id, 0) + 1
+        self._connections[user_id] = count
+        return count == 1
+
+    def disconnect(self, user_id: int) -> bool:
+        count = self._connections.get(user_id, 0) - 1
+        if count > 0:
+            self._connections[user_id] = count
+            return False
+        self._connections.pop(user_id, None)
+        return count == 0
+
+    def is_online(self, user_id: int) -> bool:
+        return user_id in self._connections
+
+
+def room_topic(name: str) -> str:
+    return f"room:{name}"
+
+
+def user_topic(user_id: int) -> str:
+    return f"user:{user_id}"
+
+
+class LocalFanout:
+    """Fan-out within one process."""
+
+    def __init__(self) -> None:
+        self._topics: defaultdict[str, set[Subscriber]] = defaultdict(set)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._topics.clear()
+
+    def subscribe(self, topic: str, subscriber: Subscriber) -> None:
+        self._topics[topic].add(subscriber)
+
+    def unsubscribe(self, topic: str, subscriber: Subscriber) -> None:
+        subs = self._topics.get(topic)
+        if subs is not None:
+            subs.discard(subscriber)
+            if not subs:
+                del self._topics[topic]
+
+    def subscribers(self, topic: str) -> int:
+        return len(self._topics.get(topic, ()))
+
+    def publish(self, topic: str, text: str) -> None:
+        # A copy: a delivery may drop a slow subscriber, which unsubscribes it.
+        for subscriber in list(self._topics.get(topic, ())):
+            subscriber.deliver(text)

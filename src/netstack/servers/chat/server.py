@@ -1,0 +1,192 @@
+"""ChatServer: the store, the fan-out, the session logic and both listeners, as one unit.
+
+``async with ChatServer(cfg) as srv: await srv.serve_forever()``, like every netstack
+server. Shutdown tells clients the server is going away (WebSocket close 1001), closes
+both listeners (TCP gracefully, within ``graceful_timeout``) and then the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from netstack.config import ChatServerConfig, Limits, parse_hostport
+from netstack.errors import ConfigError
+from netstack.servers.chat.fanout import Fanout, LocalFanout, Presence
+from netstack.servers.chat.service import ChatService
+from netstack.servers.chat.sqlite import SQLiteStore
+from netstack.servers.chat.store import Store, StoreUnavailable
+from netstack.servers.chat.tcp import ChatTCPProtocol
+from netstack.transport.listener import Server, format_address
+from netstack.transport.tls import server_context
+
+if TYPE_CHECKING:
+    from netstack.servers.chat.ws import WSTransport
+
+logger = logging.getLogger(__name__)
+
+DB_FILENAME = "chat.sqlite3"
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/netstack``, else ``~/.local/share/netstack`` (XDG base dirs)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "netstack"
+
+
+def database_location(cfg: ChatServerConfig) -> str:
+    """The SQLite path or database URL ``cfg`` asks for."""
+    if cfg.db is not None:
+        return cfg.db
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
+    return str(data_dir / DB_FILENAME)
+
+
+def open_store(location: str) -> Store:
+    """A store for a SQLite path (or ``sqlite:///path``) or a ``postgresql://`` URL.
+
+    Raises:
+        ConfigError: the URL names a store this build cannot open.
+    """
+    if location.startswith(("postgresql://", "postgres://")):
+        # The seam: a PostgresStore (psycopg, the `db` extra) implements store.Store.
+        raise ConfigError(
+            "db: the PostgreSQL store is not available yet; use a SQLite path", field="db"
+        )
+    if location.startswith("sqlite://"):
+        location = location.removeprefix("sqlite://") or ":memory:"
+    return SQLiteStore(location)
+
+
+class ChatServer:
+    """A chat server: WebSocket/HTTP on ``cfg.bind``, TCP on ``cfg.tcp_bind``.
+
+    Args:
+        cfg: the configuration.
+        store: overrides the store named by ``cfg.db`` (tests, other backends).
+        fanout: overrides the in-process fan-out (a Redis one, later).
+        presence: overrides the in-process presence counts (shared ones, later).
+    """
+
+    def __init__(
+        self,
+        cfg: ChatServerConfig,
+        *,
+        store: Store | None = None,
+        fanout: Fanout | None = None,
+        presence: Presence | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store if store is not None else open_store(database_location(cfg))
+        self.fanout = fanout if fanout is not None else LocalFanout()
+        self.service = ChatService(
+            self.store,
+            self.fanout,
+            presence=presence,
+            limits=cfg.chat_limits,
+            timeouts=cfg.chat_timeouts,
+            idle_timeout=cfg.timeouts.idle_timeout,
+        )
+        self.ssl = server_context(cfg.tls)
+        self.tcp: Server | None = None
+        self.ws: WSTransport | None = None
+        self._stop = asyncio.Event()
+        self._closed = False
+        self._started = False
+
+    async def start(self) -> None:
+        """Open the store and bind both listeners.
+
+        Raises:
+            OSError: an address cannot be bound.
+        """
+        from netstack.servers.chat.ws import WSTransport  # websockets: imported lazily
+
+        try:
+            await self.store.open()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"cannot open the chat database: {exc}") from exc
+        await self.fanout.start()
+        try:
+            ws = self.ws = WSTransport(self.service, self.cfg, self.ssl)
+            host, port = parse_hostport(self.cfg.bind, field="bind")
+            await ws.start(host, port)
+            if self.cfg.tcp_bind is not None:
+                host, port = parse_hostport(self.cfg.tcp_bind, field="tcp_bind")
+                self.tcp = Server(
+                    lambda: ChatTCPProtocol(self.service, self.cfg.chat_limits, self.cfg.timeouts),
+                    host,
+                    port,
+                    limits=Limits(max_connections=self.cfg.chat_limits.max_clients),
+                    timeouts=self.cfg.timeouts,
+                    ssl=self.ssl,
+                )
+                await self.tcp.start()
+        except BaseException:
+            await self.close()
+            raise
+        self._started = True
+        for name, addr in self.listening():
+            if name in ("ws", "wss"):  # the TCP listener logs its own line
+                logger.info("listening on %s %s", name, format_address(addr))
+
+    def listening(self) -> list[tuple[str, tuple[str, int]]]:
+        """``(kind, (host, port))`` for each bound socket: ``ws``/``wss`` and ``tcp``/``tls``."""
+        out: list[tuple[str, tuple[str, int]]] = []
+        if self.ws is not None and self.ws.server is not None:
+            kind = "wss" if self.ssl is not None else "ws"
+            out.extend((kind, addr) for addr in self.ws.addresses)
+        if self.tcp is not None:
+            out.extend((self.tcp.name, addr) for addr in self.tcp.addresses)
+        return out
+
+    @property
+    def ws_address(self) -> tuple[str, int]:
+        return next(addr for kind, addr in self.listening() if kind in ("ws", "wss"))
+
+    @property
+    def tcp_address(self) -> tuple[str, int]:
+        return next(addr for kind, addr in self.listening() if kind in ("tcp", "tls"))
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_forever(self) -> None:
+        await self._stop.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        """Close both listeners, every client, then the store (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.service.shutdown()
+        if self.ws is not None:
+            await self.ws.close()
+        if self.tcp is not None:
+            self.tcp.close()
+            await self.tcp.wait_closed()
+        await self.fanout.close()
+        self.service.close()
+        await self.store.close()
+        if self._started:
+            logger.info("chat server closed")
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

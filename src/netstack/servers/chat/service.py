@@ -1,0 +1,834 @@
+"""Chat session logic, shared by the WebSocket and TCP transports.
+
+A transport wraps each connection in an :class:`Outlet` (write one encoded event, close
+with a code, report unsent bytes) and calls :meth:`ChatService.open_session`. The
+returned :class:`Session` takes raw messages (:meth:`Session.receive`, synchronous: size,
+flood and grammar checks happen as the bytes arrive, in ``proto/chat.py``) and runs the
+valid commands one at a time, in order, in its own task. Every command gets exactly one
+``ack`` or ``error``; other events arrive through the :class:`~.fanout.Fanout`.
+
+Invariants:
+
+* A user's sessions are subscribed to ``user:<id>`` and to ``room:<name>`` for every room
+  the user belongs to, from login (before anything is read for them, so a client that
+  subscribes then backfills misses nothing) until logout or disconnect.
+* Presence is per user: ``online`` is sent to a user's rooms when the first session
+  logs in and ``offline`` when the last one goes; ``join``/``leave`` are membership.
+* A DM to a user with no live session is also queued as pending and delivered at the
+  next login (and is in ``backfill`` anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from netstack.config import ChatLimits, ChatTimeouts
+from netstack.errors import LimitExceeded
+from netstack.proto.chat import (
+    CLOSE_POLICY,
+    DEFAULT_PAGE,
+    ChatConnection,
+    Code,
+    Command,
+    CommandError,
+    State,
+    ack_event,
+    encode,
+    error_event,
+    hello_event,
+)
+from netstack.servers.chat import auth
+from netstack.servers.chat.fanout import (
+    Fanout,
+    LocalPresence,
+    Presence,
+    room_topic,
+    user_topic,
+)
+from netstack.servers.chat.store import (
+    ROLE_RANK,
+    FileInfo,
+    Member,
+    Role,
+    Room,
+    Store,
+    StoreConflict,
+    User,
+    Visibility,
+    file_json,
+)
+
+logger = logging.getLogger(__name__)
+
+# Safe to show inline in a browser; anything else is served as an attachment.
+INLINE_MIMES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "text/plain"})
+MUTE_FOREVER = 2**62
+# Password guessing: after this many failed logins for one nick within the window, further
+# attempts are refused without checking the password until the window has passed.
+MAX_LOGIN_FAILURES = 10
+LOGIN_WINDOW = 300.0
+# scrypt costs ~50 ms of CPU and 16 MiB per hash: a few at a time, queued beyond that, so
+# a burst of logins cannot take every core or a lot of memory.
+HASH_WORKERS = 2
+CLOSE_GOING_AWAY = 1001
+
+
+class Outlet(Protocol):
+    """One client connection, as the session logic sees it."""
+
+    def write(self, text: str) -> None:
+        """Send one encoded event (never blocks; the transport buffers)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close after flushing what was written (a WebSocket close code)."""
+
+    def buffered(self) -> int:
+        """Bytes written but not yet sent."""
+
+
+class _LastEncoded:
+    """UTF-8 of the text being fanned out, encoded once for all its recipients.
+
+    A publish hands the same ``str`` object to every subscriber in turn, so an identity
+    check on the last text turns N encodes into one.
+    """
+
+    text: str = ""
+    utf8: bytes = b""
+    line: bytes = b"\n"
+
+
+def utf8(text: str) -> bytes:
+    """``text.encode()``, cached for the text being fanned out."""
+    if text is not _LastEncoded.text:
+        _LastEncoded.text, _LastEncoded.utf8 = text, text.encode()
+        _LastEncoded.line = _LastEncoded.utf8 + b"\n"
+    return _LastEncoded.utf8
+
+
+def utf8_line(text: str) -> bytes:
+    """``text.encode() + b"\\n"`` (a TCP line), cached like :func:`utf8`."""
+    utf8(text)
+    return _LastEncoded.line
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Session:
+    """One client connection's chat state; created by :meth:`ChatService.open_session`."""
+
+    def __init__(self, service: ChatService, outlet: Outlet) -> None:
+        self.service = service
+        self.outlet = outlet
+        self.conn = ChatConnection(service.limits)
+        self.user: User | None = None
+        self.token_hash: str | None = None
+        self.rooms: set[str] = set()
+        self.closed = False
+        self.after_ack: list[dict[str, object]] = []
+        self.pending_upto = 0  # last pending DM sent after the login ack, to clear
+        # Commands to run, error texts to send and a final close, in arrival order.
+        self._inbox: collections.deque[Command | str | tuple[int, str]] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def nick(self) -> str | None:
+        return self.user.nick if self.user else None
+
+    # ------------------------------------------------------------------ input
+
+    def receive(self, data: str | bytes) -> None:
+        """One message from the client, as received (called by the transport).
+
+        Replies keep the order of the messages: while earlier commands are still running,
+        an error for a later message (and a flood disconnect) waits behind them.
+        """
+        if self.closed or self.conn.close_code is not None:
+            return
+        try:
+            self.conn.receive_message(data, self.service.clock())
+        except LimitExceeded as exc:
+            logger.warning("chat client %s: %s; closing", self.nick or "-", exc)
+        if self.conn.close_code is not None:
+            logger.warning("chat client %s: %s; closing", self.nick or "-", self.conn.close_reason)
+        self._inbox.extend(self.conn.messages_to_send())
+        self._inbox.extend(self.conn.events_received())
+        if self.conn.close_code is not None:
+            self._inbox.append((self.conn.close_code, self.conn.close_reason))
+        if self._worker is None and self._inbox:
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self._inbox and not self.closed:
+                item = self._inbox.popleft()
+                if isinstance(item, Command):
+                    await self.service.handle(self, item)
+                elif isinstance(item, str):
+                    self.deliver(item)
+                else:
+                    self.outlet.close(*item)
+        finally:
+            self._worker = None
+
+    # ------------------------------------------------------------------ output
+
+    def send(self, event: dict[str, object]) -> None:
+        """Send one event to this client only."""
+        self.deliver(encode(event))
+
+    def deliver(self, text: str) -> None:
+        """Fan-out hook: write ``text`` unless this client cannot keep up."""
+        if self.closed:
+            return
+        if self.outlet.buffered() > self.service.limits.max_outgoing_bytes:
+            logger.warning("chat client %s is not reading; dropping it", self.nick or "-")
+            self.outlet.close(CLOSE_POLICY, "not reading fast enough")
+            self.connection_lost()
+            return
+        self.outlet.write(text)
+
+    # ------------------------------------------------------------------ end
+
+    def connection_lost(self) -> None:
+        """The transport closed (called once by the transport; idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+        self.service.session_closed(self)
+
+
+class ChatService:
+    """Accounts, rooms, messages and presence for every connected session.
+
+    Args:
+        store: persistence (opened by the caller).
+        fanout: event delivery between sessions (and instances).
+        presence: who is connected (and on which instance does not matter).
+        limits: per-client limits.
+        timeouts: ``session_ttl`` for login tokens.
+        idle_timeout: the TCP idle timeout, announced to clients in ``hello``.
+        clock: monotonic seconds for flood control (tests pass a fake one).
+        wallclock: milliseconds since the epoch for message timestamps and expiry.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        fanout: Fanout,
+        *,
+        presence: Presence | None = None,
+        limits: ChatLimits | None = None,
+        timeouts: ChatTimeouts | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], int] = now_ms,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.store = store
+        self.fanout = fanout
+        self.presence = presence if presence is not None else LocalPresence()
+        self.limits = limits or ChatLimits()
+        self.timeouts = timeouts or ChatTimeouts()
+        self.clock = clock
+        self.wallclock = wallclock
+        self.idle_timeout = idle_timeout
+        self.sessions: set[Session] = set()
+        self.online: dict[int, set[Session]] = {}  # this instance's logged-in sessions
+        self._hasher = concurrent.futures.ThreadPoolExecutor(
+            max_workers=HASH_WORKERS, thread_name_prefix="chat-scrypt"
+        )
+        self._failures: dict[str, tuple[int, float]] = {}  # nick key -> (count, first time)
+        self._handlers: dict[str, Callable[[Session, Command], Awaitable[dict[str, object]]]] = {
+            "register": self._register,
+            "login": self._login,
+            "resume": self._resume,
+            "logout": self._logout,
+            "ping": self._ping,
+            "create": self._create,
+            "join": self._join,
+            "leave": self._leave,
+            "rooms": self._rooms,
+            "who": self._who,
+            "invite": self._invite,
+            "topic": self._topic,
+            "say": self._say,
+            "dm": self._dm,
+            "history": self._history,
+            "backfill": self._backfill,
+            "upload": self._upload,
+            "kick": self._kick,
+            "ban": self._ban,
+            "unban": self._unban,
+            "mute": self._mute,
+            "unmute": self._unmute,
+            "set_role": self._set_role,
+        }
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, outlet: Outlet) -> Session:
+        """A new connection: returns its session, after sending ``hello``."""
+        session = Session(self, outlet)
+        self.sessions.add(session)
+        hello = hello_event(self.limits)
+        # TCP clients must say something within idle_timeout: a ping every half of it.
+        hello["ping_every"] = self.idle_timeout / 2 if self.idle_timeout else None
+        session.send(hello)
+        return session
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self._go_offline(session)
+
+    def shutdown(self) -> None:
+        """Tell every client the server is going away (close code 1001)."""
+        for session in list(self.sessions):
+            session.outlet.close(CLOSE_GOING_AWAY, "server shutting down")
+
+    async def handle(self, session: Session, command: Command) -> None:
+        """Run one command and send its ``ack`` or ``error``."""
+        try:
+            result = await self._handlers[command.type](session, command)
+        except CommandError as exc:
+            session.send(
+                error_event(exc.code, exc.message, request=command.id, command=command.type)
+            )
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("chat command %s from %s failed", command.type, session.nick)
+            session.send(
+                error_event(
+                    Code.INTERNAL, "internal error", request=command.id, command=command.type
+                )
+            )
+            return
+        ack = ack_event(command)
+        ack.update(result)
+        session.send(ack)
+        events, session.after_ack = session.after_ack, []
+        for event in events:
+            session.send(event)
+        if session.pending_upto and not session.closed and session.user is not None:
+            # Written to the client: no longer pending, even if it disconnects right now
+            # (shield: the disconnect cancels this task, not the store update).
+            upto, session.pending_upto = session.pending_upto, 0
+            await asyncio.shield(self.store.clear_pending(session.user.id, upto))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _user(self, session: Session) -> User:
+        assert session.user is not None, "the proto layer lets only logged-in commands through"
+        return session.user
+
+    async def _room(self, name: str) -> Room:
+        room = await self.store.get_room(name)
+        if room is None:
+            raise CommandError(Code.NO_SUCH_ROOM, f"no room named {name!r}")
+        return room
+
+    async def _member(self, room: Room, user: User) -> Member:
+        member = await self.store.get_member(room.id, user.id)
+        if member is None:
+            raise CommandError(Code.NOT_MEMBER, f"you are not in {room.name!r}")
+        return member
+
+    async def _target(self, nick: str) -> User:
+        user = await self.store.get_user(nick)
+        if user is None:
+            raise CommandError(Code.NO_SUCH_USER, f"no user named {nick!r}")
+        return user
+
+    def _publish(self, topic: str, event: dict[str, object]) -> None:
+        self.fanout.publish(topic, encode(event))
+
+    def _user_sessions(self, user_id: int) -> set[Session]:
+        return self.online.get(user_id, set())
+
+    def _subscribe_room(self, user_id: int, room: str) -> None:
+        for s in self._user_sessions(user_id):
+            s.rooms.add(room)
+            self.fanout.subscribe(room_topic(room), s)
+
+    def _unsubscribe_room(self, user_id: int, room: str) -> None:
+        for s in self._user_sessions(user_id):
+            s.rooms.discard(room)
+            self.fanout.unsubscribe(room_topic(room), s)
+
+    def is_online(self, user_id: int) -> bool:
+        return self.presence.is_online(user_id)
+
+    # ------------------------------------------------------------------ accounts
+
+    async def _hash(self, password: str) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._hasher, auth.hash_password, password)
+
+    async def _verify(self, password: str, stored: str) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._hasher, auth.verify_password, password, stored)
+
+    def _check_attempts(self, key: str) -> None:
+        now = self.clock()
+        count, first = self._failures.get(key, (0, now))
+        if now - first >= LOGIN_WINDOW:
+            del self._failures[key]
+        elif count >= MAX_LOGIN_FAILURES:
+            wait = int(LOGIN_WINDOW - (now - first)) + 1
+            raise CommandError(
+                Code.TOO_MANY_ATTEMPTS, f"too many failed logins for this nick; retry in {wait} s"
+            )
+
+    def _failed(self, key: str) -> None:
+        now = self.clock()
+        if len(self._failures) > 100_000:  # bound the table: forget windows that have passed
+            self._failures = {k: v for k, v in self._failures.items() if now - v[1] < LOGIN_WINDOW}
+        count, first = self._failures.get(key, (0, now))
+        self._failures[key] = (count + 1, first)
+
+    def close(self) -> None:
+        """Release the hashing threads (after the listeners are closed)."""
+        self._hasher.shutdown(wait=False, cancel_futures=True)
+
+    async def _register(self, session: Session, cmd: Command) -> dict[str, object]:
+        nick = cmd.text("nick")
+        if await self.store.get_user(nick) is not None:
+            raise CommandError(Code.NICK_TAKEN, f"the nick {nick!r} is taken")
+        password_hash = await self._hash(cmd.text("password"))
+        try:
+            user = await self.store.create_user(nick, password_hash, self.wallclock())
+        except StoreConflict:
+            raise CommandError(Code.NICK_TAKEN, f"the nick {nick!r} is taken") from None
+        return await self._enter(session, user, new_token=True)
+
+    async def _login(self, session: Session, cmd: Command) -> dict[str, object]:
+        key = cmd.text("nick").lower()
+        self._check_attempts(key)
+        user = await self.store.get_user(key)
+        stored = user.password_hash if user is not None else auth.DUMMY_HASH
+        ok = await self._verify(cmd.text("password"), stored)
+        if user is None or not ok:
+            self._failed(key)
+            raise CommandError(Code.AUTH_FAILED, "wrong nick or password")
+        self._failures.pop(key, None)
+        return await self._enter(session, user, new_token=True)
+
+    async def _resume(self, session: Session, cmd: Command) -> dict[str, object]:
+        token = cmd.text("token")
+        user = await self.store.session_user(auth.token_hash(token), self.wallclock())
+        if user is None:
+            raise CommandError(Code.BAD_TOKEN, "the session token is unknown or expired")
+        session.token_hash = auth.token_hash(token)
+        return await self._enter(session, user, new_token=False)
+
+    async def _enter(self, session: Session, user: User, *, new_token: bool) -> dict[str, object]:
+        if session.conn.state is not State.UNAUTHENTICATED:  # logged in by a racing command
+            raise CommandError(Code.ALREADY_AUTHENTICATED, "already logged in")
+        result: dict[str, object] = {"nick": user.nick}
+        if new_token:
+            token = auth.new_token()
+            now = self.wallclock()
+            expires = now + int(self.timeouts.session_ttl * 1000)
+            await self.store.create_session(auth.token_hash(token), user.id, expires, now)
+            session.token_hash = auth.token_hash(token)
+            result.update(token=token, expires=expires)
+        rooms = await self.store.user_rooms(user.id)
+        if session.closed:
+            return result
+        session.conn.authenticate(user.nick)
+        session.user = user
+        first = self.presence.connect(user.id)
+        self.online.setdefault(user.id, set()).add(session)
+        self.fanout.subscribe(user_topic(user.id), session)
+        for room in rooms:
+            session.rooms.add(room)
+            self.fanout.subscribe(room_topic(room), session)
+            if first:
+                self._publish(
+                    room_topic(room),
+                    {"type": "presence", "room": room, "nick": user.nick, "state": "online"},
+                )
+        result["rooms"] = rooms
+        result["last_id"] = await self.store.last_message_id()
+        # Sent after the ack: the DMs that waited for this login. They stop being pending
+        # only once written (handle() clears them), so a drop during login loses none.
+        for message in await self.store.pending(user.id):
+            session.after_ack.append({"type": "dm", "message": message.to_json(), "pending": True})
+            session.pending_upto = message.id
+        return result
+
+    def _go_offline(self, session: Session) -> None:
+        user = session.user
+        if user is None:
+            return
+        self.fanout.unsubscribe(user_topic(user.id), session)
+        for room in session.rooms:
+            self.fanout.unsubscribe(room_topic(room), session)
+        sessions = self.online.get(user.id)
+        if sessions is not None and session in sessions:
+            sessions.discard(session)
+            if not sessions:
+                del self.online[user.id]
+            if self.presence.disconnect(user.id):
+                for room in session.rooms:
+                    self._publish(
+                        room_topic(room),
+                        {"type": "presence", "room": room, "nick": user.nick, "state": "offline"},
+                    )
+        session.rooms = set()
+
+    async def _logout(self, session: Session, cmd: Command) -> dict[str, object]:
+        if session.token_hash is not None:
+            await self.store.delete_session(session.token_hash)
+        self._go_offline(session)
+        session.user = None
+        session.token_hash = None
+        session.conn.deauthenticate()
+        return {}
+
+    async def _ping(self, session: Session, cmd: Command) -> dict[str, object]:
+        return {"time": self.wallclock()}
+
+    # ------------------------------------------------------------------ rooms
+
+    def _room_json(self, room: Room, role: Role | None = None) -> dict[str, object]:
+        out: dict[str, object] = {
+            "name": room.name,
+            "visibility": room.visibility,
+            "topic": room.topic,
+        }
+        if role is not None:
+            out["role"] = role
+        return out
+
+    async def _create(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        visibility: Visibility = "invite" if cmd.opt_text("visibility") == "invite" else "public"
+        name = cmd.text("room")
+        try:
+            room = await self.store.create_room(
+                name, visibility, cmd.opt_text("topic") or "", user.id, self.wallclock()
+            )
+        except StoreConflict:
+            raise CommandError(Code.ROOM_EXISTS, f"a room named {name!r} exists") from None
+        self._subscribe_room(user.id, room.name)
+        return {"room": self._room_json(room, "owner")}
+
+    async def _join(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room = await self._room(cmd.text("room"))
+        member = await self.store.get_member(room.id, user.id)
+        if member is None:
+            if await self.store.is_banned(room.id, user.id):
+                raise CommandError(Code.BANNED, f"you are banned from {room.name!r}")
+            if room.visibility == "invite" and not await self.store.has_invite(room.id, user.id):
+                raise CommandError(Code.INVITE_ONLY, f"{room.name!r} is invite-only")
+            await self.store.add_member(room.id, user.id, "member", self.wallclock())
+            self._publish(
+                room_topic(room.name),
+                {"type": "presence", "room": room.name, "nick": user.nick, "state": "join"},
+            )
+        self._subscribe_room(user.id, room.name)
+        return {"room": self._room_json(room, member.role if member else "member")}
+
+    async def _leave(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room = await self._room(cmd.text("room"))
+        if not await self.store.remove_member(room.id, user.id):
+            raise CommandError(Code.NOT_MEMBER, f"you are not in {room.name!r}")
+        self._unsubscribe_room(user.id, room.name)
+        self._publish(
+            room_topic(room.name),
+            {"type": "presence", "room": room.name, "nick": user.nick, "state": "leave"},
+        )
+        return {"room": room.name}
+
+    async def _rooms(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        summaries = await self.store.list_rooms(user.id)
+        return {
+            "rooms": [
+                {
+                    **self._room_json(s.room, s.role),
+                    "members": s.members,
+                    "joined": s.role is not None,
+                }
+                for s in summaries
+            ]
+        }
+
+    async def _visible(self, room: Room, user: User) -> None:
+        """Reading a room: public rooms to anyone not banned, invite-only to members."""
+        if await self.store.is_banned(room.id, user.id):
+            raise CommandError(Code.BANNED, f"you are banned from {room.name!r}")
+        if room.visibility == "invite":
+            await self._member(room, user)
+
+    async def _who(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room = await self._room(cmd.text("room"))
+        await self._visible(room, user)
+        now = self.wallclock()
+        members = await self.store.members(room.id)
+        return {
+            "room": room.name,
+            "topic": room.topic,
+            "members": [
+                {
+                    "nick": m.nick,
+                    "role": m.role,
+                    "online": self.is_online(m.user_id),
+                    "muted": m.muted_until is not None and m.muted_until > now,
+                }
+                for m in members
+            ],
+        }
+
+    async def _invite(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room = await self._room(cmd.text("room"))
+        await self._member(room, user)
+        target = await self._target(cmd.text("nick"))
+        if await self.store.is_banned(room.id, target.id):
+            raise CommandError(Code.BANNED, f"{target.nick} is banned from {room.name!r}")
+        await self.store.add_invite(room.id, target.id, user.id, self.wallclock())
+        self._publish(
+            user_topic(target.id),
+            {"type": "invited", "room": room.name, "by": user.nick, "topic": room.topic},
+        )
+        return {"room": room.name, "nick": target.nick}
+
+    async def _topic(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room = await self._room(cmd.text("room"))
+        member = await self._member(room, user)
+        if ROLE_RANK[member.role] < ROLE_RANK["moderator"]:
+            raise CommandError(Code.FORBIDDEN, "only moderators and the owner set the topic")
+        topic = cmd.text("topic")
+        await self.store.set_topic(room.id, topic)
+        self._publish(
+            room_topic(room.name),
+            {"type": "topic", "room": room.name, "topic": topic, "by": user.nick},
+        )
+        return {"room": room.name, "topic": topic}
+
+    # ------------------------------------------------------------------ messages
+
+    async def _file(self, cmd: Command) -> FileInfo | None:
+        file_hash = cmd.opt_text("file")
+        if file_hash is None:
+            return None
+        info = await self.store.file_info(file_hash)
+        if info is None:
+            raise CommandError(Code.NO_SUCH_FILE, "upload the file first")
+        return info
+
+    async def _say(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room = await self._room(cmd.text("room"))
+        member = await self._member(room, user)
+        now = self.wallclock()
+        if member.muted_until is not None and member.muted_until > now:
+            until = "" if member.muted_until >= MUTE_FOREVER else f" until {member.muted_until}"
+            raise CommandError(Code.MUTED, f"you are muted in {room.name!r}{until}")
+        file = await self._file(cmd)
+        message = await self.store.add_message(
+            sender=user, text=cmd.text("text"), now=now, room=room, file=file
+        )
+        body = message.to_json()
+        self._publish(room_topic(room.name), {"type": "message", "message": body})
+        return {"message": body}
+
+    async def _dm(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        target = await self._target(cmd.text("to"))
+        file = await self._file(cmd)
+        offline = not self.is_online(target.id)
+        message = await self.store.add_message(
+            sender=user,
+            text=cmd.text("text"),
+            now=self.wallclock(),
+            recipient=target,
+            file=file,
+            pending=offline,
+        )
+        event = encode({"type": "dm", "message": message.to_json()})
+        if not offline:
+            self.fanout.publish(user_topic(target.id), event)
+        if target.id != user.id:
+            self.fanout.publish(user_topic(user.id), event)
+        return {"message": message.to_json(), "delivered": not offline}
+
+    async def _history(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        limit = cmd.number("limit") or DEFAULT_PAGE
+        before = cmd.number("before")
+        # One more than asked tells whether older messages exist.
+        room_name = cmd.opt_text("room")
+        if room_name is not None:
+            room = await self._room(room_name)
+            await self._visible(room, user)
+            messages = await self.store.room_history(room, before, limit + 1)
+            where: dict[str, object] = {"room": room.name}
+        else:
+            other = await self._target(cmd.text("with"))
+            messages = await self.store.dm_history(user, other, before, limit + 1)
+            where = {"with": other.nick}
+        more = len(messages) > limit
+        page = messages[1:] if more else messages
+        return {**where, "messages": [m.to_json() for m in page], "more": more}
+
+    async def _backfill(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        limit = cmd.number("limit") or DEFAULT_PAGE
+        messages = await self.store.backfill(user.id, cmd.number("since") or 0, limit + 1)
+        more = len(messages) > limit
+        page = messages[:limit]
+        return {"messages": [m.to_json() for m in page], "more": more}
+
+    async def _upload(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        data = cmd.blob("data")
+        mime = cmd.opt_text("mime") or "application/octet-stream"
+        info = FileInfo(hashlib.sha256(data).hexdigest(), cmd.text("name"), len(data), mime)
+        existing = await self.store.file_info(info.hash)
+        if existing is None:
+            await self.store.put_file(info, data, user.id, self.wallclock())
+        return {"file": file_json(existing or info)}
+
+    # ------------------------------------------------------------------ moderation
+
+    async def _authority(self, cmd: Command, user: User) -> tuple[Room, Member, User, Role]:
+        """The room, the actor (moderator or owner), the target and the target's role."""
+        room = await self._room(cmd.text("room"))
+        actor = await self._member(room, user)
+        if ROLE_RANK[actor.role] < ROLE_RANK["moderator"]:
+            raise CommandError(Code.FORBIDDEN, f"you are not a moderator of {room.name!r}")
+        target = await self._target(cmd.text("nick"))
+        if target.id == user.id:
+            raise CommandError(Code.FORBIDDEN, "you cannot do that to yourself")
+        target_member = await self.store.get_member(room.id, target.id)
+        role: Role = target_member.role if target_member else "member"
+        if ROLE_RANK[role] >= ROLE_RANK[actor.role]:
+            raise CommandError(Code.FORBIDDEN, f"{target.nick} is a {role} of {room.name!r}")
+        return room, actor, target, role
+
+    def _remove_from_room(self, room: Room, target: User, event: dict[str, object]) -> None:
+        # The room hears it (the target too, still subscribed), then the target is cut off.
+        self._publish(room_topic(room.name), event)
+        self._unsubscribe_room(target.id, room.name)
+
+    async def _kick(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room, _, target, _ = await self._authority(cmd, user)
+        if not await self.store.remove_member(room.id, target.id):
+            raise CommandError(Code.NOT_MEMBER, f"{target.nick} is not in {room.name!r}")
+        reason = cmd.opt_text("reason") or ""
+        self._remove_from_room(
+            room,
+            target,
+            {
+                "type": "kicked",
+                "room": room.name,
+                "nick": target.nick,
+                "by": user.nick,
+                "reason": reason,
+            },
+        )
+        return {"room": room.name, "nick": target.nick}
+
+    async def _ban(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room, _, target, _ = await self._authority(cmd, user)
+        reason = cmd.opt_text("reason") or ""
+        await self.store.add_ban(room.id, target.id, user.id, reason, self.wallclock())
+        was_member = await self.store.remove_member(room.id, target.id)
+        event: dict[str, object] = {
+            "type": "banned",
+            "room": room.name,
+            "nick": target.nick,
+            "by": user.nick,
+            "reason": reason,
+        }
+        if was_member:
+            self._remove_from_room(room, target, event)
+        return {"room": room.name, "nick": target.nick}
+
+    async def _unban(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room, _, target, _ = await self._authority(cmd, user)
+        if not await self.store.remove_ban(room.id, target.id):
+            raise CommandError(Code.BAD_VALUE, f"{target.nick} is not banned from {room.name!r}")
+        return {"room": room.name, "nick": target.nick}
+
+    async def _mute(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room, _, target, _ = await self._authority(cmd, user)
+        if await self.store.get_member(room.id, target.id) is None:
+            raise CommandError(Code.NOT_MEMBER, f"{target.nick} is not in {room.name!r}")
+        seconds = cmd.number("seconds")
+        until = self.wallclock() + seconds * 1000 if seconds else MUTE_FOREVER
+        await self.store.set_mute(room.id, target.id, until)
+        self._publish(
+            room_topic(room.name),
+            {
+                "type": "muted",
+                "room": room.name,
+                "nick": target.nick,
+                "by": user.nick,
+                "until": until if seconds else None,
+                "reason": cmd.opt_text("reason") or "",
+            },
+        )
+        return {"room": room.name, "nick": target.nick, "until": until if seconds else None}
+
+    async def _unmute(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room, _, target, _ = await self._authority(cmd, user)
+        await self.store.set_mute(room.id, target.id, None)
+        self._publish(
+            room_topic(room.name),
+            {"type": "unmuted", "room": room.name, "nick": target.nick, "by": user.nick},
+        )
+        return {"room": room.name, "nick": target.nick}
+
+    async def _set_role(self, session: Session, cmd: Command) -> dict[str, object]:
+        user = self._user(session)
+        room = await self._room(cmd.text("room"))
+        actor = await self._member(room, user)
+        if actor.role != "owner":
+            raise CommandError(Code.FORBIDDEN, f"only the owner of {room.name!r} sets roles")
+        target = await self._target(cmd.text("nick"))
+        member = await self.store.get_member(room.id, target.id)
+        if member is None:
+            raise CommandError(Code.NOT_MEMBER, f"{target.nick} is not in {room.name!r}")
+        if member.role == "owner":
+            raise CommandError(Code.FORBIDDEN, "the owner's role cannot change")
+        role: Role = "moderator" if cmd.text("role") == "moderator" else "member"
+        await self.store.set_role(room.id, target.id, role)
+        self._publish(
+            room_topic(room.name),
+            {"type": "role", "room": room.name, "nick": target.nick, "role": role, "by": user.nick},
+        )
+        return {"room": room.name, "nick": target.nick, "role": role}
+
+    # ------------------------------------------------------------------ HTTP downloads
+
+    async def download(self, token: str, file_hash: str) -> tuple[FileInfo, bytes] | None:
+        """The file for a valid session token, else ``None`` (the caller answers 404/403)."""
+        user = await self.store.session_user(auth.token_hash(token), self.wallclock())
+        if user is None:
+            raise PermissionError("bad or expired session token")
+        return await self.store.get_file(file_hash)

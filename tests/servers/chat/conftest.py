@@ -1,0 +1,3 @@
+from tests.transport.support import logs
+
+__all__ = ["logs"]
