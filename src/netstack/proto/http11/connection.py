@@ -26,7 +26,21 @@ response did not say ``Connection: close`` and the body is not close-delimited.
 
 Invariants: bytes leave only through :meth:`data_to_send`; after MUST_CLOSE or CLOSED
 nothing more is parsed; a request that asked to switch protocols pauses the parser
-until the response to it decides (101 switches, anything else resumes parsing).
+until the response to it decides (101 switches, anything else resumes parsing). After
+a 101, bytes given to :meth:`receive_data` are held raw for
+:meth:`switched_protocol_data`, never parsed.
+
+Errors: a :class:`~netstack.errors.RemoteProtocolError` from :meth:`receive_data` or
+:meth:`receive_eof` leaves the connection CLOSED (its reply is the caller's to write). A
+:class:`~netstack.errors.LocalProtocolError` from a ``send*`` method changes nothing, so
+the caller may still send another response (a 500 or 502) instead.
+
+Bytes held behind an upgrade request are parsed when the response to it ends: if they
+are malformed, the connection is CLOSED after that response (nothing is raised from a
+``send*`` method for the peer's fault).
+
+CONNECT: the server role never opens a tunnel; any final response to a CONNECT request
+resumes parsing, as if refused (a 2xx would be wrong: send 101 only to an Upgrade).
 
 The caller (a server) must call :meth:`events_received` again after it finishes each
 response: requests held behind an upgrade request may have become available without
@@ -39,7 +53,7 @@ import enum
 from collections import deque
 
 from netstack.config import HTTPLimits
-from netstack.errors import LocalProtocolError
+from netstack.errors import LocalProtocolError, RemoteProtocolError
 from netstack.proto.http11.events import (
     ConnectionClosed,
     Data,
@@ -50,7 +64,7 @@ from netstack.proto.http11.events import (
     Request,
     Response,
 )
-from netstack.proto.http11.parse import RequestParser, make_parser
+from netstack.proto.http11.parse import RequestParser, connection_tokens, make_parser
 from netstack.proto.http11.write import (
     LAST_CHUNK,
     encode_chunk,
@@ -83,14 +97,17 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _FRAMING_HEADERS = frozenset({b"content-length", b"connection", b"transfer-encoding"})
 
 # Serialised, checked header blocks with their framing facts, keyed by the header list.
-# Servers send the same few header sets again and again; bounded, never evicted.
+# Servers send the same few header sets again and again. Bounded: emptied when full (so
+# that a stream of one-off header sets cannot freeze it full of stale ones), and big
+# blocks are never kept.
 _HEAD_CACHE: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, int | None, bool, bool]] = {}
 _HEAD_CACHE_SIZE = 512
+_HEAD_CACHE_MAX_BLOCK = 2048
 
 
 def _analyse(headers: Headers) -> tuple[bytes, int | None, bool, bool]:
     """Check and serialise ``headers``; return (block, Content-Length, has Connection,
-    asks to close).
+    Connection has the ``close`` token).
 
     Raises:
         LocalProtocolError: a bad name or value, a malformed or repeated Content-Length,
@@ -108,7 +125,7 @@ def _analyse(headers: Headers) -> tuple[bytes, int | None, bool, bool]:
             length = int(value)
         elif name == b"connection":
             has_connection = True
-            if b"close" in value.lower():
+            if b"close" in connection_tokens(value):
                 close = True
         else:
             raise LocalProtocolError("the server sets Transfer-Encoding itself")
@@ -159,7 +176,11 @@ class HTTPConnection:
         state = self.our_state
         if state is State.MUST_CLOSE or state is State.CLOSED:
             return
-        self._parser.feed(data)
+        try:
+            self._parser.feed(data)
+        except RemoteProtocolError:
+            self.close()
+            raise
 
     def receive_eof(self) -> None:
         """The peer closed its sending side.
@@ -170,9 +191,15 @@ class HTTPConnection:
         if self.their_eof:
             return
         self.their_eof = True
-        if self.our_state is State.CLOSED:
+        state = self.our_state
+        if state is State.CLOSED:
             return
-        self._parser.feed_eof()
+        if state is not State.MUST_CLOSE:  # else what follows the last request is ignored
+            try:
+                self._parser.feed_eof()
+            except RemoteProtocolError:
+                self.close()
+                raise
         self._events.append(ConnectionClosed())
 
     def events_received(self) -> list[Event]:
@@ -231,13 +258,9 @@ class HTTPConnection:
             trusted: extra header lines, already serialised and checked by the caller
                 (a server's ``Date`` and ``Server``, rebuilt once a second).
         """
-        head = self._head(status, headers, b"", trusted)
+        head = self._head(status, headers, b"", trusted, len(body))
         framing = self._framing
         if framing is Framing.LENGTH:
-            if len(body) != self._remaining:
-                raise LocalProtocolError(
-                    f"Content-Length is {self._remaining} but the body has {len(body)} bytes"
-                )
             self._to_send.append(head + body)
         elif framing is Framing.CHUNKED:
             self._to_send.append(head + encode_chunk(body) + LAST_CHUNK)
@@ -261,10 +284,11 @@ class HTTPConnection:
         if not 100 <= status <= 199:
             raise LocalProtocolError(f"informational status must be 1xx, got {status}")
         request = self._requests[0]
+        if status == 101 and request.upgrade is None:
+            # (check_head drops the Upgrade of an HTTP/1.0 request, RFC 9110 §7.8.)
+            raise LocalProtocolError("101 Switching Protocols answers only an Upgrade request")
         if request.http_version == b"1.0":
             return  # RFC 9110 §15.2: never send 1xx to an HTTP/1.0 client
-        if status == 101 and request.upgrade is None:
-            raise LocalProtocolError("101 Switching Protocols answers only an Upgrade request")
         self._to_send.append(status_line(status, event.reason) + encode_headers(event.headers))
         if status == 101:
             self._requests.popleft()
@@ -277,7 +301,10 @@ class HTTPConnection:
             raise LocalProtocolError("the protocol has not been switched")
         return self._parser.resume(switched=True)
 
-    def _head(self, status: int, headers: Headers, reason: bytes, trusted: bytes) -> bytes:
+    def _head(
+        self, status: int, headers: Headers, reason: bytes, trusted: bytes, body_length: int = -1
+    ) -> bytes:
+        """The response head; commits the framing and state only once nothing can fail."""
         if self.our_state is not State.IDLE:
             raise LocalProtocolError(f"cannot start a response in state {self.our_state}")
         if not self._requests:
@@ -285,19 +312,26 @@ class HTTPConnection:
         request = self._requests[0]
         if status < 200:
             raise LocalProtocolError("use InformationalResponse for 1xx statuses")
+        line = status_line(status, reason)
         key = tuple(headers)
         info = _HEAD_CACHE.get(key)
         if info is None:
             info = _analyse(headers)
-            if len(_HEAD_CACHE) < _HEAD_CACHE_SIZE:
+            if len(info[0]) <= _HEAD_CACHE_MAX_BLOCK:
+                if len(_HEAD_CACHE) >= _HEAD_CACHE_SIZE:
+                    _HEAD_CACHE.clear()
                 _HEAD_CACHE[key] = info
-        block, length, has_connection, close = info
-        close = close or not request.keep_alive
+        block, length, has_connection, asks_close = info
+        close = asks_close or not request.keep_alive
         extra = b""
         if request.method == b"HEAD" or status in _NO_BODY_STATUS:
             framing = Framing.NONE
         elif length is not None:
             framing = Framing.LENGTH
+            if body_length >= 0 and body_length != length:
+                raise LocalProtocolError(
+                    f"Content-Length is {length} but the body has {body_length} bytes"
+                )
         elif request.http_version == b"1.1":
             framing = Framing.CHUNKED
             extra = b"transfer-encoding: chunked\r\n"
@@ -306,14 +340,14 @@ class HTTPConnection:
             close = True
         if close:
             self.keep_alive = False
-            if not has_connection:
+            if not asks_close:
                 extra += b"connection: close\r\n"
         elif request.http_version == b"1.0" and not has_connection:
             extra += b"connection: keep-alive\r\n"
         self._framing = framing
         self._remaining = length or 0
         self.our_state = State.SEND_BODY
-        return status_line(status, reason) + block + trusted + extra + b"\r\n"
+        return line + block + trusted + extra + b"\r\n"
 
     def _send_response(self, response: Response) -> None:
         self._to_send.append(
@@ -376,7 +410,12 @@ class HTTPConnection:
         self.our_state = State.IDLE
         if self._parser.paused:
             # The request just answered asked to upgrade; we did not: parse what follows.
-            self._parser.resume(switched=False)
+            try:
+                self._parser.resume(switched=False)
+            except RemoteProtocolError:
+                # The held bytes are malformed. This response went out whole; the
+                # connection ends after it (a server closes when the state is not IDLE).
+                self.close()
 
     def data_to_send(self) -> list[bytes]:
         """Drain the bytes queued by :meth:`send`."""
