@@ -426,3 +426,26 @@ def test_malformed_bytes_behind_a_declined_upgrade_close_after_the_response(
     conn.send_response(200, CL, b"hello")
     assert sent(conn).endswith(b"hello")
     assert conn.our_state is State.CLOSED
+
+
+def test_send_body_elsewhere(parser: str) -> None:
+    conn = server(parser)
+    assert not conn.sending_body
+    with pytest.raises(LocalProtocolError):
+        conn.send_body_elsewhere(1)  # no response yet
+    conn.send(Response(200, CL))
+    assert conn.sending_body
+    conn.send_body_elsewhere(3)  # written by the caller (sendfile)
+    for count in (-1, 3):
+        with pytest.raises(LocalProtocolError):
+            conn.send_body_elsewhere(count)
+    conn.send(Data(b"lo"))
+    conn.send(EndOfMessage())
+    assert conn.our_state is State.IDLE
+    chunked = server(parser)
+    chunked.send(Response(200, []))
+    with pytest.raises(LocalProtocolError):
+        chunked.send_body_elsewhere(1)
+    head = server(parser, HEAD11)
+    head.send(Response(200, CL))
+    assert not head.sending_body
