@@ -51,6 +51,12 @@ def test_good_names_cache_is_bounded() -> None:
 def test_encode_request_head() -> None:
     head = write.encode_request_head(b"GET", b"/a?b", [(b"host", b"h")])
     assert head == b"GET /a?b HTTP/1.1\r\nhost: h\r\n\r\n"
+    for _ in range(2):  # checked once, then known
+        assert write.encode_request_head(b"PURGE", b"*", []) == b"PURGE * HTTP/1.1\r\n\r\n"
+    assert b"PURGE" in write._GOOD_METHODS
+    for i in range(100):
+        write.encode_request_head(b"M%d" % i, b"/", [])
+    assert len(write._GOOD_METHODS) <= 64
     for method, target in [(b"G T", b"/"), (b"GET", b""), (b"GET", b"/a b"), (b"GET", b"/\xff")]:
         with pytest.raises(LocalProtocolError):
             write.encode_request_head(method, target, [])

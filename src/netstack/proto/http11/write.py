@@ -23,6 +23,9 @@ _BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Control characters other than HTAB, CR and LF (those two are counted instead).
 _BAD_BLOCK: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _GOOD_NAMES: set[bytes] = set()
+_GOOD_METHODS: set[bytes] = {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"}
+# Control characters, space, DEL and non-ASCII cannot appear in a request-target.
+_BAD_TARGET: Final = re.compile(rb"[\x00-\x20\x7f-\xff]")
 
 _REASONS: Final = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 _STATUS_LINES: dict[tuple[int, bytes, bytes], bytes] = {}
@@ -84,9 +87,12 @@ def encode_headers(headers: Headers, trusted: bytes = b"") -> bytes:
 
 def encode_request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     """A request line and headers, as a client (the L7 balancer) sends them."""
-    if _TOKEN.fullmatch(method) is None:
-        raise LocalProtocolError(f"illegal method {method!r}")
-    if not target or re.search(rb"[\x00-\x20\x7f-\xff]", target):
+    if method not in _GOOD_METHODS:
+        if _TOKEN.fullmatch(method) is None:
+            raise LocalProtocolError(f"illegal method {method!r}")
+        if len(_GOOD_METHODS) < 64:  # bounded: methods come from clients
+            _GOOD_METHODS.add(method)
+    if not target or _BAD_TARGET.search(target) is not None:
         raise LocalProtocolError(f"illegal request target {target!r}")
     return b"%s %s HTTP/1.1\r\n%s" % (method, target, encode_headers(headers))
 
