@@ -35,3 +35,26 @@ def test_core_import_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_http11_public_names() -> None:
+    import netstack.proto.http11 as http11
+
+    assert sorted(http11.__all__) == [
+        "END_OF_MESSAGE",
+        "ClientState",
+        "ConnectionClosed",
+        "Data",
+        "EndOfMessage",
+        "Event",
+        "Framing",
+        "HTTPClientConnection",
+        "HTTPConnection",
+        "Headers",
+        "InformationalResponse",
+        "Request",
+        "Response",
+        "State",
+    ]
+    for name in http11.__all__:
+        assert hasattr(http11, name)

@@ -20,9 +20,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from netstack.config import HTTPLimits
 from netstack.errors import LocalProtocolError, RemoteProtocolError
 from netstack.proto.http11 import (
+    ClientState,
     ConnectionClosed,
     Data,
     EndOfMessage,
+    HTTPClientConnection,
     HTTPConnection,
     InformationalResponse,
     Request,
@@ -197,3 +199,148 @@ def test_encode_then_parse_is_identity(
         encode_request_head(method, target, all_headers)
     )
     assert events == [Request(method, target, all_headers), EndOfMessage()]
+
+
+# ------------------------------------------------------------------ client role
+
+RESPONSE_PIECES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"2\r\nab\r\n",
+    b"0\r\n\r\n",
+    b"0\r\nT: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\nConnection: upgrade\r\n\r\n",
+    b"abc",
+    b"\r\n",
+]
+# Pieces only, no random bytes: on arbitrary garbage the two parsers may fail at
+# different points (llhttp at the first bad byte, h11 at the end of the line), or
+# differ where test_parsers.KNOWN_DIFFERENCES says.
+response_stream = st.lists(st.sampled_from(RESPONSE_PIECES), min_size=1, max_size=3).map(b"".join)
+CLIENT_REQUESTS = [
+    Request(b"GET", b"/", [(b"host", b"b")]),
+    Request(b"HEAD", b"/", [(b"host", b"b")]),
+    Request(b"POST", b"/", [(b"host", b"b")], content_length=2),
+    Request(b"POST", b"/", [(b"host", b"b")], chunked=True),
+    Request(b"GET", b"/", [(b"host", b"b"), (b"connection", b"upgrade"), (b"upgrade", b"ws")]),
+    Request(b"GET", b"/", [(b"host", b"b")], keep_alive=False),
+    Request(b"GET", b"/", []),  # no Host: refused
+]
+
+
+def _merged(events: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for event in events:
+        if isinstance(event, Data) and out and isinstance(out[-1], Data):
+            out[-1] = Data(out[-1].data + event.data)
+        else:
+            out.append(event)
+    return out
+
+
+class ClientMachine(RuleBasedStateMachine):
+    """Both parsers in lock-step: the same outcome for every step (h11 is the
+    reference), and the usual rules: a RemoteProtocolError ends CLOSED, a
+    LocalProtocolError changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conns = [HTTPClientConnection(SMALL, p) for p in PARSERS]
+        self.failed = [False, False]
+        self.compare = True
+
+    def _step(self, action: Any) -> None:
+        outcomes = []
+        for conn in self.conns:
+            before = (conn.our_state, conn.their_state)
+            error: type[Exception] | None = None
+            try:
+                action(conn)
+            except RemoteProtocolError:
+                error = RemoteProtocolError
+                assert conn.their_state is ClientState.CLOSED
+            except LocalProtocolError:
+                error = LocalProtocolError
+                assert (conn.our_state, conn.their_state) == before
+            outcomes.append(
+                (
+                    error,
+                    conn.our_state,
+                    conn.their_state,
+                    _merged(conn.events_received()),
+                    b"".join(conn.data_to_send()),
+                )
+            )
+        if any(self.failed) or not self.compare:
+            return  # (see teardown)
+        errors = [o[0] is RemoteProtocolError for o in outcomes]
+        if errors[0] != errors[1]:
+            # Malformed input found by one parser before the other (llhttp rejects at
+            # the first bad byte, h11 at the end of a line): the other must follow.
+            self.failed = errors
+            return
+        if errors[0]:
+            # Both failed: the events parsed before the failure may differ (a leading
+            # empty line is skipped by llhttp, refused by h11); they are discarded.
+            outcomes = [o[:3] for o in outcomes]
+        assert outcomes[0] == outcomes[1]
+
+    def teardown(self) -> None:
+        if any(self.failed) and self.compare:
+            laggard = self.conns[self.failed.index(False)]
+            if laggard.their_state is not ClientState.CLOSED:
+                with pytest.raises(RemoteProtocolError):
+                    laggard.receive_eof()
+
+    @rule(request=st.sampled_from(CLIENT_REQUESTS))
+    def request(self, request: Request) -> None:
+        self._step(lambda c: c.send(request))
+
+    @rule(data=st.sampled_from([b"", b"x", b"xy", b"xyz"]))
+    def body(self, data: bytes) -> None:
+        self._step(lambda c: c.send(Data(data)))
+
+    @rule()
+    def end(self) -> None:
+        self._step(lambda c: c.send(EndOfMessage()))
+
+    @rule(data=response_stream)
+    def receive(self, data: bytes) -> None:
+        self._step(lambda c: c.receive_data(data))
+
+    @rule()
+    def eof(self) -> None:
+        self._step(lambda c: c.receive_eof())
+
+    @rule(data=st.binary(min_size=1, max_size=8))
+    def garbage(self, data: bytes) -> None:
+        # Anything at all: each connection stays valid or raises, but the two may
+        # legitimately part ways from here (see response_stream).
+        self.compare = False
+        self._step(lambda c: c.receive_data(data))
+
+    @rule()
+    def switched(self) -> None:
+        self._step(lambda c: c.switched_protocol_data())
+
+    @invariant()
+    def reusable_means_idle(self) -> None:
+        for conn in self.conns:
+            assert conn.reusable is (
+                conn.our_state is ClientState.IDLE and conn.their_state is ClientState.IDLE
+            )
+
+
+TestClientMachine = ClientMachine.TestCase
+TestClientMachine.settings = settings(
+    max_examples=300,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)

@@ -344,6 +344,8 @@ class LLHTTPResponseParser:
         self._events.append(Data(body))
 
     def on_message_complete(self) -> None:
+        if self._head_only:
+            return  # ended at the final head already (llhttp completes a 204/304 itself)
         if self._parser.get_status_code() < 200:
             self._in_head = True  # a 1xx: the final response follows (or a 101 switched)
             return
