@@ -41,10 +41,10 @@ def test_http11_public_names() -> None:
     import netstack.proto.http11 as http11
 
     assert sorted(http11.__all__) == [
-        "END_OF_MESSAGE",
         "ClientState",
         "ConnectionClosed",
         "Data",
+        "END_OF_MESSAGE",
         "EndOfMessage",
         "Event",
         "Framing",
