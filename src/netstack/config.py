@@ -1099,9 +1099,7 @@ class BalancerQuickConfig:
     """``netstack balance`` quick form: one frontend, one pool, from flags/env/flat TOML."""
 
     listen: str = field(default="127.0.0.1:8080", metadata=_help("HOST:PORT to accept on"))
-    backend: tuple[str, ...] = field(
-        default=(), metadata={"help": "backend HOST:PORT (repeat the flag)", "multiple": True}
-    )
+    backend: tuple[str, ...] = field(default=(), metadata=_help("backend HOST:PORT"))
     mode: BalanceMode = field(default="tcp", metadata=_help("tcp, udp or http"))
     algorithm: Algorithm = field(default="round_robin", metadata=_help("balancing algorithm"))
     hash_key: str = field(
