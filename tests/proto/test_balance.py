@@ -337,7 +337,7 @@ def test_passive_ejection_with_exponential_backoff() -> None:
     pool.report_failure(b0, 1.0, reason="connect error")
     assert (b0.state, b0.ejected_until, b0.ejections) == (State.EJECTED, 11.0, 1)
     [event] = pool.events_received()
-    assert event.reason == "2 consecutive connect errors; out 10s"
+    assert event.reason == "2 consecutive failures, last: connect error; out 10s"
     assert pool.next_wakeup == 11.0
     pool.report_failure(b0, 2.0)  # while ejected: counted, no state change
     assert b0.failures == 4

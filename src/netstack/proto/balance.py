@@ -479,7 +479,10 @@ class Pool:
         backend.ramp_until = 0.0
         self._timer = min(self._timer, now + period)
         self._changed(
-            backend, old, f"{self.health.max_fails} consecutive {reason}s; out {period:g}s", now
+            backend,
+            old,
+            f"{self.health.max_fails} consecutive failures, last: {reason}; out {period:g}s",
+            now,
         )
 
     def report_success(self, backend: Backend) -> None:

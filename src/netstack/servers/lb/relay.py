@@ -1,0 +1,294 @@
+"""The L4 TCP relay: one client connection spliced to one backend connection.
+
+Two ``asyncio.Protocol`` objects write straight into each other's transport; the hot path
+is one ``transport.write(data)`` per read and one flag set for the idle sweep. Backpressure
+runs both ways: a side whose write buffer passes ``relay_buffer_bytes`` pauses reading on the
+other side until it drains. EOF is relayed as a half-close (``write_eof``) and the pair
+closes once both directions have ended.
+
+Failover: until the first backend byte reaches the client, the client's bytes are kept (at
+most ``REPLAY_MAX_BYTES``). A backend that refuses, times out, or closes or resets before
+answering is reported to the pool (passive health) and the next backend gets the same bytes.
+A backend closing cleanly after the client half-closed is a normal end of a one-way
+exchange, not a failure. Once the backend answered, a failure simply closes the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from netstack.errors import NoBackendAvailable
+from netstack.proto.balance import Backend, Pool
+
+if TYPE_CHECKING:
+    from netstack.servers.lb.server import Balancer, FrontendState
+
+logger = logging.getLogger(__name__)
+
+# Enough for any protocol's first request (HTTP headers, a TLS ClientHello, a Redis or SQL
+# command); beyond it the client is streaming and a replay would be wrong anyway.
+REPLAY_MAX_BYTES: Final = 64 * 1024
+
+
+class ClientConnection(asyncio.Protocol):
+    """The client side of a relay; owns the backend side and the failover loop."""
+
+    transport: asyncio.Transport
+
+    def __init__(self, state: FrontendState) -> None:
+        self.state = state
+        self.balancer: Balancer = state.balancer
+        self.pool: Pool = state.pool
+        self.backend: Backend | None = None
+        self.backend_side: BackendConnection | None = None
+        self.backend_transport: asyncio.Transport | None = None
+        self.early = True  # no backend byte has reached the client yet
+        self.kept: list[bytes] = []  # client bytes kept for a replay while early
+        self.kept_bytes = 0
+        self.replayable = True  # kept holds every byte the client sent
+        self.client_eof = False
+        self.backend_eof = False
+        self.closed = False
+        self.rx = False  # data moved since the last idle sweep
+        self.silent = 0
+        self.tried: set[Backend] = set()
+        self.peer: Any = None
+        self._connect_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ client events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.peer = transport.get_extra_info("peername")
+        if not self.balancer.admit(self):
+            self.closed = True
+            self.transport.abort()
+            return
+        high = self.balancer.cfg.limits.relay_buffer_bytes
+        self.transport.set_write_buffer_limits(high=high, low=high // 4)
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        self.rx = True
+        if self.early:
+            self._early_data(data)
+        else:
+            self.backend_transport.write(data)  # type: ignore[union-attr]  # set once not early
+
+    def _early_data(self, data: bytes) -> None:
+        bt = self.backend_transport
+        if bt is not None:
+            bt.write(data)
+            if self.replayable:
+                self.kept_bytes += len(data)
+                if self.kept_bytes > REPLAY_MAX_BYTES:
+                    self.replayable = False  # streaming now: a replay would be wrong
+                    self.kept.clear()
+                else:
+                    self.kept.append(data)
+            return
+        # Connecting (or failing over): hold the bytes, and stop reading at the replay cap.
+        self.kept.append(data)
+        self.kept_bytes += len(data)
+        if self.kept_bytes >= REPLAY_MAX_BYTES:
+            self.replayable = self.kept_bytes <= REPLAY_MAX_BYTES
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        bt = self.backend_transport
+        if bt is not None and not bt.is_closing():
+            bt.write_eof()
+        if self.backend_eof:
+            self.close()
+        return True  # keep the client transport open to relay the backend's answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        self.closed = True
+        bt = self.backend_transport
+        if bt is not None and not bt.is_closing():
+            bt.close()  # flushes what the client sent before leaving
+        self._finish()
+
+    def pause_writing(self) -> None:
+        bt = self.backend_transport
+        if bt is not None and not bt.is_closing():
+            bt.pause_reading()
+
+    def resume_writing(self) -> None:
+        bt = self.backend_transport
+        if bt is not None and not bt.is_closing():
+            bt.resume_reading()
+
+    # ------------------------------------------------------------------ backend side
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        balancer = self.balancer
+        pool = self.pool
+        timeout = self.state.pool_cfg.timeouts.connect_timeout
+        key = None
+        if pool.algorithm == "consistent_hash" and self.peer:
+            key = str(self.peer[0])
+        while True:
+            try:
+                backend = pool.acquire(loop.time(), key=key, exclude=self.tried)
+            except NoBackendAvailable as exc:
+                balancer.no_backend(self, exc)
+                self.close()
+                return
+            self.tried.add(backend)
+            self.backend = backend  # ours to release: failure below, failover or _finish
+            side = BackendConnection(self)
+            try:
+                async with asyncio.timeout(timeout):
+                    await loop.create_connection(side.itself, backend.host, backend.port)
+            except TimeoutError:
+                reason = "connect timeout"
+            except OSError as exc:
+                reason = f"connect error ({exc.strerror or exc})"
+            else:
+                return  # attached in connection_made, before any backend byte could arrive
+            if self.backend_side is side:  # made, then timed out before we resumed
+                self.backend_side = None
+                self.backend_transport = None
+            if self.backend is backend:
+                self.backend = None
+                pool.release(backend)
+            if self.closed:
+                return
+            balancer.backend_failed(pool, backend, reason, self)
+
+    def attach(self, side: BackendConnection, bt: asyncio.Transport) -> None:
+        """The backend connection is made: send what the client sent so far."""
+        if self.closed or self.backend is None:
+            bt.close()  # the client left while we connected (and released the backend)
+            return
+        self.pool.report_success(self.backend)
+        self.backend_side = side
+        self.backend_transport = bt
+        self.backend_eof = False
+        high = self.balancer.cfg.limits.relay_buffer_bytes
+        bt.set_write_buffer_limits(high=high, low=high // 4)
+        kept = self.kept
+        if kept:
+            bt.write(b"".join(kept) if len(kept) > 1 else kept[0])
+            if not self.replayable:
+                kept.clear()
+        if self.client_eof:
+            bt.write_eof()
+        elif not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def backend_data(self, data: bytes) -> None:
+        if self.early:
+            self.early = False
+            self.kept = []
+        self.rx = True
+        self.transport.write(data)
+
+    def backend_eof_received(self) -> None:
+        self.backend_eof = True
+        if self.early and self._can_fail_over(None):
+            bt = self.backend_transport
+            if bt is not None:
+                bt.close()  # connection_lost follows and fails over
+            return
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+        if self.client_eof:
+            self.close()
+
+    def backend_lost(self, side: BackendConnection, exc: Exception | None) -> None:
+        if side is not self.backend_side:
+            return
+        self.backend_side = None
+        self.backend_transport = None
+        backend = self.backend
+        if self.closed or backend is None:
+            return  # the client side ended first and released the backend
+        if self.early and self._can_fail_over(exc):
+            self.pool.release(backend)
+            self.backend = None
+            reason = f"closed before answering ({exc or 'eof'})"
+            self.balancer.backend_failed(self.pool, backend, reason, self)
+            self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+            return
+        self.close()
+
+    def _can_fail_over(self, exc: Exception | None) -> bool:
+        if not self.replayable:
+            return False
+        return exc is not None or not self.client_eof
+
+    # ------------------------------------------------------------------ ending
+
+    def close(self) -> None:
+        """Close both sides after flushing what each has buffered."""
+        if not self.transport.is_closing():
+            self.transport.close()
+        bt = self.backend_transport
+        if bt is not None and not bt.is_closing():
+            bt.close()
+
+    def abort(self) -> None:
+        """Drop both sides now (shutdown past its drain timeout)."""
+        self.transport.abort()
+        bt = self.backend_transport
+        if bt is not None:
+            bt.abort()
+
+    def _finish(self) -> None:
+        if self.backend is not None:
+            self.pool.release(self.backend)
+            self.backend = None
+        self.balancer.forget(self)
+
+
+class BackendConnection(asyncio.Protocol):
+    """The backend side of a relay: forwards everything to its client."""
+
+    __slots__ = ("client", "transport")
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+
+    def itself(self) -> BackendConnection:
+        """The protocol factory for ``create_connection``."""
+        return self
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.client.attach(self, self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client.early:
+            client.backend_data(data)
+        else:
+            client.rx = True
+            client.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.client.backend_eof_received()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.backend_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        ct = self.client.transport
+        if not ct.is_closing():
+            ct.pause_reading()
+
+    def resume_writing(self) -> None:
+        ct = self.client.transport
+        if not ct.is_closing():
+            ct.resume_reading()
+
+
+__all__ = ["REPLAY_MAX_BYTES", "BackendConnection", "ClientConnection"]
