@@ -72,6 +72,11 @@ class HealthChecker:
         self.check = check
         self.on_events = on_events
         self.rounds = 0
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """The pool got a timed state (an ejection): recompute the next wakeup now."""
+        self._poked.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -88,9 +93,10 @@ class HealthChecker:
             if self.pool.next_wakeup is not None:
                 wake = min(wake, self.pool.next_wakeup)
             delay = wake - loop.time()
-            if delay == float("inf"):
-                delay = 3600.0
-            await asyncio.sleep(max(0.0, delay))
+            self._poked.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if delay == float("inf") else max(0.0, delay)):
+                    await self._poked.wait()
 
     async def check_once(self) -> None:
         """Probe every backend that is not disabled, concurrently; feed the results."""

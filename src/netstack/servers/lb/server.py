@@ -387,6 +387,9 @@ class Balancer:
             reason,
         )
         self.report_events(pool)
+        checker = self.checkers.get(pool.name)
+        if checker is not None and checker.pool is pool and pool.next_wakeup is not None:
+            checker.poke()
 
     # ------------------------------------------------------------------ connections
 
