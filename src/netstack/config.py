@@ -864,6 +864,7 @@ Algorithm = Literal[
 ]
 ALGORITHMS: tuple[Algorithm, ...] = typing.get_args(Algorithm)
 BalanceMode = Literal["tcp", "udp", "http"]
+ProxyVersion = Literal["none", "v1", "v2"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -999,6 +1000,10 @@ class PoolConfig:
     hash_balance: float = field(
         default=1.25, metadata=_help("consistent_hash: max load as a multiple of the mean")
     )
+    # HAProxy's send-proxy / send-proxy-v2 server options; off by default, as there.
+    send_proxy: ProxyVersion = field(
+        default="none", metadata=_help("send a PROXY protocol header to backends (TCP)")
+    )
     backends: tuple[BackendConfig, ...] = ()
     health: HealthConfig = field(default_factory=HealthConfig)
     timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
@@ -1052,6 +1057,14 @@ class FrontendConfig:
     listen: str = field(default="127.0.0.1:8080", metadata=_help("HOST:PORT to accept on"))
     mode: BalanceMode = field(default="tcp", metadata=_help("tcp, udp or http"))
     pool: str = field(default="default", metadata=_help("pool for traffic no route matches"))
+    accept_proxy: bool = field(
+        default=False, metadata=_help("read a PROXY v1/v2 header from trusted peers (TCP)")
+    )
+    # The same default as netstack serve's forwarded_allow_ips: the local host only.
+    proxy_allow_ips: str = field(
+        default="127.0.0.1,::1",
+        metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
+    )
     routes: tuple[RouteConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -1106,6 +1119,16 @@ class BalancerQuickConfig:
         default="client_ip",
         metadata=_help("consistent_hash key: client_ip, header:NAME or cookie:NAME"),
     )
+    send_proxy: ProxyVersion = field(
+        default="none", metadata=_help("send a PROXY protocol header to backends (TCP)")
+    )
+    accept_proxy: bool = field(
+        default=False, metadata=_help("read a PROXY v1/v2 header from trusted peers (TCP)")
+    )
+    proxy_allow_ips: str = field(
+        default="127.0.0.1,::1",
+        metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
+    )
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: BalancerLimits = field(default_factory=BalancerLimits)
     timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
@@ -1129,12 +1152,20 @@ class BalancerQuickConfig:
         pool = PoolConfig(
             algorithm=self.algorithm,
             hash_key=self.hash_key,
+            send_proxy=self.send_proxy,
             backends=tuple(BackendConfig(address=a) for a in self.backend),
             health=self.health,
             timeouts=self.timeouts,
         )
         return BalancerConfig(
-            frontends=(FrontendConfig(listen=self.listen, mode=self.mode),),
+            frontends=(
+                FrontendConfig(
+                    listen=self.listen,
+                    mode=self.mode,
+                    accept_proxy=self.accept_proxy,
+                    proxy_allow_ips=self.proxy_allow_ips,
+                ),
+            ),
             pools=(pool,),
             limits=self.limits,
             timeouts=self.timeouts,

@@ -265,3 +265,22 @@ def test_structural_errors(doc, message) -> None:
 def test_quick_config_validates_addresses() -> None:
     with pytest.raises(ConfigError, match="backend: expected HOST:PORT"):
         build(BalancerQuickConfig, flags={"backend": ("nope",)})
+
+
+def test_proxy_settings_in_both_forms() -> None:
+    flags = {"backend": ("h:1",), "send_proxy": "v2", "accept_proxy": True}
+    cfg = load({}, flags={**flags, "proxy_allow_ips": "10.0.0.0/8"})
+    assert cfg.pools[0].send_proxy == "v2"
+    assert (cfg.frontends[0].accept_proxy, cfg.frontends[0].proxy_allow_ips) == (
+        True,
+        "10.0.0.0/8",
+    )
+    full = parse(
+        FULL.replace("[pools.api]\n", '[pools.api]\nsend_proxy = "v1"\n').replace(
+            "[frontends.raw]\n", "[frontends.raw]\naccept_proxy = true\n"
+        )
+    )
+    assert full.pool("api").send_proxy == "v1"
+    assert full.frontends[1].accept_proxy
+    with pytest.raises(ConfigError, match=r"pools\.api\.send_proxy: must be one of none, v1, v2"):
+        parse(FULL.replace("[pools.api]\n", '[pools.api]\nsend_proxy = "v3"\n'))

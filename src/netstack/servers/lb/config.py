@@ -52,7 +52,16 @@ from netstack.errors import ConfigError
 T = TypeVar("T")
 
 GROUPS = ("limits", "timeouts", "health")
-QUICK_ONLY = ("listen", "backend", "mode", "algorithm", "hash_key")
+QUICK_ONLY = (
+    "listen",
+    "backend",
+    "mode",
+    "algorithm",
+    "hash_key",
+    "send_proxy",
+    "accept_proxy",
+    "proxy_allow_ips",
+)
 
 
 def is_full_form(doc: Mapping[str, object]) -> bool:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
-from netstack.errors import NoBackendAvailable
+from netstack.errors import NoBackendAvailable, RemoteProtocolError
 from netstack.proto.balance import Backend, Pool
 
 if TYPE_CHECKING:
@@ -55,6 +55,10 @@ class ClientConnection(asyncio.Protocol):
         self.silent = 0
         self.tried: set[Backend] = set()
         self.peer: Any = None
+        # The client as the backend should see it: the peer, or what a PROXY header said.
+        self.client: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
+        self.proxy_buffer: bytes | None = None  # reading a PROXY header while not None
         self._connect_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ client events
@@ -68,14 +72,55 @@ class ClientConnection(asyncio.Protocol):
             return
         high = self.balancer.cfg.limits.relay_buffer_bytes
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
+        peer = self.peer
+        if isinstance(peer, tuple):
+            self.client = (peer[0], peer[1])
+            sockname = transport.get_extra_info("sockname")
+            self.local = (sockname[0], sockname[1])
+        trusted = self.state.trusted
+        if trusted is not None and trusted.contains(self.client[0] if self.client else None):
+            self.proxy_buffer = b""  # connect once the header names the real client
+            return
+        self._start_connect()
+
+    def _start_connect(self) -> None:
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
 
     def data_received(self, data: bytes) -> None:
         self.rx = True
         if self.early:
-            self._early_data(data)
+            if self.proxy_buffer is not None:
+                self._proxy_data(data)
+            else:
+                self._early_data(data)
         else:
             self.backend_transport.write(data)  # type: ignore[union-attr]  # set once not early
+
+    def _proxy_data(self, data: bytes) -> None:
+        from netstack.proto import proxy_protocol
+
+        assert self.proxy_buffer is not None
+        buffer = self.proxy_buffer + data
+        try:
+            parsed = proxy_protocol.parse(buffer)
+        except RemoteProtocolError as exc:
+            logger.warning("! relay from %s: %s; closing", self.peer, exc)
+            self.proxy_buffer = None
+            self.abort()
+            return
+        if parsed is None:
+            self.proxy_buffer = buffer
+            return
+        header, used = parsed
+        self.proxy_buffer = None
+        inet = header.family in ("INET", "INET6")
+        if inet and header.src_addr is not None and header.dst_addr is not None:
+            # LOCAL, UNSPEC and UNIX headers leave the real connection endpoints in place.
+            self.client = (header.src_addr, header.src_port or 0)
+            self.local = (header.dst_addr, header.dst_port or 0)
+        self._start_connect()
+        if len(buffer) > used:
+            self._early_data(buffer[used:])
 
     def _early_data(self, data: bytes) -> None:
         bt = self.backend_transport
@@ -97,6 +142,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        if self.proxy_buffer is not None:  # the client left inside its PROXY header
+            self.proxy_buffer = None
+            self.close()
+            return False
         self.client_eof = True
         bt = self.backend_transport
         if bt is not None and not bt.is_closing():
@@ -132,8 +181,8 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         timeout = self.state.pool_cfg.timeouts.connect_timeout
         key = None
-        if pool.algorithm == "consistent_hash" and self.peer:
-            key = str(self.peer[0])
+        if pool.algorithm == "consistent_hash" and self.client:
+            key = self.client[0]
         while True:
             try:
                 backend = pool.acquire(loop.time(), key=key, exclude=self.tried)
@@ -174,6 +223,8 @@ class ClientConnection(asyncio.Protocol):
         self.backend_eof = False
         high = self.balancer.cfg.limits.relay_buffer_bytes
         bt.set_write_buffer_limits(high=high, low=high // 4)
+        if self.state.send_proxy:
+            bt.write(self._proxy_header())
         kept = self.kept
         if kept:
             bt.write(b"".join(kept) if len(kept) > 1 else kept[0])
@@ -183,6 +234,13 @@ class ClientConnection(asyncio.Protocol):
             bt.write_eof()
         elif not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def _proxy_header(self) -> bytes:
+        from netstack.proto import proxy_protocol
+
+        version: Literal[1, 2] = 1 if self.state.send_proxy == 1 else 2
+        header = proxy_protocol.for_connection(self.client, self.local, version)
+        return proxy_protocol.encode(header)
 
     def backend_data(self, data: bytes) -> None:
         if self.early:

@@ -27,6 +27,7 @@ from typing import Any, Self
 from netstack.config import BalancerConfig, FrontendConfig, PoolConfig, parse_hostport
 from netstack.errors import ConfigError, NoBackendAvailable
 from netstack.proto.balance import Backend, BackendEvent, Pool
+from netstack.proto.forwarded import TrustedPeers
 from netstack.servers.lb.health import HealthCheck, HealthChecker, check_for
 from netstack.servers.lb.relay import ClientConnection
 from netstack.servers.lb.udp import UDPFrontend
@@ -56,12 +57,27 @@ class BalancerStats:
 
 @dataclass(frozen=True)
 class FrontendState:
-    """What a frontend's new connections use; replaced as a whole on reload."""
+    """What a frontend's new connections use; replaced as a whole on reload.
+
+    Attributes:
+        trusted: peers whose PROXY header is read (``None``: accept_proxy is off).
+        send_proxy: PROXY protocol version sent to backends (0: none).
+    """
 
     balancer: Balancer
     cfg: FrontendConfig
     pool: Pool
     pool_cfg: PoolConfig
+    trusted: TrustedPeers | None = None
+    send_proxy: int = 0
+
+    @classmethod
+    def make(
+        cls, balancer: Balancer, cfg: FrontendConfig, pool: Pool, pool_cfg: PoolConfig
+    ) -> FrontendState:
+        trusted = TrustedPeers(cfg.proxy_allow_ips) if cfg.accept_proxy else None
+        send = {"none": 0, "v1": 1, "v2": 2}[pool_cfg.send_proxy]
+        return cls(balancer, cfg, pool, pool_cfg, trusted, send)
 
 
 class Listener:
@@ -323,7 +339,7 @@ class Balancer:
         started: list[Listener] = []
         try:
             for fe in cfg.frontends:
-                state = FrontendState(self, fe, pools[fe.pool], cfg.pool(fe.pool))
+                state = FrontendState.make(self, fe, pools[fe.pool], cfg.pool(fe.pool))
                 proto = "udp" if fe.mode == "udp" else "tcp"
                 listener = current.get((proto, fe.listen))
                 if listener is not None:
@@ -481,6 +497,12 @@ def _check_modes(cfg: BalancerConfig) -> None:
                 "(L7 comes with the HTTP/1.1 core); use tcp or udp",
                 field="mode",
             )
+        try:
+            TrustedPeers(fe.proxy_allow_ips)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"frontend {fe.name!r}: proxy_allow_ips: {exc}", field="proxy_allow_ips"
+            ) from None
 
 
 def _log_event(event: BackendEvent) -> None:
