@@ -98,3 +98,21 @@ def test_subprocess_smoke_with_reload_and_stop(tmp_path) -> None:
             stderr = proc.stderr.read()  # type: ignore[union-attr]
             proc.stderr.close()  # type: ignore[union-attr]
     assert "reloaded: 1 frontend(s), 1 pool(s)" in stderr
+
+
+def test_raise_nofile_goes_up_to_the_hard_limit(caplog) -> None:
+    import logging
+    import resource
+
+    caplog.set_level(logging.INFO, logger="netstack.cli")
+    from netstack.cli.balance import raise_nofile
+    from netstack.config import BalancerLimits
+    from tests.servers.lb.support import lb_config
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raise_nofile(lb_config(1, limits=BalancerLimits(max_connections=10)))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft  # enough already
+    if hard != resource.RLIM_INFINITY:
+        raise_nofile(lb_config(1, limits=BalancerLimits(max_connections=hard)))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+        assert "descriptor limit" in caplog.text

@@ -59,6 +59,30 @@ def balance(config_file: str | None, **flags: Any) -> None:
     loops.run(_serve(cfg, config_file, flags))
 
 
+def raise_nofile(cfg: BalancerConfig) -> None:
+    """Raise the soft descriptor limit toward what max_connections needs, as HAProxy does.
+
+    Each relay holds two descriptors; without this a default soft limit of 1024 turns
+    max_connections=10000 into accept() errors at about 500 connections.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return
+    need = 2 * cfg.limits.max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < need:  # INFO: the hard limit is the operator's choice, often close enough
+        logger.info(
+            "descriptor limit %d is below the %d that max_connections=%d needs",
+            want,
+            need,
+            cfg.limits.max_connections,
+        )
+
+
 async def _serve(cfg: BalancerConfig, config_file: str | None, flags: Mapping[str, Any]) -> None:
     balancer = Balancer(cfg)
     try:
@@ -66,6 +90,7 @@ async def _serve(cfg: BalancerConfig, config_file: str | None, flags: Mapping[st
     except OSError as exc:
         listens = ", ".join(f"{f.mode} {f.listen}" for f in cfg.frontends)
         raise StartupFailure(f"cannot bind {listens}: {exc.strerror or exc}") from None
+    raise_nofile(cfg)  # after binding, so that a failed start prints one line only
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[None]] = set()
 

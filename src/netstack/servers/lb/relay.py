@@ -35,6 +35,31 @@ REPLAY_MAX_BYTES: Final = 64 * 1024
 class ClientConnection(asyncio.Protocol):
     """The client side of a relay; owns the backend side and the failover loop."""
 
+    __slots__ = (
+        "_connect_task",
+        "backend",
+        "backend_eof",
+        "backend_side",
+        "backend_transport",
+        "balancer",
+        "client",
+        "client_eof",
+        "closed",
+        "early",
+        "kept",
+        "kept_bytes",
+        "local",
+        "peer",
+        "pool",
+        "proxy_buffer",
+        "replayable",
+        "rx",
+        "silent",
+        "state",
+        "transport",
+        "tried",
+    )
+
     transport: asyncio.Transport
 
     def __init__(self, state: FrontendState) -> None:
