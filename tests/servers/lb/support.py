@@ -181,3 +181,12 @@ def request(port: int, line: bytes) -> bytes:
         while chunk := sock.recv(4096):
             out += chunk
         return out
+
+
+def refused(port: int) -> bool:
+    """A connection the balancer refuses ends at once with no byte: EOF, or a reset when
+    our request was still unread in its socket."""
+    try:
+        return request(port, b"anyone?\n") == b""
+    except ConnectionResetError:
+        return True

@@ -23,6 +23,7 @@ from tests.servers.lb.support import (
     backends,
     echo_until_eof,
     lb_config,
+    refused,
     reply_line,
     request,
     sink_digest,
@@ -177,7 +178,7 @@ async def test_all_backends_down_is_a_clean_refusal(caplog) -> None:
     async with Balancer(cfg) as lb:
         port = lb.address()[1]
         for _ in range(3):
-            assert await asyncio.to_thread(request, port, b"anyone?\n") == b""
+            assert await asyncio.to_thread(refused, port)
         assert lb.stats.no_backend == 3
         await apoll_until(lambda: not lb.connections)
         # The listener still serves: a backend appearing later is used (after ejection).

@@ -37,20 +37,19 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_connect_task",
+        "_peer",
         "backend",
         "backend_eof",
         "backend_side",
         "backend_transport",
         "balancer",
-        "client",
         "client_eof",
         "closed",
         "early",
         "kept",
         "kept_bytes",
-        "local",
-        "peer",
         "pool",
+        "proxied",
         "proxy_buffer",
         "replayable",
         "rx",
@@ -79,10 +78,9 @@ class ClientConnection(asyncio.Protocol):
         self.rx = False  # data moved since the last idle sweep
         self.silent = 0
         self.tried: set[Backend] = set()
-        self.peer: Any = None
-        # The client as the backend should see it: the peer, or what a PROXY header said.
-        self.client: tuple[str, int] | None = None
-        self.local: tuple[str, int] | None = None
+        self._peer: Any = None
+        # The endpoints as a backend should see them, when a trusted PROXY header named them.
+        self.proxied: tuple[tuple[str, int], tuple[str, int]] | None = None
         self.proxy_buffer: bytes | None = None  # reading a PROXY header while not None
         self._connect_task: asyncio.Task[None] | None = None
 
@@ -90,23 +88,36 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.peer = transport.get_extra_info("peername")
         if not self.balancer.admit(self):
             self.closed = True
             self.transport.abort()
             return
         high = self.balancer.cfg.limits.relay_buffer_bytes
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
-        peer = self.peer
-        if isinstance(peer, tuple):
-            self.client = (peer[0], peer[1])
-            sockname = transport.get_extra_info("sockname")
-            self.local = (sockname[0], sockname[1])
         trusted = self.state.trusted
-        if trusted is not None and trusted.contains(self.client[0] if self.client else None):
-            self.proxy_buffer = b""  # connect once the header names the real client
-            return
+        if trusted is not None:
+            peer = self.peer
+            if trusted.contains(peer[0] if isinstance(peer, tuple) else None):
+                self.proxy_buffer = b""  # connect once the header names the real client
+                return
         self._start_connect()
+
+    @property
+    def peer(self) -> Any:
+        """The client's address, read when first needed (a syscall on uvloop)."""
+        if self._peer is None:
+            self._peer = self.transport.get_extra_info("peername")
+        return self._peer
+
+    def endpoints(self) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        """(client, address it connected to) as a backend should see them."""
+        if self.proxied is not None:
+            return self.proxied
+        peer = self.peer
+        sockname = self.transport.get_extra_info("sockname")
+        if not isinstance(peer, tuple) or not isinstance(sockname, tuple):
+            return None, None
+        return (peer[0], peer[1]), (sockname[0], sockname[1])
 
     def _start_connect(self) -> None:
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
@@ -141,8 +152,10 @@ class ClientConnection(asyncio.Protocol):
         inet = header.family in ("INET", "INET6")
         if inet and header.src_addr is not None and header.dst_addr is not None:
             # LOCAL, UNSPEC and UNIX headers leave the real connection endpoints in place.
-            self.client = (header.src_addr, header.src_port or 0)
-            self.local = (header.dst_addr, header.dst_port or 0)
+            self.proxied = (
+                (header.src_addr, header.src_port or 0),
+                (header.dst_addr, header.dst_port or 0),
+            )
         self._start_connect()
         if len(buffer) > used:
             self._early_data(buffer[used:])
@@ -206,8 +219,9 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         timeout = self.state.pool_cfg.timeouts.connect_timeout
         key = None
-        if pool.algorithm == "consistent_hash" and self.client:
-            key = self.client[0]
+        if pool.algorithm == "consistent_hash":
+            client = self.endpoints()[0]
+            key = client[0] if client is not None else ""
         while True:
             try:
                 backend = pool.acquire(loop.time(), key=key, exclude=self.tried)
@@ -264,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
         from netstack.proto import proxy_protocol
 
         version: Literal[1, 2] = 1 if self.state.send_proxy == 1 else 2
-        header = proxy_protocol.for_connection(self.client, self.local, version)
+        header = proxy_protocol.for_connection(*self.endpoints(), version)
         return proxy_protocol.encode(header)
 
     def backend_data(self, data: bytes) -> None:
