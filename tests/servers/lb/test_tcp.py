@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -263,7 +265,9 @@ async def test_graceful_shutdown_lets_relays_finish_then_aborts_stragglers() -> 
             assert await asyncio.to_thread(sock.recv, 1) == b"a"
             lb.close()
             # Draining: the listener is closed, the established relay still works.
-            await apoll_until(lambda: not lb.listeners["tcp", "127.0.0.1:0"].server.is_serving())
+            await apoll_until(
+                lambda: not lb.listeners["tcp", "127.0.0.1:0#default"].server.is_serving()
+            )
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
             sock.sendall(b"b")
@@ -347,3 +351,113 @@ async def test_reload_bind_failure_keeps_the_old_config() -> None:
 async def test_http_mode_is_not_yet_available() -> None:
     with pytest.raises(ConfigError, match="not yet available"):
         Balancer(lb_config(1, mode="http"))
+
+
+def read_then_close(conn: socket.socket, backend: TCPBackend) -> None:
+    """Take the request and die without answering (FIN)."""
+    conn.recv(4096)
+
+
+def read_then_reset(conn: socket.socket, backend: TCPBackend) -> None:
+    """Take the request and die without answering (RST)."""
+    conn.recv(4096)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.mark.parametrize("dies", [read_then_close, read_then_reset])
+async def test_backend_dying_before_answering_fails_over_with_replay(dies) -> None:
+    health = HealthConfig(check_interval=None, max_fails=1, ejection_time=60.0)
+    with TCPBackend(dies, name="dying") as dying, TCPBackend(reply_line, name="good") as good:
+        async with Balancer(lb_config(dying.port, good.port, health=health)) as lb:
+            port = lb.address()[1]
+            assert await asyncio.to_thread(request, port, b"replay me\n") == b"good replay me\n"
+            assert dying.served == 1
+            assert lb.stats.backend_failures == 1
+            assert lb.snapshot()["default"][0]["state"] == "ejected"
+
+
+async def test_one_way_exchange_is_not_replayed() -> None:
+    """Client sends and half-closes; a backend closing without a word is a normal end."""
+    with TCPBackend(echo_until_eof, name="a") as a, TCPBackend(echo_until_eof, name="b") as b:
+        a.handler = b.handler = lambda conn, be: conn.recv(4096) and conn.recv(4096)
+
+        def one_way(port: int) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                sock.sendall(b"log line\n")
+                sock.shutdown(socket.SHUT_WR)
+                return sock.recv(10)
+
+        async with Balancer(lb_config(a.port, b.port)) as lb:
+            assert await asyncio.to_thread(one_way, lb.address()[1]) == b""
+            assert (a.served, b.served) == (1, 0)
+            assert lb.stats.backend_failures == 0
+
+
+async def test_no_replay_after_a_large_upload() -> None:
+    """Past REPLAY_MAX_BYTES the client is streaming: a dying backend closes the client."""
+    health = HealthConfig(check_interval=None, max_fails=1)
+
+    def swallow_then_die(conn: socket.socket, backend: TCPBackend) -> None:
+        got = 0
+        while got <= REPLAY_MAX_BYTES:
+            got += len(conn.recv(1 << 16))
+
+    def upload(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"z" * (2 * REPLAY_MAX_BYTES))
+            try:
+                return sock.recv(10)
+            except ConnectionResetError:
+                return b""
+
+    with TCPBackend(swallow_then_die) as dying, TCPBackend(reply_line, name="good") as good:
+        async with Balancer(lb_config(dying.port, good.port, health=health)) as lb:
+            assert await asyncio.to_thread(upload, lb.address()[1]) == b""
+            assert good.served == 0
+
+
+async def test_busy_relay_outlives_the_idle_timeout() -> None:
+    timeouts = BalancerTimeouts(idle_timeout=0.2)
+    with TCPBackend(echo_until_eof) as backend:
+        async with Balancer(lb_config(backend.port, timeouts=timeouts)) as lb:
+            with socket.create_connection(lb.address(), timeout=TIMEOUT) as sock:
+                start = time.monotonic()
+                while time.monotonic() - start < 0.6:  # three idle timeouts of traffic
+                    sock.sendall(b"p")
+                    assert await asyncio.to_thread(sock.recv, 1) == b"p"
+                    await asyncio.sleep(0.02)  # pacing, not synchronisation
+                assert lb.stats.idle_closed == 0
+
+
+async def test_serve_forever_returns_after_request_stop() -> None:
+    with TCPBackend(reply_line) as backend:
+        lb = Balancer(lb_config(backend.port))
+        await lb.start()
+        port = lb.address()[1]
+        serving = asyncio.create_task(lb.serve_forever())
+        assert await asyncio.to_thread(request, port, b"x\n") == b"b x\n"
+        lb.request_stop()
+        await asyncio.wait_for(serving, TIMEOUT)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+
+
+async def test_reload_closes_removed_frontends_only() -> None:
+    with TCPBackend(reply_line, name="b0") as b0:
+        one = lb_config(b0.port)
+        two = dataclasses.replace(
+            one,
+            frontends=(
+                one.frontends[0],
+                dataclasses.replace(one.frontends[0], name="extra"),
+            ),
+        )
+        async with Balancer(two) as lb:
+            main_port, extra_port = lb.address()[1], lb.address("extra")[1]
+            assert await asyncio.to_thread(request, extra_port, b"e\n") == b"b0 e\n"
+            await lb.reload(one)
+            assert [name for name, _, _ in lb.addresses] == ["default"]
+            assert await asyncio.to_thread(request, main_port, b"m\n") == b"b0 m\n"
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", extra_port), timeout=TIMEOUT).close()

@@ -25,7 +25,7 @@ async def ask(sock: socket.socket, addr: tuple[str, int], data: bytes) -> bytes:
 
 
 def frontend(lb: Balancer):
-    return lb.listeners["udp", "127.0.0.1:0"].udp
+    return lb.listeners["udp", "127.0.0.1:0#default"].udp
 
 
 async def test_sessions_are_sticky_per_client_and_expire() -> None:

@@ -92,7 +92,7 @@ class Listener:
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.proto, self.state.cfg.listen)
+        return listener_key(self.state.cfg)
 
     def _factory(self) -> ClientConnection:
         return ClientConnection(self.state)
@@ -128,6 +128,15 @@ class Listener:
             self.server.close()
         if self.udp is not None:
             self.udp.close()
+
+
+def listener_key(fe: FrontendConfig) -> tuple[str, str]:
+    """What a reload matches listeners by: protocol and address, plus the frontend's name
+    for port 0 (each such frontend gets its own port, kept across reloads)."""
+    proto = "udp" if fe.mode == "udp" else "tcp"
+    if fe.listen.endswith(":0"):
+        return (proto, f"{fe.listen}#{fe.name}")
+    return (proto, fe.listen)
 
 
 FrontendFactory = Callable[["Balancer", FrontendState], Listener]
@@ -340,8 +349,7 @@ class Balancer:
         try:
             for fe in cfg.frontends:
                 state = FrontendState.make(self, fe, pools[fe.pool], cfg.pool(fe.pool))
-                proto = "udp" if fe.mode == "udp" else "tcp"
-                listener = current.get((proto, fe.listen))
+                listener = current.get(listener_key(fe))
                 if listener is not None:
                     listener.state = state
                 else:
