@@ -19,10 +19,10 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from netstack.config import BalancerConfig, FrontendConfig, PoolConfig, parse_hostport
 from netstack.errors import ConfigError, NoBackendAvailable
@@ -55,6 +55,21 @@ class BalancerStats:
     )  # (pool, backend, new state) -> count
 
 
+class Connection(Protocol):
+    """What the balancer tracks per client connection (the L4 relay; later L7 too)."""
+
+    state: FrontendState
+    rx: bool  # data moved since the last idle sweep; the sweep clears it
+    silent: int  # sweeps in a row without data
+
+    @property
+    def peer(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class FrontendState:
     """What a frontend's new connections use; replaced as a whole on reload.
@@ -70,14 +85,22 @@ class FrontendState:
     pool_cfg: PoolConfig
     trusted: TrustedPeers | None = None
     send_proxy: int = 0
+    # Every pool of this config generation by name, for L7 routes (cfg.routes[i].pool).
+    pools: Mapping[str, Pool] = field(default_factory=dict)
+    config: BalancerConfig | None = None
 
     @classmethod
     def make(
-        cls, balancer: Balancer, cfg: FrontendConfig, pool: Pool, pool_cfg: PoolConfig
+        cls,
+        balancer: Balancer,
+        cfg: FrontendConfig,
+        pools: Mapping[str, Pool],
+        config: BalancerConfig,
     ) -> FrontendState:
+        pool_cfg = config.pool(cfg.pool)
         trusted = TrustedPeers(cfg.proxy_allow_ips) if cfg.accept_proxy else None
         send = {"none": 0, "v1": 1, "v2": 2}[pool_cfg.send_proxy]
-        return cls(balancer, cfg, pool, pool_cfg, trusted, send)
+        return cls(balancer, cfg, pools[cfg.pool], pool_cfg, trusted, send, pools, config)
 
 
 class Listener:
@@ -94,7 +117,8 @@ class Listener:
     def key(self) -> tuple[str, str]:
         return listener_key(self.state.cfg)
 
-    def _factory(self) -> ClientConnection:
+    def make_protocol(self) -> asyncio.Protocol:
+        """A protocol for one accepted connection (L7 overrides this)."""
         return ClientConnection(self.state)
 
     async def start(self) -> None:
@@ -106,7 +130,7 @@ class Listener:
             self.udp = frontend
         else:
             self.server = await loop.create_server(
-                self._factory,
+                self.make_protocol,
                 host,
                 port,
                 backlog=self.balancer.cfg.limits.listen_backlog,
@@ -166,7 +190,7 @@ class Balancer:
         self.cfg = cfg
         self.check_factory = check_factory
         self.stats = BalancerStats()
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[Connection] = set()
         self.listeners: dict[tuple[str, str], Listener] = {}
         self.pools: dict[str, Pool] = {}
         self.checkers: dict[str, HealthChecker] = {}
@@ -348,7 +372,7 @@ class Balancer:
         started: list[Listener] = []
         try:
             for fe in cfg.frontends:
-                state = FrontendState.make(self, fe, pools[fe.pool], cfg.pool(fe.pool))
+                state = FrontendState.make(self, fe, pools, cfg)
                 listener = current.get(listener_key(fe))
                 if listener is not None:
                     listener.state = state
@@ -398,7 +422,7 @@ class Balancer:
             _log_event(event)
 
     def backend_failed(
-        self, pool: Pool, backend: Backend, reason: str, conn: ClientConnection | None
+        self, pool: Pool, backend: Backend, reason: str, conn: Connection | None
     ) -> None:
         """Real traffic to ``backend`` failed (passive health); the caller fails over."""
         self.stats.backend_failures += 1
@@ -417,7 +441,7 @@ class Balancer:
 
     # ------------------------------------------------------------------ connections
 
-    def admit(self, conn: ClientConnection) -> bool:
+    def admit(self, conn: Connection) -> bool:
         """Admit a new client connection, or refuse it (shutting down, max_connections)."""
         if self._closing:
             self.stats.refused += 1
@@ -436,12 +460,12 @@ class Balancer:
         self.connections.add(conn)
         return True
 
-    def forget(self, conn: ClientConnection) -> None:
+    def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if self._closing and not self.connections:
             self._all_closed.set()
 
-    def no_backend(self, conn: ClientConnection | None, exc: NoBackendAvailable) -> None:
+    def no_backend(self, conn: Connection | None, exc: NoBackendAvailable) -> None:
         self.stats.no_backend += 1
         peer = conn.peer if conn is not None else "a udp client"
         self._warn("no_backend", "refusing %s: %s", peer, exc)
@@ -530,6 +554,8 @@ __all__ = [
     "FRONTEND_FACTORIES",
     "Balancer",
     "BalancerStats",
+    "Connection",
     "FrontendState",
     "Listener",
+    "listener_key",
 ]
