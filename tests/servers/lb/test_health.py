@@ -101,3 +101,24 @@ async def test_draining_backend_keeps_its_relays_takes_no_new_ones() -> None:
                 assert await asyncio.to_thread(held.recv, 1) == b"2"
             lb.report_events(pool)
             assert lb.stats.state_changes[("default", f"127.0.0.1:{d.port}", "draining")] == 1
+
+
+async def test_metrics_text_counts_state_changes_and_connections() -> None:
+    health = HealthConfig(check_interval=None, max_fails=1, ejection_time=60.0)
+    dead = free_port()
+    with TCPBackend(reply_line, name="alive") as alive:
+        async with Balancer(lb_config(dead, alive.port, health=health)) as lb:
+            await asyncio.to_thread(request, lb.address()[1], b"q\n")
+            await apoll_until(lambda: not lb.connections)
+            text = lb.metrics()
+    lines = set(text.splitlines())
+    assert "netstack_lb_connections_accepted_total 1" in lines
+    assert "netstack_lb_backend_failures_total 1" in lines
+    assert f'netstack_lb_backend_up{{pool="default",backend="127.0.0.1:{dead}"}} 0' in lines
+    assert f'netstack_lb_backend_up{{pool="default",backend="127.0.0.1:{alive.port}"}} 1' in lines
+    assert (
+        f'netstack_lb_backend_state_changes_total{{pool="default",backend="127.0.0.1:{dead}",'
+        'state="ejected"} 1'
+    ) in lines
+    assert "# TYPE netstack_lb_backend_active gauge" in lines
+    assert text.endswith("\n")

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -501,6 +501,10 @@ class Balancer:
                 conn.close()
         self._schedule_sweep()
 
+    def metrics(self) -> str:
+        """Prometheus text exposition of the counters (see :func:`metrics_text`)."""
+        return metrics_text(self)
+
     def snapshot(self) -> dict[str, Any]:
         """Backends with state and counters, for the admin API and tests."""
         return {
@@ -519,6 +523,88 @@ class Balancer:
             ]
             for name, pool in self.pools.items()
         }
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(balancer: Balancer) -> str:
+    """The balancer's counters in the Prometheus text exposition format (version 0.0.4).
+
+    The admin endpoint serves this; it reads counters only, so it is cheap to scrape.
+    """
+    st = balancer.stats
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: Sequence[tuple[str, float]]) -> None:
+        lines.append(f"# HELP netstack_lb_{name} {help_}")
+        lines.append(f"# TYPE netstack_lb_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"netstack_lb_{name}{labels} {value:g}")
+
+    metric(
+        "connections_accepted_total", "counter", "Client connections admitted.", [("", st.accepted)]
+    )
+    metric(
+        "connections_refused_total",
+        "counter",
+        "Client connections refused (max_connections, shutting down).",
+        [("", st.refused)],
+    )
+    metric(
+        "connections_active", "gauge", "Client connections open.", [("", len(balancer.connections))]
+    )
+    metric(
+        "no_backend_total",
+        "counter",
+        "Connections or sessions with no backend available.",
+        [("", st.no_backend)],
+    )
+    metric(
+        "backend_failures_total",
+        "counter",
+        "Connect errors, timeouts and early closes (each one failed over).",
+        [("", st.backend_failures)],
+    )
+    metric("idle_closed_total", "counter", "Relays closed by idle_timeout.", [("", st.idle_closed)])
+    metric("reloads_total", "counter", "Successful config reloads.", [("", st.reloads)])
+    udp = [lst.udp for lst in balancer.listeners.values() if lst.udp is not None]
+    metric(
+        "udp_sessions",
+        "gauge",
+        "UDP client sessions open.",
+        [("", sum(len(u.sessions) for u in udp))],
+    )
+    per_backend: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+    for pool in balancer.pools.values():
+        for b in pool.backends:
+            labels = f'{{pool="{_label(pool.name)}",backend="{_label(b.name)}"}}'
+            per_backend["backend_up"].append((labels, 1 if b.eligible else 0))
+            per_backend["backend_active"].append((labels, b.active))
+            per_backend["backend_connections_total"].append((labels, b.total))
+            per_backend["backend_failed_total"].append((labels, b.failures))
+            per_backend["backend_ejections_total"].append((labels, b.ejections))
+    helps = {
+        "backend_up": ("gauge", "1 if the backend takes new connections (up and enabled)."),
+        "backend_active": ("gauge", "Connections in progress to the backend."),
+        "backend_connections_total": ("counter", "Connections sent to the backend."),
+        "backend_failed_total": ("counter", "Passive failures of the backend."),
+        "backend_ejections_total": ("counter", "Times the backend was ejected."),
+    }
+    for name, (kind, help_) in helps.items():
+        metric(name, kind, help_, per_backend[name])
+    changes = [
+        (f'{{pool="{_label(p)}",backend="{_label(b)}",state="{_label(n)}"}}', count)
+        for (p, b, n), count in sorted(st.state_changes.items())
+    ]
+    metric(
+        "backend_state_changes_total",
+        "counter",
+        "Backend health/admin changes, by new state.",
+        changes,
+    )
+    return "\n".join(lines) + "\n"
 
 
 def _check_modes(cfg: BalancerConfig) -> None:
