@@ -461,3 +461,25 @@ async def test_reload_closes_removed_frontends_only() -> None:
             assert await asyncio.to_thread(request, main_port, b"m\n") == b"b0 m\n"
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", extra_port), timeout=TIMEOUT).close()
+
+
+async def test_a_bug_while_connecting_closes_only_that_relay(caplog, monkeypatch) -> None:
+    with TCPBackend(reply_line, name="b0") as b0:
+        async with Balancer(lb_config(b0.port)) as lb:
+            port = lb.address()[1]
+            pool = lb.pools["default"]
+            real = pool.acquire
+            calls = 0
+
+            def broken_once(*args, **kwargs):
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise RuntimeError("boom")
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(pool, "acquire", broken_once)
+            assert await asyncio.to_thread(refused, port)
+            assert "internal error; closing" in caplog.text
+            assert "RuntimeError: boom" in caplog.text
+            assert await asyncio.to_thread(request, port, b"ok\n") == b"b0 ok\n"

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
-from netstack.errors import NoBackendAvailable, RemoteProtocolError
+from netstack.errors import LocalProtocolError, NoBackendAvailable, RemoteProtocolError
 from netstack.proto.balance import Backend, Pool
 
 if TYPE_CHECKING:
@@ -214,6 +214,14 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ backend side
 
     async def _connect(self) -> None:
+        try:
+            await self._connect_loop()
+        except Exception:
+            # A bug in us: one ERROR with the traceback, this relay closes, the rest go on.
+            logger.exception("! relay from %s: internal error; closing", self.peer)
+            self.abort()
+
+    async def _connect_loop(self) -> None:
         loop = asyncio.get_running_loop()
         balancer = self.balancer
         pool = self.pool
@@ -278,7 +286,10 @@ class ClientConnection(asyncio.Protocol):
         from netstack.proto import proxy_protocol
 
         version: Literal[1, 2] = 1 if self.state.send_proxy == 1 else 2
-        header = proxy_protocol.for_connection(*self.endpoints(), version)
+        try:
+            header = proxy_protocol.for_connection(*self.endpoints(), version)
+        except LocalProtocolError:  # an endpoint that is not an IP address: say UNKNOWN
+            header = proxy_protocol.for_connection(None, None, version)
         return proxy_protocol.encode(header)
 
     def backend_data(self, data: bytes) -> None:
