@@ -284,3 +284,14 @@ def test_proxy_settings_in_both_forms() -> None:
     assert full.frontends[1].accept_proxy
     with pytest.raises(ConfigError, match=r"pools\.api\.send_proxy: must be one of none, v1, v2"):
         parse(FULL.replace("[pools.api]\n", '[pools.api]\nsend_proxy = "v3"\n'))
+
+
+def test_documented_example_is_valid() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "docs" / "balance.example.toml"
+    cfg = load(tomllib.loads(path.read_text()), source=str(path))
+    assert [f.name for f in cfg.frontends] == ["db", "dns", "edge"]
+    assert cfg.pool("web").health.slow_start == 30.0
+    assert cfg.pool("resolvers").timeouts.udp_session_timeout == 10.0
+    assert cfg.pool("postgres").backends[1].name == "replica"
