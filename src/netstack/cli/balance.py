@@ -74,7 +74,7 @@ def raise_nofile(cfg: BalancerConfig) -> None:
     want = need if hard == resource.RLIM_INFINITY else min(need, hard)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if want < need:  # INFO: the hard limit is the operator's choice, often close enough
+    if want < 2 * cfg.limits.max_connections:  # INFO: the hard limit is the operator's call
         logger.info(
             "descriptor limit %d is below the %d that max_connections=%d needs",
             want,
