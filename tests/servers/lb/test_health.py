@@ -122,3 +122,27 @@ async def test_metrics_text_counts_state_changes_and_connections() -> None:
     ) in lines
     assert "# TYPE netstack_lb_backend_active gauge" in lines
     assert text.endswith("\n")
+
+
+async def test_admin_operations_drain_disable_add_remove() -> None:
+    from netstack.config import BackendConfig
+
+    with (
+        TCPBackend(echo_until_eof, name="a") as a,
+        TCPBackend(reply_line, name="b") as b,
+        TCPBackend(reply_line, name="c") as c,
+    ):
+        async with Balancer(lb_config(a.port, b.port)) as lb:
+            port = lb.address()[1]
+            held = socket.create_connection(("127.0.0.1", port), timeout=5)
+            with held:
+                held.sendall(b"1")
+                assert await asyncio.to_thread(held.recv, 1) == b"1"  # on a
+                a_name = f"127.0.0.1:{a.port}"
+                lb.set_admin("default", a_name, Admin.DISABLED)  # closes a's relays
+                assert await asyncio.to_thread(held.recv, 1) == b""
+            added = lb.add_backend("default", BackendConfig(address=f"127.0.0.1:{c.port}"))
+            lb.remove_backend("default", f"127.0.0.1:{b.port}")
+            assert await asyncio.to_thread(request, port, b"x\n") == b"c x\n"
+            assert added.total == 1
+            assert lb.stats.state_changes[("default", a_name, "disabled")] == 1

@@ -24,9 +24,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from netstack.config import BalancerConfig, FrontendConfig, PoolConfig, parse_hostport
+from netstack.config import (
+    BackendConfig,
+    BalancerConfig,
+    FrontendConfig,
+    PoolConfig,
+    parse_hostport,
+)
 from netstack.errors import ConfigError, NoBackendAvailable
-from netstack.proto.balance import Backend, BackendEvent, Pool
+from netstack.proto.balance import Admin, Backend, BackendEvent, Pool
 from netstack.proto.forwarded import TrustedPeers
 from netstack.servers.lb.health import HealthCheck, HealthChecker, check_for
 from netstack.servers.lb.relay import ClientConnection
@@ -500,6 +506,47 @@ class Balancer:
                 logger.debug("x relay from %s idle for %.1fs; closing", conn.peer, timeout)
                 conn.close()
         self._schedule_sweep()
+
+    # ------------------------------------------------------------------ admin operations
+    # For the admin API. A reload rebuilds pools from the config, so backends added here
+    # last until the next reload (the file stays the source of truth).
+
+    def set_admin(self, pool: str, backend: str, admin: Admin) -> None:
+        """Enable, drain or disable a backend. Disabling also closes its relays.
+
+        Raises:
+            KeyError: no such pool or backend.
+        """
+        p = self.pools[pool]
+        b = p.get(backend)
+        p.set_admin(b, admin, asyncio.get_running_loop().time())
+        self.report_events(p)
+        if admin is Admin.DISABLED:
+            for conn in list(self.connections):
+                if getattr(conn, "backend", None) is b:
+                    conn.close()
+
+    def add_backend(self, pool: str, cfg: BackendConfig) -> Backend:
+        """Add a backend to a pool (new connections may use it at once).
+
+        Raises:
+            KeyError: no such pool.
+            ValueError: a backend of that name exists.
+        """
+        backend = Backend.from_config(cfg)
+        self.pools[pool].add(backend)
+        logger.info("backend %s/%s added (%s:%d)", pool, backend.name, backend.host, backend.port)
+        return backend
+
+    def remove_backend(self, pool: str, backend: str) -> None:
+        """Remove a backend; its established relays finish.
+
+        Raises:
+            KeyError: no such pool or backend.
+            ValueError: it is the pool's last backend.
+        """
+        self.pools[pool].remove(backend)
+        logger.info("backend %s/%s removed", pool, backend)
 
     def metrics(self) -> str:
         """Prometheus text exposition of the counters (see :func:`metrics_text`)."""
