@@ -1095,6 +1095,13 @@ class BalancerConfig:
                     raise ConfigError(
                         f"frontend {fe.name!r} uses unknown pool {target!r}", field="pool"
                     )
+            pool = self.pool(fe.pool)
+            if fe.mode != "http" and pool.hash_key != "client_ip":
+                raise ConfigError(
+                    f"pool {pool.name!r}: hash_key {pool.hash_key!r} needs HTTP, but frontend "
+                    f"{fe.name!r} is {fe.mode}: use client_ip",
+                    field="hash_key",
+                )
             proto = "udp" if fe.mode == "udp" else "tcp"
             if (proto, fe.listen) in seen and not fe.listen.endswith(":0"):
                 raise ConfigError(

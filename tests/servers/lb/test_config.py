@@ -295,3 +295,15 @@ def test_documented_example_is_valid() -> None:
     assert cfg.pool("web").health.slow_start == 30.0
     assert cfg.pool("resolvers").timeouts.udp_session_timeout == 10.0
     assert cfg.pool("postgres").backends[1].name == "replica"
+
+
+def test_l4_frontend_needs_client_ip_hash_key() -> None:
+    with pytest.raises(ConfigError, match="hash_key 'cookie:session' needs HTTP") as info:
+        parse(
+            FULL.replace(
+                'listen = "127.0.0.1:9090"\npool = "api"', 'listen = "127.0.0.1:9090"\npool = "app"'
+            )
+        )
+    assert str(info.value).startswith("lb.toml: pool 'app'")
+    with pytest.raises(ConfigError, match="needs HTTP"):
+        load({}, flags={"backend": ("h:1",), "hash_key": "header:X-User"})

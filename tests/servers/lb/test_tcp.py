@@ -483,3 +483,23 @@ async def test_a_bug_while_connecting_closes_only_that_relay(caplog, monkeypatch
             assert "internal error; closing" in caplog.text
             assert "RuntimeError: boom" in caplog.text
             assert await asyncio.to_thread(request, port, b"ok\n") == b"b0 ok\n"
+
+
+async def test_ipv6_frontend_relays_to_ipv4_backend() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    with TCPBackend(reply_line, name="v4") as backend:
+        cfg = lb_config(backend.port)
+        cfg = dataclasses.replace(
+            cfg, frontends=(dataclasses.replace(cfg.frontends[0], listen="[::1]:0"),)
+        )
+        async with Balancer(cfg) as lb:
+            host, port = lb.address()
+
+            def ask() -> bytes:
+                with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
+                    sock.sendall(b"six\n")
+                    return sock.recv(64)
+
+            assert host == "::1"
+            assert await asyncio.to_thread(ask) == b"v4 six\n"
