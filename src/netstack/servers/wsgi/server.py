@@ -173,6 +173,9 @@ class WSGIServer:
             self.max_requests = cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
         self.access_log = cfg.access_log
         self.on_request: Callable[[Exchange], None] | None = None
+        # What reaching max_requests does; a pre-fork worker asks its master for a
+        # replacement instead, and stops when the master sends SIGTERM.
+        self.on_max_requests: Callable[[], None] = self.request_stop
         # Whether exchanges record their start time (access log, metrics), and whether
         # request_finished() has anything to do beyond counting.
         self.timed = cfg.access_log
@@ -391,7 +394,7 @@ class WSGIServer:
         if self.max_requests and self.requests >= self.max_requests and not self.closing:
             logger.info("max_requests=%d reached: restarting this worker", self.max_requests)
             self.max_requests = 0
-            self.request_stop()
+            self.on_max_requests()
 
     # ------------------------------------------------------------------ clock
 
