@@ -379,6 +379,10 @@ class Master:
                 return
 
     def stop_all(self) -> None:
+        # Our copies of the listeners go first: once the workers close theirs, the kernel
+        # refuses new connections instead of queueing them for nobody.
+        for sock in self.sockets:
+            sock.close()
         for worker in self.workers.values():
             worker.stopping = True
             self._signal_worker(worker, signal.SIGTERM)
@@ -404,8 +408,6 @@ class Master:
                 self._close_status(gone)
         if self.endpoint is not None:
             self.endpoint.close()
-        for sock in self.sockets:
-            sock.close()
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
