@@ -21,7 +21,7 @@ from tests.helpers import TIMEOUT, poll_until
 # The app the process tests serve. /hold/NAME blocks until the test creates the file
 # NAME.release (bounded), after creating NAME.started: the test knows the request is in
 # flight without sleeping. Every response names the worker pid that made it.
-APP = '''
+APP = """
 import os, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +47,7 @@ def app(environ, start_response):
         ("X-Pid", str(os.getpid())),
     ])
     return [body]
-'''
+"""
 
 
 class Serve:

@@ -176,8 +176,9 @@ def test_max_requests_recycles_workers_without_failures(tmp_path):
         # Retired workers' counts are kept: nothing lost across recycling (each worker
         # sends a last snapshot before it exits).
         poll_until(
-            lambda: srv.scrape()['netstack_http_requests_total{method="GET",status="200"}']
-            == result.ok
+            lambda: (
+                srv.scrape()['netstack_http_requests_total{method="GET",status="200"}'] == result.ok
+            )
         )
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
