@@ -120,7 +120,8 @@ def _bind(address: str, bind: Callable[[], socket.socket]) -> socket.socket:
     try:
         return bind()
     except OSError as exc:
-        raise StartupFailure(f"cannot bind {address}: {exc.strerror or exc}") from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupFailure(f"cannot bind {address}: {reason}") from None
 
 
 def _check_prometheus() -> None:
