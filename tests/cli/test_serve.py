@@ -11,7 +11,7 @@ import pytest
 
 from netstack.cli import main
 from tests.helpers import poll_until
-from tests.servers.wsgi.support import Serve
+from tests.servers.wsgi.procs import Serve
 
 
 def test_help_has_examples(capsys):

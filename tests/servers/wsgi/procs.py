@@ -237,7 +237,7 @@ class LoadResult:
         self.ok = 0
         self.retries = 0
         self.failures: list[str] = []
-        self.pids: set[str] = set()
+        self.pids: dict[str, int] = {}  # worker pid -> requests it answered
         self.lock = threading.Lock()
 
 
@@ -286,7 +286,8 @@ def keepalive_load(
         else:
             with result.lock:
                 result.ok += 1
-                result.pids.add(body.split()[0].decode())
+                pid = body.split()[0].decode()
+                result.pids[pid] = result.pids.get(pid, 0) + 1
         if resp.will_close:
             conn.close()
             conn = None
