@@ -14,9 +14,13 @@ from its own select loop (:class:`MetricsEndpoint`) and renders the text format 
 
 Why not prometheus_client's multiprocess mode: every observation there is a locked write
 into an mmap'd file (a counter, a histogram bucket and its sum, two gauge updates per
-request), which costs several microseconds on a ~8 µs request path, and it needs a shared
-directory cleaned up after dead workers. Here a request costs a dict increment and a
-bisect. The price: a worker killed with SIGKILL loses at most one interval of counts.
+request), and it needs a shared directory cleaned up after dead workers. Measured on the
+2-core dev VM (timeit, 2026-11-25): counter + histogram + in-flight gauge inc/dec cost
+11.6 µs per request in multiprocess mode and 4.0 µs in-process, against a ~8 µs request
+path; :meth:`WorkerMetrics.record` costs 0.55-0.9 µs (plus 0.08 µs for the start
+timestamp). Without ``--metrics-bind`` nothing is recorded and no clock is read (unless
+the access log is on). The price: a worker killed with SIGKILL loses at most one
+interval of counts.
 """
 
 from __future__ import annotations
