@@ -379,6 +379,11 @@ class Master:
                 return
 
     def stop_all(self) -> None:
+        logger.info(
+            "stopping %d worker(s) (graceful_timeout=%.1fs)",
+            len(self.workers),
+            self.cfg.timeouts.graceful_timeout,
+        )
         # Our copies of the listeners go first: once the workers close theirs, the kernel
         # refuses new connections instead of queueing them for nobody.
         for sock in self.sockets:
