@@ -211,8 +211,7 @@ async def _worker_serve(
         from netstack.servers.wsgi.metrics import SNAPSHOT_INTERVAL, WorkerMetrics
 
         metrics = WorkerMetrics(server)
-        server.timed = True
-        server.on_request = metrics.record
+        metrics.attach()
 
         async def report() -> None:
             while True:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import TIMEOUT
-from tests.servers.wsgi.procs import exchange, get, hello, responses, serve
+from tests.servers.wsgi.support import exchange, get, hello, responses, serve
 
 
 def flask_app() -> Any:

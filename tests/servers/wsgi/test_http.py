@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import TIMEOUT, apoll_until
-from tests.servers.wsgi.procs import echo, exchange, get, hello, port_of, responses, serve
+from tests.servers.wsgi.support import echo, exchange, get, hello, port_of, responses, serve
 
 THREADS = pytest.mark.parametrize("threads", [0, 4], ids=["inline", "threaded"])
 

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from tests.helpers import TIMEOUT, apoll_until
-from tests.servers.wsgi.procs import echo, get, port_of, responses, serve
+from tests.servers.wsgi.support import echo, get, port_of, responses, serve
 
 
 async def test_100_pipelined_requests_in_random_pieces_are_answered_in_order() -> None:

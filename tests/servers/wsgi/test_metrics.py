@@ -54,10 +54,11 @@ async def test_worker_metrics_count_requests_latency_and_gauges():
     release = threading.Event()
     cfg = WSGIServerConfig(app="x:app", bind=("127.0.0.1:0",), access_log=False)
     async with WSGIServer(cfg, make_app(release)) as server:
-        assert not server.timed  # without access log or metrics, no clock per request
+        # Without access log, metrics or max_requests: no clock, no per-request hook.
+        assert not server.timed
+        assert not server.observed
         metrics = WorkerMetrics(server)
-        server.timed = True
-        server.on_request = metrics.record
+        metrics.attach()
         port = server.addresses[0][1]
         assert await asyncio.to_thread(request, port, "GET", "/") == 200
         assert await asyncio.to_thread(request, port, "POST", "/missing") == 404

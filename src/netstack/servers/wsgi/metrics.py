@@ -89,6 +89,12 @@ class WorkerMetrics:
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
+    def attach(self) -> None:
+        """Have the server time each exchange and call :meth:`record` when it ends."""
+        server = self.server
+        server.timed = server.observed = True
+        server.on_request = self.record
+
     def record(self, exchange: Exchange) -> None:
         """``WSGIServer.on_request``: count one finished request."""
         elapsed = time.perf_counter() - exchange.start_time

@@ -509,10 +509,6 @@ class WSGIProtocol(asyncio.Protocol):
         """Graceful close: idle connections close now, busy ones after their response."""
         if self.exchange is None and self.body is None:
             self._close()
-        elif self.conn is not None:
-            # The response in progress says "connection: close" (if its head is not out
-            # yet), so the client does not send another request into a closing socket.
-            self.conn.keep_alive = False
 
 
 def _format_peer(peer: Any) -> str:
