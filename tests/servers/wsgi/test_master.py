@@ -191,13 +191,34 @@ def test_reload_restarts_workers_on_source_change(tmp_path):
         assert " v1 " in srv.get("/")[1]
         app = tmp_path / "app.py"
         app.write_text(APP.replace('VERSION = "v1"', 'VERSION = "v2"'))
-        stamp = time.time() + 2  # a distinct mtime even on a coarse clock
-        os.utime(app, (stamp, stamp))
+        touch_later(app)
         poll_until(lambda: " v2 " in srv.get("/")[1], 4 * TIMEOUT)
         poll_until(lambda: not srv.workers() & first)  # the old worker stops
         assert "source changed: restarting workers" in srv.stderr
         srv.signal(signal.SIGTERM)
         assert srv.wait() == 0
+
+
+def touch_later(path) -> None:
+    stamp = time.time() + 2 + path.stat().st_mtime % 1  # a distinct mtime on any clock
+    os.utime(path, (stamp, stamp))
+
+
+def test_broken_code_on_reload_keeps_the_old_workers_serving(tmp_path):
+    with Serve(tmp_path, "--workers", "1", "--reload") as srv:
+        first = srv.wait_workers(1)
+        app = tmp_path / "app.py"
+        app.write_text("def app(:\n")  # a SyntaxError
+        touch_later(app)
+        srv.wait_log("a new worker could not load the app")
+        assert srv.workers() == first
+        assert " v1 " in srv.get("/")[1]  # still the code it loaded
+        app.write_text(APP.replace('VERSION = "v1"', 'VERSION = "v3"'))
+        touch_later(app)
+        poll_until(lambda: " v3 " in srv.get("/")[1], 6 * TIMEOUT)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+        assert "SyntaxError" in srv.stderr
 
 
 def test_workers_exit_when_the_master_is_killed(tmp_path):

@@ -22,8 +22,10 @@ self-pipe poked by the signal handlers, the status pipes and the metrics endpoin
   sockets never close, so no connection is refused during the roll. ``max_requests``
   replaces one worker the same way, new one first.
 * A worker that dies unexpectedly is restarted (``worker_restarts``). A worker that
-  cannot load the app exits with :data:`APP_LOAD_FAILED`; the master then stops
-  everything and reports that failure instead of restarting it in a loop.
+  cannot load the app exits with :data:`APP_LOAD_FAILED`: at start-up the master then
+  stops everything and reports that failure instead of restarting it in a loop; later
+  (a SIGHUP or ``--reload`` with broken code) the running workers keep serving and a
+  missing worker is retried with a growing delay (1 s doubling to 30 s).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ BIND_FAILED: Final = 5
 BOOT_TIMEOUT: Final = 30.0
 # After graceful_timeout, how long the master waits before SIGKILL.
 KILL_MARGIN: Final = 5.0
+# Longest wait between attempts to start a worker that cannot load the app.
+MAX_RESPAWN_DELAY: Final = 30.0
 # A status line never exceeds this (writes up to PIPE_BUF are atomic on a pipe).
 MAX_STATUS_LINE: Final = select.PIPE_BUF
 # Why a worker is being replaced (the label of netstack_worker_restarts_total).
@@ -141,6 +145,8 @@ class Master:
         self._stop = False
         self._hup = False
         self._booting = True
+        self._respawn_delay = 0.0
+        self._respawn_at = 0.0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
@@ -234,6 +240,7 @@ class Master:
                 continue
             if message.get("ready"):
                 worker.ready = True
+                self._respawn_delay = 0.0
             if "error" in message:
                 worker.error = str(message["error"])
             if message.get("recycle") and not worker.stopping:
@@ -311,6 +318,7 @@ class Master:
                 self._poll(1.0)
                 for worker, code in self._reap():
                     self._handle_death(worker, code)
+                self._fill()
                 if self._booting and all(w.ready for w in self.workers.values()):
                     self._booting = False
                 if self.watch is not None and not self._stop:
@@ -337,24 +345,38 @@ class Master:
         if worker.stopping or self._stop:
             logger.info("worker pid %d exited (%d)", worker.pid, code)
             return
-        if worker.error is not None or code in (APP_LOAD_FAILED, BIND_FAILED):
-            self.failure = worker.error or f"worker pid {worker.pid} could not start ({code})"
+        load_failed = worker.error is not None or code in (APP_LOAD_FAILED, BIND_FAILED)
+        if self._booting and (load_failed or not worker.ready):
+            # At start-up a worker that cannot serve would only fail again: report it.
+            self.failure = worker.error or (
+                f"worker pid {worker.pid} exited with status {code} before serving"
+            )
             logger.error("worker pid %d could not start: stopping", worker.pid)
-            self.exit_status = code or APP_LOAD_FAILED
-            self._stop = True
-            return
-        if not worker.ready and self._booting:
-            # Dying before serving, at start-up, would only repeat: report it instead.
-            self.failure = f"worker pid {worker.pid} exited with status {code} before serving"
-            logger.error("%s: stopping", self.failure)
             self.exit_status = APP_LOAD_FAILED
             self._stop = True
+            return
+        if load_failed:
+            # Later (SIGHUP, --reload, a restart) the running workers keep serving the code
+            # they loaded; missing workers are retried with a growing delay.
+            self._respawn_delay = min(max(2 * self._respawn_delay, 1.0), MAX_RESPAWN_DELAY)
+            self._respawn_at = time.monotonic() + self._respawn_delay
+            logger.error(
+                "a new worker could not load the app (%s); running workers keep serving",
+                worker.error or f"status {code}",
+            )
             return
         self.worker_restarts += 1
         if self.aggregate is not None:
             self.aggregate.restarted(CRASH)
         logger.warning("worker pid %d died (status %d): restarting it", worker.pid, code)
-        self.spawn()
+
+    def _fill(self) -> None:
+        """Start workers until ``cfg.workers`` run (after a crash, or a failed load)."""
+        if self._stop or time.monotonic() < self._respawn_at:
+            return
+        running = sum(1 for w in self.workers.values() if not w.stopping)
+        for _ in range(self.cfg.workers - running):
+            self.spawn()
 
     def replace(self, worker: Worker, reason: str) -> bool:
         """Start a replacement, and once it serves, stop ``worker`` gracefully."""
