@@ -249,3 +249,39 @@ def test_missing_attribute_exits_3_with_one_clear_line(tmp_path):
             "netstack: error: app: module 'app' has no attribute 'nope'"
         )
         assert "Traceback" not in srv.stderr
+
+
+async def test_a_connection_accepted_just_before_shutdown_is_answered():
+    """The race behind "fresh connection closed without response" during a SIGHUP roll:
+    the old worker accepted a connection, then stopped before its request arrived."""
+    import asyncio
+    from wsgiref.validate import validator
+
+    from netstack.config import WSGIServerConfig
+    from netstack.servers.wsgi import WSGIServer
+    from tests.helpers import apoll_until
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    cfg = WSGIServerConfig(app="x:app", bind=("127.0.0.1:0",), access_log=False)
+    server = WSGIServer(cfg, validator(app))
+    await server.start()
+    port = server.addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # A second, idle keep-alive connection that has served one request.
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+    idle_writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert (await idle_reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+    await apoll_until(lambda: len(server.connections) == 2)
+    server.close()
+    assert await asyncio.wait_for(idle_reader.read(), TIMEOUT) == b""  # idle: closed now
+    writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    response = await asyncio.wait_for(reader.read(), TIMEOUT)  # answered, then closed
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nconnection: close\r\n" in response
+    assert response.endswith(b"\r\n\r\nok")
+    await asyncio.wait_for(server.wait_closed(), TIMEOUT)
+    writer.close()
+    idle_writer.close()

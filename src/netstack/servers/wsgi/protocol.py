@@ -506,8 +506,11 @@ class WSGIProtocol(asyncio.Protocol):
             self.abort()
 
     def shutdown(self) -> None:
-        """Graceful close: idle connections close now, busy ones after their response."""
-        if self.exchange is None and self.body is None:
+        """Graceful close: idle keep-alive connections close now, busy ones after their
+        response. A connection still waiting for its first request (accepted just before
+        the listener closed) is answered first, within header_timeout: closing it would
+        fail a request on a fresh connection, which no client may retry."""
+        if self.exchange is None and self.body is None and self.timer == KEEPALIVE:
             self._close()
 
 
