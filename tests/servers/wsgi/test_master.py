@@ -124,6 +124,23 @@ def test_sigterm_aborts_what_outlives_graceful_timeout(tmp_path):
         (tmp_path / "b.release").touch()  # lets the orphaned app thread end, if any
 
 
+def test_sigterm_while_a_worker_still_imports_the_app_stops_at_once(tmp_path):
+    slow_import = (
+        "import os, time\n"
+        "open('importing', 'w').close()\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not os.path.exists('go') and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n" + APP
+    )
+    with Serve(tmp_path, "--graceful-timeout", "10", source=slow_import) as srv:
+        poll_until(lambda: (tmp_path / "importing").exists())
+        started = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0
+        # Not graceful_timeout + the kill margin: the booting worker got the SIGTERM.
+        assert time.monotonic() - started < 5
+
+
 def test_sighup_twice_under_load_fails_no_request(tmp_path):
     with Serve(tmp_path, "--workers", "2", "--no-access-log") as srv:
         generation0 = srv.wait_workers(2)

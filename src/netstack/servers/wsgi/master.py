@@ -60,6 +60,7 @@ KILL_MARGIN: Final = 5.0
 MAX_RESPAWN_DELAY: Final = 30.0
 # A status line never exceeds this (writes up to PIPE_BUF are atomic on a pipe).
 MAX_STATUS_LINE: Final = select.PIPE_BUF
+HANDLED_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 # Why a worker is being replaced (the label of netstack_worker_restarts_total).
 CRASH, MAX_REQUESTS, RELOAD = "crash", "max_requests", "reload"
 
@@ -172,7 +173,7 @@ class Master:
             os.write(self._wake_w, b"!")
 
     def _install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._on_signal)
 
     def _on_wake(self, _mask: int) -> None:
@@ -183,9 +184,16 @@ class Master:
 
     def spawn(self) -> Worker:
         status_r, status_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, measured there
-            self._child(status_r, status_w)
+        # Signals stay blocked across fork until the child has dropped the master's
+        # handlers: a SIGTERM sent to a booting worker must stop it, not be swallowed by
+        # a copy of the master's handler.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, measured there
+                self._child(status_r, status_w, mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(status_w)
         os.set_blocking(status_r, False)
         worker = Worker(pid, status_r)
@@ -194,12 +202,13 @@ class Master:
         logger.info("started worker pid %d", pid)
         return worker
 
-    def _child(self, status_r: int, status_w: int) -> None:  # pragma: no cover - in the child
+    def _child(self, status_r: int, status_w: int, mask: set[int | signal.Signals]) -> None:
         status = 1
         try:
-            _die_with_parent()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for sig in HANDLED_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _die_with_parent()
             # The master's own descriptors are none of the worker's business.
             os.close(status_r)
             for worker in self.workers.values():
