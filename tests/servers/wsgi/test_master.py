@@ -145,6 +145,7 @@ def test_sighup_twice_under_load_fails_no_request(tmp_path):
     with Serve(tmp_path, "--workers", "2", "--no-access-log") as srv:
         generation0 = srv.wait_workers(2)
         stop = threading.Event()
+        load_started = time.monotonic()
         result, threads = run_load(srv.port, stop)
         try:
             poll_until(lambda: result.ok >= 200)
@@ -161,6 +162,8 @@ def test_sighup_twice_under_load_fails_no_request(tmp_path):
                 generations.append(srv.workers())
                 seen = result.ok
                 poll_until(lambda seen=seen: result.ok >= seen + 200)  # new workers serve
+            # The load lasts a few seconds in all (a duration, not a synchronisation).
+            poll_until(lambda: time.monotonic() - load_started >= 3.0)
         finally:
             finish_load(stop, threads)
         print(f"SIGHUP x2: {result.ok} ok, {result.retries} retries, {result.failures[:3]}")
