@@ -172,3 +172,13 @@ def test_a_wrong_format_is_a_config_error(fmt, message):
 def test_good_formats_compile():
     for fmt in (DEFAULT_ACCESS_LOG_FORMAT, "plain text", "%(h)s 100%% %({a}i)s %({b}o)s"):
         assert check_format(fmt).fmt == fmt
+
+
+async def test_a_library_user_with_a_wrong_format_still_gets_a_line(access_records):
+    # The CLI refuses a wrong format at start-up; WSGIServer used directly logs the
+    # error with the request instead of raising on every request.
+    async with serving(access_log_format="%(h)s %(oops)s") as port:
+        assert await asyncio.to_thread(fetch, port, "/") == 201
+    (line,) = access_records.lines
+    assert line.startswith("access_log_format: unknown atom %(oops)s")
+    assert line.endswith(" GET 201")

@@ -203,6 +203,7 @@ def log_exchange(fmt: str, exchange: Any) -> None:
     try:
         compiled = check_format(fmt)
     except ConfigError as exc:  # the CLI checks first; a library user may not have
-        access_logger.info("%s: %s %s", exc, exchange.request.method, exchange.status_code)
+        method = exchange.request.method.decode("latin-1")
+        access_logger.info("%s: %s %s", exc, method, exchange.status_code)
         return
     compiled.log(exchange)
