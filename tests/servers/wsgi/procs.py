@@ -236,20 +236,27 @@ class LoadResult:
     def __init__(self) -> None:
         self.ok = 0
         self.retries = 0
+        self.refused = 0  # new connections refused (the end of a load during SIGTERM)
         self.failures: list[str] = []
         self.pids: dict[str, int] = {}  # worker pid -> requests it answered
         self.lock = threading.Lock()
 
 
 def keepalive_load(
-    port: int, stop: threading.Event, result: LoadResult, max_requests: int = 20_000
+    port: int,
+    stop: threading.Event,
+    result: LoadResult,
+    max_requests: int = 20_000,
+    *,
+    until_refused: bool = False,
 ) -> None:
     """One client thread: keep-alive GETs until ``stop`` (or ``max_requests``).
 
     A request is retried only when it went out on a *reused* connection and the
     connection closed before any byte of the response arrived (what browsers and urllib3
     do: the server may close an idle keep-alive connection at any moment). Each retry is
-    counted; anything else is a failure.
+    counted; anything else is a failure. With ``until_refused`` a refused connect ends
+    the thread (the server stopped listening) instead of counting as a failure.
     """
     conn: http.client.HTTPConnection | None = None
     used = 0
@@ -259,6 +266,17 @@ def keepalive_load(
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3 * TIMEOUT)
             used = 0
         sent += 1
+        try:
+            if conn.sock is None:
+                conn.connect()
+        except ConnectionRefusedError as exc:
+            conn = None
+            with result.lock:
+                if until_refused:
+                    result.refused += 1
+                    return
+                result.failures.append(f"connect: {exc!r}")
+            continue
         try:
             conn.request("GET", "/")
             resp = conn.getresponse()

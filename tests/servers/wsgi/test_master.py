@@ -22,10 +22,16 @@ pytestmark = pytest.mark.skipif(
 LOAD_THREADS = 4
 
 
-def run_load(port: int, stop: threading.Event, max_requests: int = 20_000) -> tuple:
+def run_load(
+    port: int, stop: threading.Event, max_requests: int = 20_000, *, until_refused: bool = False
+) -> tuple:
     result = LoadResult()
     threads = [
-        threading.Thread(target=keepalive_load, args=(port, stop, result, max_requests))
+        threading.Thread(
+            target=keepalive_load,
+            args=(port, stop, result, max_requests),
+            kwargs={"until_refused": until_refused},
+        )
         for _ in range(LOAD_THREADS)
     ]
     for t in threads:
@@ -105,6 +111,26 @@ def test_sigterm_finishes_in_flight_closes_idle_and_exits_0(tmp_path):
         assert srv.wait() == 0
         assert time.monotonic() - started < 10
         assert "shutting down: 2 connection(s) to finish" in srv.stderr  # idle + busy
+
+
+def test_sigterm_under_load_breaks_no_request(tmp_path):
+    with Serve(tmp_path, "--workers", "2", "--no-access-log") as srv:
+        srv.wait_workers(2)
+        stop = threading.Event()
+        result, threads = run_load(srv.port, stop, until_refused=True)
+        try:
+            poll_until(lambda: result.ok >= 500)
+            srv.signal(signal.SIGTERM)
+            assert srv.wait() == 0
+            for t in threads:  # each one ends at its first refused connect
+                t.join(3 * TIMEOUT)
+        finally:
+            finish_load(stop, threads)
+        print(f"SIGTERM: {result.ok} ok, {result.retries} retries, {result.failures[:3]}")
+        # Every request sent got its whole response, or its reused connection closed
+        # before any byte of it (a retry, then refused): none broke half-way.
+        assert result.failures == []
+        assert result.refused == LOAD_THREADS
 
 
 def test_sigterm_aborts_what_outlives_graceful_timeout(tmp_path):
