@@ -110,3 +110,32 @@ def test_access_log_format_flag_and_no_access_log(tmp_path):
         assert srv.wait() == 0
         assert "netstack.access" not in srv.stderr
         assert "serving app:app" in srv.stderr  # the other logs are still there
+
+
+def test_unloadable_certificate_exits_2_before_any_fork(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tls_app.py").write_text("def app(e, s):\n    return []\n")
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    argv = ["serve", "tls_app:app", "--bind", "127.0.0.1:0"]
+    assert main([*argv, "--certfile", "bad.pem", "--keyfile", "bad.pem"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("netstack: error: certfile/keyfile: cannot load bad.pem")
+
+
+def test_serves_https_with_certfile_and_keyfile(tmp_path, tls_certs):
+    import http.client
+    import ssl
+
+    args = ["--certfile", tls_certs.certfile, "--keyfile", tls_certs.keyfile]
+    with Serve(tmp_path, *args, wait_listening=False) as srv:
+        srv.port = srv._expect(r"listening on https://127\.0\.0\.1:(\d+)")
+        ctx = ssl.create_default_context(cafile=tls_certs.cafile)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=5)
+        conn.request("GET", "/secure")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.read().endswith(b" v1 /secure\n")
+        conn.close()
+        srv.signal(signal.SIGTERM)
+        assert srv.wait() == 0

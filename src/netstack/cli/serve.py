@@ -74,6 +74,10 @@ def command(app: str | None, config_file: str | None, **flags: Any) -> None:
         from netstack.servers.wsgi.accesslog import check_format
 
         check_format(cfg.access_log_format)
+    if cfg.tls.certfile is not None:
+        from netstack.transport.tls import server_context
+
+        server_context(cfg.tls)  # a bad certificate is a usage error, before any fork
 
     from netstack.servers.wsgi.master import Master
     from netstack.servers.wsgi.server import bind_socket
@@ -193,7 +197,14 @@ def _worker_main(cfg: WSGIServerConfig, sockets: list[socket.socket], status: St
         logger.exception("cannot load the app %s", cfg.app)
         status.error(f"cannot load the app {cfg.app}: {type(exc).__name__}: {exc}")
         return APP_LOAD_FAILED
-    return loops.run(_worker_serve(cfg, app, sockets, status))
+    try:
+        return loops.run(_worker_serve(cfg, app, sockets, status))
+    except Exception as exc:
+        if not status.is_ready:
+            logger.exception("the worker could not start")
+            status.error(f"a worker could not start: {type(exc).__name__}: {exc}")
+            return APP_LOAD_FAILED
+        raise
 
 
 async def _worker_serve(

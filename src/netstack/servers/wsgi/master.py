@@ -70,6 +70,7 @@ class StatusPipe:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.is_ready = False
         os.set_blocking(fd, False)
 
     def send(self, message: dict[str, Any]) -> bool:
@@ -84,6 +85,7 @@ class StatusPipe:
         return True
 
     def ready(self) -> None:
+        self.is_ready = True
         self.send({"ready": True})
 
     def error(self, text: str) -> None:
