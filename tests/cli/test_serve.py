@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from netstack.cli import main
-from tests.helpers import poll_until
+from tests.helpers import TIMEOUT, poll_until
 from tests.servers.wsgi.procs import Serve
 
 
@@ -131,7 +131,7 @@ def test_serves_https_with_certfile_and_keyfile(tmp_path, tls_certs):
     with Serve(tmp_path, *args, wait_listening=False) as srv:
         srv.port = srv._expect(r"listening on https://127\.0\.0\.1:(\d+)")
         ctx = ssl.create_default_context(cafile=tls_certs.cafile)
-        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=5)
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=TIMEOUT)
         conn.request("GET", "/secure")
         resp = conn.getresponse()
         assert resp.status == 200

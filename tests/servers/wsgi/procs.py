@@ -23,12 +23,13 @@ from tests.helpers import TIMEOUT, poll_until
 # flight without sleeping. Every response names the worker pid that made it.
 APP = """
 import os, time
+from wsgiref.validate import validator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "v1"
 
 
-def app(environ, start_response):
+def _app(environ, start_response):
     path = environ["PATH_INFO"]
     if path.startswith("/hold/"):
         name = os.path.join(HERE, path[6:])
@@ -47,6 +48,9 @@ def app(environ, start_response):
         ("X-Pid", str(os.getpid())),
     ])
     return [body]
+
+
+app = validator(_app)  # PEP 3333 checked on every request the process tests make
 """
 
 
