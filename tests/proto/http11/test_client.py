@@ -318,6 +318,20 @@ INVALID = [
         True,
     ),
     (
+        "trailers-never-end",
+        b"GET",
+        HOST,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: " + b"v" * 400,
+        True,
+    ),
+    (
+        "chunk-extension-never-ends",
+        b"GET",
+        HOST,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;e=" + b"v" * 400,
+        True,
+    ),
+    (
         "length-over-body-limit",
         b"GET",
         HOST,
@@ -540,3 +554,35 @@ def test_check_response_head_defence_in_depth() -> None:
         True,
         False,
     )
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize(
+    ("method", "prefix"),
+    [
+        (b"GET", b"HTTP/1.1 200 OK\r\nX-Never-Ends: "),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nX-Never-Ends: "),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: "),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;e="),
+    ],
+    ids=["header", "head-header", "trailer", "chunk-extension"],
+)
+def test_a_response_line_that_never_ends_is_refused_within_one_read_of_the_limit(
+    parser: str, method: bytes, prefix: bytes
+) -> None:
+    limits = HTTPLimits()
+    conn = HTTPClientConnection(limits, parser)
+    conn.send(Request(method, b"/", HOST))
+    conn.send(EndOfMessage())
+    conn.receive_data(prefix)
+    piece = b"a" * 1024
+    fed = 0
+    while fed <= limits.max_header_bytes + len(piece):
+        try:
+            conn.receive_data(piece)
+        except LimitExceeded as exc:
+            assert exc.status_hint == 502  # noqa: PT017 - also checks when it raised
+            assert conn.their_state is ClientState.CLOSED
+            return
+        fed += len(piece)
+    pytest.fail(f"{fed} bytes of one unfinished line accepted")
