@@ -295,7 +295,7 @@ class LLHTTPResponseParser:
             head, buffer = buffer[: end + 4], buffer[end + 4 :]
             self._parser = httptools.HttpResponseParser(self)
             self._feed(head)  # (a head ends with CRLF CRLF: llhttp completes it or fails)
-        self.stray = bool(buffer)
+        self.stray = bool(buffer.strip(b"\r\n"))  # (as llhttp skips empty lines)
         self._head_buffer = b""
 
     def feed_eof(self) -> None:
@@ -461,7 +461,8 @@ class H11ResponseParser:
                     raise _limit("max_header_count", self._limits.max_header_count)
                 self._events.append(EndOfMessage(trailers) if trailers else END_OF_MESSAGE)
                 self.done = True
-                self.stray = bool(conn.trailing_data[0])
+                # (Empty lines are not stray: llhttp skips them before a message.)
+                self.stray = bool(conn.trailing_data[0].strip(b"\r\n"))
             else:
                 # A 101: h11 only pauses here after a switch (our EndOfMessage was sent),
                 # and never reports ConnectionClosed before a complete response (it
