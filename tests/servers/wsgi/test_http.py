@@ -319,3 +319,13 @@ async def test_file_wrapper_sends_the_file(tmp_path: Any) -> None:
     assert reply.headers["content-length"] == str(len(payload))
     assert reply.body == payload
     assert responses(head, [b"HEAD"])[0].body == b""
+
+
+@THREADS
+async def test_requests_pipelined_behind_a_declined_upgrade_are_answered(threads: int) -> None:
+    raw = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n" + get(
+        "/after", extra="Connection: close\r\n"
+    )
+    async with serve(echo, threads=threads) as server:
+        data = await exchange(server, raw)
+    assert [r.body.split(b" ")[1] for r in responses(data)] == [b"/ws", b"/after"]

@@ -401,6 +401,12 @@ class WSGIProtocol(asyncio.Protocol):
             self.deadline = INF if timeout is None else server.now + timeout
         if self.pending or self.read_paused:
             self._next()
+        if exchange is not None and exchange.request.upgrade is not None:
+            # We declined the upgrade: requests the client pipelined behind it were held
+            # by the core and are parsed now, without new bytes arriving.
+            events = conn.events_received()
+            if events:
+                self._handle(events)
 
     # ------------------------------------------------------------------ output
 
