@@ -22,7 +22,13 @@ package in bench/.venv-peers) and ``direct`` (wrk straight to one backend: the c
 Placement: the proxy runs under ``taskset -c 0``, wrk and the bulk client on core 1, the
 nginx backends unpinned (the scheduler puts them on either core). Runs interleave the
 cases so drift on a shared machine hits them all alike; each cell is the median of --runs.
+"proxy CPU %" and "backends CPU %" are user+system time of each process group over the
+measured wrk run (100 = one core): a proxy well under 100 % was not the bottleneck.
 haproxy, nginx, libnginx-mod-stream and wrk come from apt-get when missing (as root).
+
+PumpkinLB as shipped: its config can only name a port (ConfigParser splits a
+``host:port`` key at the colon), so it listens on 0.0.0.0. It forks a process per
+connection (all on core 0 here) and listens with a backlog of 5.
 
     .venv/bin/python bench/lb.py                       # 10 s x 3 runs, 1 GiB bulk
     .venv/bin/python bench/lb.py --quick               # 3 s x 1 run, 256 MiB, no warm-up
@@ -67,7 +73,7 @@ RECV_BYTES = 1024 * 1024  # <= BLOCK: a chunk always fits in the doubled block
 
 
 def _load_http_bench() -> ModuleType:
-    """bench/http.py, for its wrk runner and parser, free_port and CPU accounting.
+    """bench/http.py, for its wrk runner and parser, free_port and the `http` unshadowing.
 
     Loaded under another name: ``import http`` must keep meaning the stdlib package.
     """
@@ -490,6 +496,7 @@ def versions() -> str:
 class Outcome:
     results: list[Any] = field(default_factory=list)  # bench_http.WrkResult
     bulk: list[BulkResult] = field(default_factory=list)
+    backend_cpu: list[float] = field(default_factory=list)  # both backends, % of one core
     failure: str | None = None
 
     def median(self, attr: str) -> float:
@@ -564,13 +571,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         block = write_big_file(www / "big", bulk_size) if bulk_size else b""
         try:
             backends = start_backends(work)
-        except StartFailure as exc:
-            print(f"nginx backends: failed to start: {exc}", file=sys.stderr)
-            return 3
-        try:
             for run in range(args.runs):
                 for case in selected:
                     measure(case, outcomes[case.name], run, args, backends, work, block, can_pin)
+        except StartFailure as exc:  # measure() catches the proxies' own
+            print(f"nginx backends: failed to start: {exc}", file=sys.stderr)
+            return 3
         finally:
             for running in list(LIVE):
                 stop(running)
@@ -607,14 +613,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def start_backends(work: Path) -> list[int]:
-    ports = []
+def start_backends(work: Path) -> list[Running]:
+    backends = []
     for i in (1, 2):
         port = bench_http.free_port()
         cmd = backend_command(work / f"backend{i}", port, work / "www")
-        launch(f"backend{i}", cmd, port, work, pinned=False)
-        ports.append(port)
-    return ports
+        backends.append(launch(f"backend{i}", cmd, port, work, pinned=False))
+    return backends
 
 
 def measure(
@@ -622,7 +627,7 @@ def measure(
     outcome: Outcome,
     run: int,
     args: argparse.Namespace,
-    backends: list[int],
+    backends: list[Running],
     work: Path,
     block: bytes,
     can_pin: bool,
@@ -631,11 +636,11 @@ def measure(
     if outcome.failure is not None:
         return  # failed once: do not retry every run
     proxy = None
-    port = backends[0]
+    port = backends[0].port
     if case.proxy != "-":
         port = bench_http.free_port()
         try:
-            cmd = proxy_command(case, port, backends, work)
+            cmd = proxy_command(case, port, [b.port for b in backends], work)
             proxy = launch(case.name, cmd, port, work, can_pin)
         except StartFailure as exc:
             outcome.failure = f"failed to start: {exc}"
@@ -646,13 +651,17 @@ def measure(
             bench_http.run_wrk(port, args.warmup, args.connections, can_pin)
         pgid = proxy.proc.pid if proxy else 0
         cpu0, t0 = _cpu(pgid), time.monotonic()
+        back0 = sum(_cpu(b.proc.pid) for b in backends)
         result = bench_http.run_wrk(port, args.duration, args.connections, can_pin)
-        result.server_cpu = (_cpu(pgid) - cpu0) / (time.monotonic() - t0) * 100 if pgid else 0
+        elapsed = time.monotonic() - t0
+        result.server_cpu = (_cpu(pgid) - cpu0) / elapsed * 100 if pgid else 0
+        back_cpu = (sum(_cpu(b.proc.pid) for b in backends) - back0) / elapsed * 100
         outcome.results.append(result)
+        outcome.backend_cpu.append(back_cpu)
         print(
             f"run {run + 1}/{args.runs} {case.name:>14} {result.rps:>10,.0f} req/s"
             f"  p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms"
-            f"  proxy cpu {result.server_cpu:.0f}%"
+            f"  proxy cpu {result.server_cpu:.0f}%  backends cpu {back_cpu:.0f}%"
             f"  errors {result.socket_errors}  non-2xx {result.non_2xx}",
             file=sys.stderr,
         )
@@ -673,7 +682,19 @@ def measure(
 
 
 def _cpu(pgid: int) -> float:
-    return float(bench_http.group_cpu_seconds(pgid)) if pgid else 0.0
+    """CPU seconds of process group ``pgid``: user + system of its live processes, plus
+    those of the children they reaped (PumpkinLB's per-connection processes come and go)."""
+    if not pgid:
+        return 0.0
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid:
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _content(b: BulkResult) -> str:
@@ -689,6 +710,7 @@ def _content(b: BulkResult) -> str:
 
 REQUEST_COLUMNS = [
     *("case", "layer", "cores proxy/wrk", "req/s", "p50 ms", "p99 ms", "proxy CPU %"),
+    "backends CPU %",
     *("sock err", "non-2xx", "note"),
 ]
 BULK_COLUMNS = ["case", "GB/s", "bytes received (worst run)", "bytes lost", "content", "note"]
@@ -703,7 +725,7 @@ def request_rows(
         o = outcomes[case.name]
         cores = ("0 / 1" if case.proxy != "-" else "- / 1") if can_pin else "no"
         if not o.results:
-            rows.append([case.name, case.layer, cores, *"------", _short(o.failure or "")])
+            rows.append([case.name, case.layer, cores, *"-------", _short(o.failure or "")])
             continue
         rows.append(
             [
@@ -714,6 +736,7 @@ def request_rows(
                 f"{o.median('p50_ms'):.2f}",
                 f"{o.median('p99_ms'):.2f}",
                 f"{o.median('server_cpu'):.0f}" if case.proxy != "-" else "-",
+                f"{statistics.median(o.backend_cpu):.0f}",
                 str(sum(r.socket_errors for r in o.results)),
                 str(sum(r.non_2xx for r in o.results)),
                 case.note + (f" ({o.failure})" if o.failure else ""),
@@ -764,7 +787,13 @@ def target_rows(outcomes: dict[str, Outcome]) -> list[list[str]]:
             den_o = outcomes.get(t.denominator)
             den = den_o.value(t.metric) if den_o else None  # type: ignore[assignment]
         if num is None or den is None or den == 0:
-            rows.append([t.label, of, wanted, "n/a", "-"])
+            failed = [
+                f"{name} {outcomes[name].failure}"
+                for name in (t.numerator, t.denominator)
+                if name in outcomes and outcomes[name].failure
+            ]
+            why = "; ".join(failed) if failed else "not run"
+            rows.append([t.label, of, wanted, "n/a", _short(why, 50)])
             continue
         measured = num / den
         text = f"{measured:.2f}" if t.denominator else f"{measured:g}"
@@ -797,7 +826,7 @@ def print_tables(header: str, tables: list[Table]) -> None:
         table = RichTable(title=title)
         for col in columns:
             numeric = col in ("req/s", "p50 ms", "p99 ms", "proxy CPU %", "sock err", "non-2xx")
-            numeric = numeric or col in ("GB/s", "bytes lost", "measured")
+            numeric = numeric or col in ("backends CPU %", "GB/s", "bytes lost", "measured")
             table.add_column(col, justify="right" if numeric else "left")
         for row in body:
             table.add_row(*row)
