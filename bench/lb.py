@@ -796,7 +796,7 @@ def target_rows(outcomes: dict[str, Outcome]) -> list[list[str]]:
             rows.append([t.label, of, wanted, "n/a", _short(why, 50)])
             continue
         measured = num / den
-        text = f"{measured:.2f}" if t.denominator else f"{measured:g}"
+        text = f"{measured:.2f}" if t.denominator or t.metric == "p99" else f"{measured:g}"
         ok = _OPS[t.op](measured, t.threshold)
         rows.append([t.label, of, wanted, text, "pass" if ok else "FAIL"])
     return rows
@@ -861,29 +861,50 @@ def plot(path: str, selected: list[Case], outcomes: dict[str, Outcome]) -> None:
     def color(case: Case) -> str:
         return {"netstack": "tab:blue", "-": "lightgray"}.get(case.proxy, "tab:gray")
 
-    done = [c for c in selected if outcomes[c.name].results]
-    bulk = [c for c in selected if outcomes[c.name].bulk]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    labels = [f"{c.name} ({c.layer})" if c.layer != "-" else c.name for c in done]
+    def bars(ax: Any, cases: list[Case], values: list[float], failed: list[str]) -> Any:
+        """Horizontal bars, one per case; a case with no value gets its reason as text."""
+        labels = [f"{c.name} ({c.layer})" if c.layer != "-" else c.name for c in cases]
+        drawn = ax.barh(labels, values, color=[color(c) for c in cases])
+        for i, why in enumerate(failed):
+            if why:
+                ax.text(0.01, i, why, transform=ax.get_yaxis_transform(), va="center")
+        ax.invert_yaxis()
+        return drawn
+
+    def failed(case: Case) -> str:
+        return (
+            " failed to start"
+            if "failed to start" in (outcomes[case.name].failure or "")
+            else " not measured"
+        )
+
+    nan = float("nan")
+    reqs = [outcomes[c.name] for c in selected]
+    why = ["" if o.results else failed(c) for c, o in zip(selected, reqs, strict=True)]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     for ax, attr, xlabel in [
         (axes[0], "rps", "requests/s (median)"),
         (axes[1], "p99_ms", "p99 latency, ms (median, log scale)"),
     ]:
-        ax.barh(labels, [outcomes[c.name].median(attr) for c in done], color=list(map(color, done)))
+        values = [o.median(attr) if o.results else nan for o in reqs]
+        bars(ax, selected, values, why)
         ax.set_xlabel(xlabel)
-        ax.invert_yaxis()
+    axes[0].xaxis.set_major_formatter(lambda x, _: f"{x / 1000:g}k")
     axes[1].set_xscale("log")
     axes[1].set_yticklabels([])
-    gbps = [statistics.median(b.gbps for b in outcomes[c.name].bulk) for c in bulk]
-    bars = axes[2].barh([c.name for c in bulk], gbps, color=list(map(color, bulk)))
-    for bar, case in zip(bars, bulk, strict=True):
-        if not all(b.intact for b in outcomes[case.name].bulk):
+    l4 = [c for c in selected if c.layer != "L7"]
+    gbps = [
+        statistics.median(b.gbps for b in outcomes[c.name].bulk) if outcomes[c.name].bulk else nan
+        for c in l4
+    ]
+    drawn = bars(axes[2], l4, gbps, ["" if outcomes[c.name].bulk else failed(c) for c in l4])
+    for bar, case in zip(drawn, l4, strict=True):
+        if outcomes[case.name].bulk and not all(b.intact for b in outcomes[case.name].bulk):
             bar.set_hatch("//")
             axes[2].annotate(
                 " bytes lost", (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center"
             )
     axes[2].set_xlabel("L4 bulk GB/s (median; hatched: not every byte arrived)")
-    axes[2].invert_yaxis()
     fig.suptitle("bench/lb.py: proxies in front of 2 nginx backends; blue: netstack balance")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
