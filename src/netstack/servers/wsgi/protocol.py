@@ -667,6 +667,7 @@ class Exchange:
                 raise ValueError
             encoded = []
             has_length = False
+            declared = None
             for name, value in headers:
                 raw = _NAMES.get(name)
                 if raw is None:
@@ -677,7 +678,7 @@ class Exchange:
                 if raw == b"content-length":
                     has_length = True
                     if encoded_value.isdigit():
-                        self.declared_length = int(encoded_value)
+                        declared = int(encoded_value)
                 encoded.append((raw, encoded_value))
         except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
             raise ValueError(
@@ -686,6 +687,7 @@ class Exchange:
         self.status_code = code
         self.response_headers = encoded
         self.has_length = has_length
+        self.declared_length = declared  # (a replacing call with exc_info resets it)
         return self.write_callable
 
     def write_callable(self, data: bytes) -> None:
