@@ -899,7 +899,7 @@ class Exchange:
         try:
             result = self.server.app(self.environ, self.start_response)
             if type(result) is list and len(result) <= 1:
-                loop.call_soon_threadsafe(self.complete, result[0] if result else b"")
+                self.server.to_loop(self.complete, result[0] if result else b"")
                 return
             if type(result) is FileWrapper:
                 loop.call_soon_threadsafe(self.start_file, result)
@@ -909,7 +909,7 @@ class Exchange:
             if first is not None and len(first) == self.declared_length:
                 # The whole declared body in one chunk (Flask, Django...): one write.
                 self._close_in_thread(result)
-                loop.call_soon_threadsafe(self.complete, first)
+                self.server.to_loop(self.complete, first)
                 return
             if first:
                 self.send_threaded(first)
