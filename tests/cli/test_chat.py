@@ -35,7 +35,6 @@ def test_serve_help_has_examples(capsys):
         (["--tcp-bind", "x:y"], "tcp_bind"),
         (["--max-file-bytes", "2000000"], "max_file_bytes"),
         (["--db", "mysql://localhost/chat"], "db"),
-        (["--db", "postgresql://127.0.0.1/chat", "--bind", "127.0.0.1:0"], "db"),
         (["--allowed-origins", "example.com"], "allowed_origins"),
         (["--certfile", "/nonexistent.pem", "--keyfile", "/nonexistent.pem"], "certfile"),
     ],
@@ -66,6 +65,43 @@ def test_unwritable_database_is_startup_failure(capsys, tmp_path):
     argv = ["chat", "serve", "--bind", "127.0.0.1:0", "--tcp-bind", "none"]
     assert main([*argv, "--db", str(blocker / "chat.db")]) == 3
     assert "database" in capsys.readouterr().err
+
+
+def test_unreachable_postgres_is_startup_failure_without_the_password(capsys):
+    from tests.helpers import free_port
+
+    url = f"postgresql://netstack:s3cret@127.0.0.1:{free_port()}/chat"
+    argv = ["chat", "serve", "--bind", "127.0.0.1:0", "--tcp-bind", "none", "--db", url]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "cannot open database postgresql://netstack:***@127.0.0.1:" in err
+    assert "s3cret" not in err
+
+
+def test_serve_on_postgres_prints_the_url_without_the_password(pg_url, capsys):
+    import threading
+
+    # In process: the server runs until a stop request (as SIGTERM would send).
+    from netstack.servers.chat import server as chat_server
+
+    started = threading.Event()
+    real_start = chat_server.ChatServer.start
+
+    async def start(self):
+        await real_start(self)
+        started.set()
+        self.request_stop()
+
+    chat_server.ChatServer.start = start  # type: ignore[method-assign]
+    try:
+        argv = ["chat", "serve", "--bind", "127.0.0.1:0", "--tcp-bind", "none", "--db", pg_url]
+        assert main(argv) == 0
+    finally:
+        chat_server.ChatServer.start = real_start  # type: ignore[method-assign]
+    assert started.is_set()
+    out = capsys.readouterr().out
+    assert "database postgresql://netstack:***@127.0.0.1:5432/netstack_test" in out
 
 
 def test_env_and_toml_reach_chat_settings(tmp_path):

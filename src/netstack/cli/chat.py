@@ -53,6 +53,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
 
 async def _serve(cfg: ChatServerConfig) -> None:
     from netstack.servers.chat import ChatServer, database_location
+    from netstack.servers.chat.server import redact
     from netstack.servers.chat.store import StoreUnavailable
     from netstack.transport.listener import format_address
 
@@ -62,14 +63,15 @@ async def _serve(cfg: ChatServerConfig) -> None:
     except OSError as exc:
         raise StartupFailure(f"cannot bind chat listeners: {exc.strerror or exc}") from None
     except StoreUnavailable as exc:
+        reason = " ".join(str(exc.__cause__ or exc).split())  # libpq's span several lines
         raise StartupFailure(
-            f"cannot open database {database_location(cfg)}: {exc.__cause__}"
+            f"cannot open database {redact(database_location(cfg))}: {reason}"
         ) from None
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, server.request_stop)
     try:
-        click.echo(f"database {database_location(cfg)}")
+        click.echo(f"database {redact(database_location(cfg))}")
         for kind, addr in server.listening():
             click.echo(f"listening on {kind} {format_address(addr)}")
         kind, addr = server.listening()[0]

@@ -21,7 +21,7 @@ from tests.helpers import TIMEOUT
 PASSWORD = "correct horse battery"
 
 
-def chat_config(db: Path, **kw: Any) -> ChatServerConfig:
+def chat_config(db: Path | str, **kw: Any) -> ChatServerConfig:
     # Tests send bursts far above a person's typing: flood control is tested on its own.
     kw.setdefault("chat_limits", ChatLimits(flood_rate=10_000, flood_burst=10_000))
     kw.setdefault("timeouts", Timeouts(graceful_timeout=TIMEOUT))
@@ -30,7 +30,7 @@ def chat_config(db: Path, **kw: Any) -> ChatServerConfig:
 
 
 @asynccontextmanager
-async def chat_server(db: Path, **kw: Any) -> AsyncIterator[ChatServer]:
+async def chat_server(db: Path | str, **kw: Any) -> AsyncIterator[ChatServer]:
     async with ChatServer(chat_config(db, **kw)) as srv:
         yield srv
 

@@ -200,13 +200,12 @@ def test_password_hashes() -> None:
 
 
 def test_open_store_urls(tmp_path: Path) -> None:
-    from netstack.errors import ConfigError
-
     assert isinstance(open_store(str(tmp_path / "a.db")), SQLiteStore)
     assert open_store(f"sqlite://{tmp_path}/b.db").path == f"{tmp_path}/b.db"  # type: ignore[attr-defined]
     assert open_store("sqlite://").path == ":memory:"  # type: ignore[attr-defined]
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        open_store("postgresql://localhost/chat")
+    from netstack.servers.chat.postgres import PostgresStore
+
+    assert isinstance(open_store("postgresql://localhost/chat"), PostgresStore)
 
 
 async def test_local_fanout() -> None:

@@ -14,6 +14,7 @@ import sqlite3
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
+from urllib.parse import urlsplit, urlunsplit
 
 from netstack.config import ChatServerConfig, Limits, parse_hostport
 from netstack.errors import ConfigError
@@ -53,16 +54,34 @@ def open_store(location: str) -> Store:
     """A store for a SQLite path (or ``sqlite:///path``) or a ``postgresql://`` URL.
 
     Raises:
-        ConfigError: the URL names a store this build cannot open.
+        ConfigError: the URL names a store whose driver is not installed.
     """
     if location.startswith(("postgresql://", "postgres://")):
-        # The seam: a PostgresStore (psycopg, the `db` extra) implements store.Store.
-        raise ConfigError(
-            "db: the PostgreSQL store is not available yet; use a SQLite path", field="db"
-        )
+        try:
+            import psycopg  # noqa: F401  # the `db` extra
+            import psycopg_pool  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "db: the PostgreSQL store needs psycopg: pip install 'netstack[db]'", field="db"
+            ) from None
+        from netstack.servers.chat.postgres import PostgresStore
+
+        return PostgresStore(location)
     if location.startswith("sqlite://"):
         location = location.removeprefix("sqlite://") or ":memory:"
     return SQLiteStore(location)
+
+
+def redact(location: str) -> str:
+    """``location`` with any password in a URL replaced by ``***`` (for logs and output)."""
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    if parts.password is None:
+        return location
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
 class ChatServer:
@@ -111,6 +130,9 @@ class ChatServer:
 
         try:
             await self.store.open()
+        except StoreUnavailable:
+            await self.store.close()
+            raise
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open the chat database: {exc}") from exc
         await self.fanout.start()
