@@ -719,6 +719,7 @@ class BenchModelsConfig:
 # --------------------------------------------------------------------------- chat
 
 DB_SCHEMES: tuple[str, ...] = ("sqlite", "postgresql", "postgres")
+REDIS_SCHEMES: tuple[str, ...] = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -788,6 +789,12 @@ class ChatTimeouts:
     session_ttl: float = field(
         default=7 * 24 * 3600.0, metadata=_help("login session token lifetime")
     )
+    # With --redis: a crashed instance's users stop counting as online after this long
+    # (heartbeat every third of it). Short enough that DMs queue soon after a crash.
+    presence_ttl: float = field(
+        default=30.0,
+        metadata=_help("with redis: seconds before a dead instance's users go offline"),
+    )
 
     def __post_init__(self) -> None:
         if self.ping_interval is not None:
@@ -795,6 +802,7 @@ class ChatTimeouts:
         if self.ping_timeout is not None:
             _positive("ping_timeout", self.ping_timeout)
         _positive("session_ttl", self.session_ttl)
+        _positive("presence_ttl", self.presence_ttl)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -820,6 +828,16 @@ class ChatServerConfig:
         default=(),
         metadata=_help("extra browser Origins allowed for WebSocket (same origin always is)"),
     )
+    redis: str | None = field(
+        default=None,
+        metadata=_help(
+            "redis://... shared by several instances: fan-out and presence (none: one process)"
+        ),
+    )
+    redis_prefix: str = field(
+        default="netstack:chat",
+        metadata=_help("Redis channel and key prefix (deployments sharing a Redis differ)"),
+    )
     chat_limits: ChatLimits = field(default_factory=ChatLimits)
     chat_timeouts: ChatTimeouts = field(default_factory=ChatTimeouts)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -838,6 +856,13 @@ class ChatServerConfig:
                 )
         if self.tls.enabled and self.tls.certfile is None:
             raise ConfigError("a TLS server needs certfile and keyfile", field="certfile")
+        if self.redis is not None and not self.redis.startswith(REDIS_SCHEMES):
+            raise ConfigError(
+                f"redis: expected redis://, rediss:// or unix://, got {self.redis!r}",
+                field="redis",
+            )
+        if not self.redis_prefix or any(c.isspace() for c in self.redis_prefix):
+            raise ConfigError("redis_prefix: a non-empty name without spaces", field="redis_prefix")
         for origin in self.allowed_origins:
             if "://" not in origin:
                 raise ConfigError(

@@ -36,6 +36,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
       netstack chat serve
       netstack chat serve --bind 0.0.0.0:8700 --tcp-bind none --db /var/lib/netstack/chat.db
       netstack chat serve --bind 127.0.0.1:0 --tcp-bind 127.0.0.1:0 --flood-rate 2 --flood-burst 10
+      netstack chat serve --db postgresql://chat:pw@db/chat --redis redis://cache:6379/0
       netstack chat serve --certfile cert.pem --keyfile key.pem --max-message-bytes 65536 \\
           --max-file-bytes 32768
     """
@@ -53,6 +54,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
 
 async def _serve(cfg: ChatServerConfig) -> None:
     from netstack.servers.chat import ChatServer, database_location
+    from netstack.servers.chat.scaleout import ScaleOutUnavailable
     from netstack.servers.chat.server import redact
     from netstack.servers.chat.store import StoreUnavailable
     from netstack.transport.listener import format_address
@@ -67,11 +69,15 @@ async def _serve(cfg: ChatServerConfig) -> None:
         raise StartupFailure(
             f"cannot open database {redact(database_location(cfg))}: {reason}"
         ) from None
+    except ScaleOutUnavailable as exc:
+        raise StartupFailure(f"redis {redact(cfg.redis or '')}: {exc}") from None
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, server.request_stop)
     try:
         click.echo(f"database {redact(database_location(cfg))}")
+        if cfg.redis is not None:
+            click.echo(f"scale-out redis {redact(cfg.redis)} (prefix {cfg.redis_prefix})")
         for kind, addr in server.listening():
             click.echo(f"listening on {kind} {format_address(addr)}")
         kind, addr = server.listening()[0]

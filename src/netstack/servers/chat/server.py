@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import sqlite3
 from pathlib import Path
 from types import TracebackType
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from netstack.config import ChatServerConfig, Limits, parse_hostport
 from netstack.errors import ConfigError
-from netstack.servers.chat.fanout import Fanout, LocalFanout, Presence
+from netstack.servers.chat.fanout import Fanout, LocalFanout, LocalPresence, Presence
 from netstack.servers.chat.service import ChatService
 from netstack.servers.chat.sqlite import SQLiteStore
 from netstack.servers.chat.store import Store, StoreUnavailable
@@ -90,8 +91,8 @@ class ChatServer:
     Args:
         cfg: the configuration.
         store: overrides the store named by ``cfg.db`` (tests, other backends).
-        fanout: overrides the in-process fan-out (a Redis one, later).
-        presence: overrides the in-process presence counts (shared ones, later).
+        fanout: overrides the fan-out (in-process, or Redis with ``cfg.redis``).
+        presence: overrides the presence counts (in-process, or Redis with ``cfg.redis``).
     """
 
     def __init__(
@@ -104,11 +105,23 @@ class ChatServer:
     ) -> None:
         self.cfg = cfg
         self.store = store if store is not None else open_store(database_location(cfg))
+        if cfg.redis is not None:
+            from netstack.servers.chat.scaleout import RedisFanout, RedisPresence
+
+            instance = secrets.token_hex(8)
+            fanout = fanout or RedisFanout(cfg.redis, prefix=cfg.redis_prefix, instance=instance)
+            presence = presence or RedisPresence(
+                cfg.redis,
+                prefix=cfg.redis_prefix,
+                ttl=cfg.chat_timeouts.presence_ttl,
+                instance=instance,
+            )
         self.fanout = fanout if fanout is not None else LocalFanout()
+        self.presence = presence if presence is not None else LocalPresence()
         self.service = ChatService(
             self.store,
             self.fanout,
-            presence=presence,
+            presence=self.presence,
             limits=cfg.chat_limits,
             timeouts=cfg.chat_timeouts,
             idle_timeout=cfg.timeouts.idle_timeout,
@@ -135,8 +148,9 @@ class ChatServer:
             raise
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open the chat database: {exc}") from exc
-        await self.fanout.start()
         try:
+            await self.fanout.start()
+            await self.presence.start()
             ws = self.ws = WSTransport(self.service, self.cfg, self.ssl)
             host, port = parse_hostport(self.cfg.bind, field="bind")
             await ws.start(host, port)
@@ -195,7 +209,9 @@ class ChatServer:
         if self.tcp is not None:
             self.tcp.close()
             await self.tcp.wait_closed()
+        await self.service.drain()  # offline presence of the sessions just closed
         await self.fanout.close()
+        await self.presence.close()
         self.service.close()
         await self.store.close()
         if self._started:
