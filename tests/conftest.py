@@ -25,6 +25,8 @@ from tests.helpers import services
 def pytest_asyncio_loop_factories(
     config, item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.get_closest_marker("single_loop"):
+        return {"asyncio": asyncio.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
