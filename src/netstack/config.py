@@ -871,6 +871,36 @@ class ChatServerConfig:
                 )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatClientConfig:
+    """``netstack chat connect`` (the password comes from NETSTACK_CHAT_PASSWORD or a prompt)."""
+
+    url: str = field(
+        default="ws://127.0.0.1:8700/ws",
+        metadata=_help("server: ws://HOST:PORT/ws, wss://HOST:PORT/ws or tcp://HOST:PORT"),
+    )
+    nick: str | None = field(default=None, metadata=_help("log in as NICK (none: asked)"))
+    register: bool = field(default=False, metadata=_help("create the account, then log in"))
+    room: str | None = field(default=None, metadata=_help("join (or create) this room at start"))
+    # Like the page: 0.5 s doubling to 30 s, with jitter, so a restarted server is not stormed.
+    reconnect_initial: float = field(
+        default=0.5, metadata=_help("first reconnect delay after a lost connection, seconds")
+    )
+    reconnect_max: float = field(default=30.0, metadata=_help("longest reconnect delay, seconds"))
+    tls: TLS = field(default_factory=TLS)
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("ws://", "wss://", "tcp://", "tls://")):
+            raise ConfigError(
+                f"url: expected ws://, wss://, tcp:// or tls://, got {self.url!r}", field="url"
+            )
+        if self.url.startswith(("tcp://", "tls://")):
+            parse_hostport(self.url.split("://", 1)[1].rstrip("/"), field="url")
+        _positive("reconnect_initial", self.reconnect_initial)
+        if self.reconnect_max < self.reconnect_initial:
+            raise ConfigError("reconnect_max must be >= reconnect_initial", field="reconnect_max")
+
+
 # --------------------------------------------------------------------------- load balancer
 #
 # One data model for both forms of ``netstack balance``: the quick form (flags, env and a

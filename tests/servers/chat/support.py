@@ -26,7 +26,9 @@ def chat_config(db: Path | str, **kw: Any) -> ChatServerConfig:
     kw.setdefault("chat_limits", ChatLimits(flood_rate=10_000, flood_burst=10_000))
     kw.setdefault("timeouts", Timeouts(graceful_timeout=TIMEOUT))
     kw.setdefault("chat_timeouts", ChatTimeouts())
-    return ChatServerConfig(bind="127.0.0.1:0", tcp_bind="127.0.0.1:0", db=str(db), **kw)
+    kw.setdefault("bind", "127.0.0.1:0")
+    kw.setdefault("tcp_bind", "127.0.0.1:0")
+    return ChatServerConfig(db=str(db), **kw)
 
 
 @asynccontextmanager
