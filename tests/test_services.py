@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from tests.helpers.services import RedisServer, chromium
 
@@ -20,6 +21,7 @@ def test_postgres_answers(postgres: str, pg_url: str) -> None:
     assert row[2].startswith("t_")  # a schema of its own
 
 
+@pytest.mark.single_loop
 async def test_chromium_renders_a_page() -> None:
     async with chromium() as browser:
         page = await browser.new_page()

@@ -162,6 +162,55 @@ async def test_terminal_client_chats_and_reconnects_with_backfill(tmp_path: Path
         await srv.close()
 
 
+def test_connect_reads_piped_lines_in_process(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Without a terminal, lines come from stdin (scripts); same commands, same output."""
+    import io
+    import threading
+
+    from netstack.transport import loop as loops
+
+    ready = threading.Event()
+    address: list[tuple[str, int]] = []
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def serve() -> None:
+        async with ChatServer(chat_config(tmp_path / "db", tcp_bind=None)) as srv:
+            address.append(srv.ws_address)
+            stop = asyncio.Event()
+            running.append((asyncio.get_running_loop(), stop))
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loops.run, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(TIMEOUT)
+        host, port = address[0]
+        monkeypatch.setenv("NETSTACK_CHAT_PASSWORD", PASSWORD)
+        monkeypatch.setattr(sys, "stdin", io.StringIO("/join lobby\nhello, piped\n/quit\n"))
+        url = f"ws://{host}:{port}/ws"
+        assert main(["chat", "connect", "--url", url, "--nick", "ada", "--register"]) == 0
+        out = capsys.readouterr().out
+        assert "* logged in as ada" in out
+        assert "* created #lobby" in out
+        assert "#lobby <ada> hello, piped" in out
+        # End of input without /quit ends the session too; a wrong password is exit 1.
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        assert main(["chat", "connect", "--url", url, "--nick", "ada"]) == 0
+        monkeypatch.setenv("NETSTACK_CHAT_PASSWORD", "wrong password")
+        assert main(["chat", "connect", "--url", url, "--nick", "ada"]) == 1
+        assert "login failed: wrong nick or password" in capsys.readouterr().err
+        monkeypatch.delenv("NETSTACK_CHAT_PASSWORD")
+        assert main(["chat", "connect", "--url", url, "--nick", "ada"]) == 2
+        assert "NETSTACK_CHAT_PASSWORD" in capsys.readouterr().err
+        assert main(["chat", "connect", "--url", url]) == 2
+        assert "nick" in capsys.readouterr().err
+    finally:
+        for loop, stop in running:
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(TIMEOUT)
+
+
 def test_connect_help_has_examples(capsys) -> None:
     assert main(["chat", "connect", "--help"]) == 0
     out = capsys.readouterr().out
