@@ -23,9 +23,8 @@ Redis's own clock (instances' clocks may differ). A crashed instance's users go 
 silently: no ``offline`` event is sent for them.
 
 Still per instance: the login-failure throttle (``too_many_attempts``) and flood control.
-Not yet tested: two instances behind ``netstack balance`` (WebSocket through the L7
-balancer); tests/servers/chat/test_scaleout.py has the same scenario with clients
-connecting to each instance directly, to extend once the balancer proxies WebSocket.
+Tested behind ``netstack balance`` in TCP mode (tests/servers/chat/test_scaleout.py);
+the L7 (HTTP) mode with WebSocket upgrades is not tested yet.
 """
 
 from __future__ import annotations
