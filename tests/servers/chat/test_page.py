@@ -1,4 +1,5 @@
-"""The browser page in a real headless Chromium: two people sign up and talk.
+"""The browser page in a real headless Chromium: two people sign up and talk, then the
+server restarts and the page reconnects and backfills what it missed.
 
 Debian's /usr/bin/chromium, driven by playwright (tests/helpers/services.py). Waits are
 on selectors and text (the page's CSP forbids the script evaluation behind
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from netstack.servers.chat import ChatServer
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, free_port
 from tests.helpers.services import chromium
-from tests.servers.chat.support import PASSWORD, chat_config
+from tests.servers.chat.support import PASSWORD, chat_config, ws
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
 
@@ -41,9 +42,12 @@ async def test_two_users_chat_in_chromium(tmp_path: Path) -> None:
         await page.press("#input", "Enter")
         await expect(page.locator("#input")).to_have_value("")  # sent and acknowledged
 
-    async with ChatServer(chat_config(tmp_path / "chat.sqlite3")) as srv:
-        host, port = srv.ws_address
-        url = f"http://{host}:{port}/"
+    db = tmp_path / "chat.sqlite3"
+    port = free_port()
+    srv = ChatServer(chat_config(db, bind=f"127.0.0.1:{port}", tcp_bind=None))
+    await srv.start()
+    try:
+        url = f"http://127.0.0.1:{port}/"
         async with chromium() as browser:
             # Two contexts: separate storage, like two people on two machines.
             alice_ctx = await browser.new_context(viewport={"width": 1200, "height": 720})
@@ -92,5 +96,23 @@ async def test_two_users_chat_in_chromium(tmp_path: Path) -> None:
                 assert shot.stat().st_size > 10_000  # a real rendering, not a blank page
                 print(f"screenshot: {shot}")
             assert errors == []
-            await alice_ctx.close()
+
+            # The server restarts; meanwhile bob says something through another instance
+            # on the same database. Alice's page reconnects, resumes and backfills it.
             await bob_ctx.close()
+            await srv.close()
+            await expect(alice.locator("#conn-state")).to_contain_text("reconnecting")
+            async with ChatServer(chat_config(db, tcp_bind=None)) as other:
+                bob_ws = await ws(other)
+                await bob_ws.login("bob")
+                await bob_ws.ok("say", room="general", text="said while the page was offline")
+                await bob_ws.close()
+            srv = ChatServer(chat_config(db, bind=f"127.0.0.1:{port}", tcp_bind=None))
+            await srv.start()
+            missed = alice.locator(".msg", has_text="said while the page was offline")
+            await expect(missed).to_have_count(1, timeout=TIMEOUT * 4000)  # backoff: up to ~8 s
+            await expect(alice.locator("#conn-state")).to_have_text("connected")
+            assert errors == []
+            await alice_ctx.close()
+    finally:
+        await srv.close()
