@@ -161,7 +161,8 @@ class RedisFanout(LocalFanout):
             await self._wake.wait()
             self._wake.clear()
             while self._outbox:
-                batch = list(self._outbox)
+                # Take the whole outbox: publish() appends to a fresh one meanwhile.
+                batch, self._outbox = self._outbox, collections.deque()
                 try:
                     async with self._redis.pipeline(transaction=False) as pipe:
                         for item in batch:
@@ -171,12 +172,15 @@ class RedisFanout(LocalFanout):
                     logger.warning(
                         "chat fan-out: Redis publish failed (%s); retrying", _one_line(exc)
                     )
+                    batch.extend(self._outbox)  # the failed batch first: order is kept
+                    while len(batch) > MAX_OUTBOX:
+                        batch.popleft()
+                        self.dropped += 1
+                    self._outbox = batch
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX)
                     continue
                 delay = RETRY_MIN
-                for _ in batch:
-                    self._outbox.popleft()
             self._flushed.set()
 
     async def flush(self) -> None:
