@@ -169,3 +169,34 @@ def test_format_event_covers_every_kind() -> None:
     )
     assert line is not None
     assert line.endswith("#r <a> [file f.txt /files/ab]")
+
+
+async def test_wss_and_tls_with_a_private_ca(tmp_path: Path, tls_certs) -> None:
+    from netstack.config import TLS
+
+    tls = TLS(certfile=tls_certs.certfile, keyfile=tls_certs.keyfile)
+    async with chat_server(tmp_path / "db", tls=tls) as srv:
+        (_, wss_port), (_, tls_port) = srv.ws_address, srv.tcp_address
+        for url, register in (
+            (f"wss://127.0.0.1:{wss_port}/ws", True),
+            (f"tls://127.0.0.1:{tls_port}", False),
+        ):
+            cfg = ChatClientConfig(
+                url=url, nick="alice", register=register, tls=TLS(cafile=tls_certs.cafile)
+            )
+            screen = Screen()
+            client = ChatClient(cfg, PASSWORD, screen)
+            task = asyncio.get_running_loop().create_task(client.run())
+            async with asyncio.timeout(TIMEOUT):
+                await client.wait_ready()
+            await screen.shows(f"* logged in as alice on {url}")
+            client.stop()
+            await asyncio.wait({task}, timeout=TIMEOUT)
+        # Without the CA the server's certificate is refused: a clear error, no retry loop.
+        unverified = ChatClient(
+            ChatClientConfig(url=f"wss://127.0.0.1:{wss_port}/ws", nick="alice"),
+            PASSWORD,
+            Screen(),
+        )
+        with pytest.raises(OSError, match=r"cannot connect to wss://.*CERTIFICATE_VERIFY_FAILED"):
+            await unverified.run()
