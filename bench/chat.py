@@ -183,7 +183,11 @@ class Client:
 
 async def open_client(port: int, token: str, sem: asyncio.Semaphore) -> Client:
     async with sem:
-        ws = await connect(f"ws://127.0.0.1:{port}/ws", max_size=None, open_timeout=60)
+        # max_queue=None: a client that stops reading (after the load phase) still drains
+        # its socket, so closing it is not held up by TCP backpressure.
+        ws = await connect(
+            f"ws://127.0.0.1:{port}/ws", max_size=None, max_queue=None, open_timeout=60
+        )
         client = Client(ws)
         json.loads(await ws.recv())  # hello
         await client.call("resume", token=token)
