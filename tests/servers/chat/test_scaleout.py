@@ -243,6 +243,30 @@ async def test_presence_of_a_crashed_instance_expires(redis: RedisServer, prefix
     await crashed.close()
 
 
+async def test_presence_heals_after_redis_loses_it(redis: RedisServer, prefix: str) -> None:
+    here = RedisPresence(redis.url, prefix=prefix, ttl=0.3)  # heartbeat every 0.1 s
+    there = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT)
+    await here.start()
+    await there.start()
+    assert await here.connect(5) is True
+    assert await here.connect(5) is False
+    redis.cli("del", f"{prefix}:instances", f"{prefix}:presence:{here.instance}")
+    assert not await there.is_online(5)  # lost, as after a Redis restart
+    await apoll_until(online_again(there, 5))  # the next heartbeat rewrites the counts
+    assert await here.disconnect(5) is False  # two connections were restored, not one
+    assert await here.disconnect(5) is True
+    assert not await there.is_online(5)
+    await here.close()
+    await there.close()
+
+
+def online_again(presence: RedisPresence, user_id: int) -> Any:
+    async def check() -> bool:
+        return await presence.is_online(user_id)
+
+    return check
+
+
 def alive_is_offline(presence: RedisPresence, user_id: int) -> Any:
     async def check() -> bool:
         return not await presence.is_online(user_id)

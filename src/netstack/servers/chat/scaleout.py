@@ -20,7 +20,10 @@ of user id -> connections on that instance, and its own entry in ``PREFIX:instan
 instance that crashes stops renewing, and after ``ttl`` its users no longer count as
 online anywhere. Counting runs in Lua scripts, atomic against other instances, with
 Redis's own clock (instances' clocks may differ). A crashed instance's users go offline
-silently: no ``offline`` event is sent for them.
+silently: no ``offline`` event is sent for them. Each heartbeat rewrites the instance's
+hash from its own counts (the truth about its connections), so presence heals by itself
+after Redis loses its data (a restart without persistence); one instance's presence calls
+are serialised, so a heartbeat never races a count.
 
 Still per instance: the login-failure throttle (``too_many_attempts``) and flood control.
 Tested behind ``netstack balance`` in TCP mode (tests/servers/chat/test_scaleout.py);
@@ -267,10 +270,16 @@ end
 return out
 """
 )
+# ARGV[4...]: user id, count pairs: this instance's connections, rewritten whole.
 HEARTBEAT_LUA: Final = (
     _NOW
-    + _RENEW
     + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+redis.call('DEL', KEYS[2])
+for i = 4, #ARGV, 2 do
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1)
 return 1
 """
@@ -308,11 +317,17 @@ class RedisPresence:
         self._hash = self._hash_prefix + self.instance
         self._redis: Redis | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._local: dict[int, int] = {}  # user id -> connections on this instance
+        self._lock = asyncio.Lock()
 
     @property
     def redis(self) -> Redis:
         assert self._redis is not None, "start() first"
         return self._redis
+
+    async def _renew(self) -> None:
+        pairs = [n for item in self._local.items() for n in item]
+        await self._script(HEARTBEAT_LUA, *pairs)
 
     async def _script(self, lua: str, *extra: int) -> Any:
         args: list[str | int] = [self.ttl_ms, self.instance, self._hash_prefix, *extra]
@@ -328,7 +343,8 @@ class RedisPresence:
 
         self._redis = _client(self.url)
         try:
-            await self._script(HEARTBEAT_LUA)
+            async with self._lock:
+                await self._renew()
         except (redis.RedisError, OSError) as exc:
             await self.redis.aclose()
             self._redis = None
@@ -343,7 +359,8 @@ class RedisPresence:
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
             try:
-                await self._script(HEARTBEAT_LUA)
+                async with self._lock:
+                    await self._renew()
             except (redis.RedisError, OSError) as exc:
                 logger.warning("chat presence: heartbeat failed (%s)", _one_line(exc))
 
@@ -363,10 +380,16 @@ class RedisPresence:
             self._redis = None
 
     async def connect(self, user_id: int) -> bool:
-        return int(await self._script(CONNECT_LUA, user_id)) == 1
+        async with self._lock:
+            self._local[user_id] = self._local.get(user_id, 0) + 1
+            return int(await self._script(CONNECT_LUA, user_id)) == 1
 
     async def disconnect(self, user_id: int) -> bool:
-        return int(await self._script(DISCONNECT_LUA, user_id)) == 0
+        async with self._lock:
+            count = self._local.pop(user_id, 0) - 1
+            if count > 0:
+                self._local[user_id] = count
+            return int(await self._script(DISCONNECT_LUA, user_id)) == 0
 
     async def is_online(self, user_id: int) -> bool:
         return user_id in await self.online([user_id])
