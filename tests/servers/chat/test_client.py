@@ -200,3 +200,44 @@ async def test_wss_and_tls_with_a_private_ca(tmp_path: Path, tls_certs) -> None:
         )
         with pytest.raises(OSError, match=r"cannot connect to wss://.*CERTIFICATE_VERIFY_FAILED"):
             await unverified.run()
+
+
+async def test_backfill_starts_from_before_the_login_not_from_live_messages() -> None:
+    """A live message right behind the resume ack must not move the backfill start."""
+    import json
+
+    said = {"id": 7, "ts": 0, "from": "bob", "room": "general", "text": "said while away"}
+    live = {"id": 10, "ts": 0, "from": "bob", "room": "general", "text": "live right away"}
+
+    class Link:
+        def __init__(self) -> None:
+            self.inbox: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def send(self, text: str) -> None:
+            cmd = json.loads(text)
+            put = self.inbox.put_nowait
+            if cmd["type"] == "resume":  # the ack and a live message arrive together
+                put(json.dumps({"type": "ack", "id": cmd["id"], "nick": "alice",
+                                "rooms": ["general"], "last_id": 10}))  # fmt: skip
+                put(json.dumps({"type": "message", "message": live}))
+            elif cmd["type"] == "backfill":
+                found = [m for m in (said, live) if m["id"] > cmd["since"]]
+                put(json.dumps({"type": "ack", "id": cmd["id"], "messages": found,
+                                "more": False}))  # fmt: skip
+                put(None)  # then the connection drops
+
+        async def recv(self) -> str | None:
+            return await self.inbox.get()
+
+        async def close(self) -> None:
+            return None
+
+    screen = Screen()
+    client = ChatClient(ChatClientConfig(nick="alice"), PASSWORD, screen)
+    client.token, client.last_id, client.connections = "token", 5, 2  # a reconnect
+    await client._session(Link())
+    assert [line.split(" ", 1)[1] for line in screen.lines if "<bob>" in line] == [
+        "#general <bob> live right away",
+        "#general <bob> said while away",
+    ]
+    assert screen.lines[-1] == "* reconnected as alice; 1 new message(s) while away"

@@ -324,6 +324,9 @@ class ChatClient:
         return reply
 
     async def _login(self) -> None:
+        # Taken before the login: live messages may arrive (and raise last_id) before the
+        # backfill is sent, and starting from them would skip what came in between.
+        since = self.last_id
         first = self.connections == 1 and self.token is None
         ack: dict[str, Any] | None = None
         if self.token is not None:
@@ -352,19 +355,20 @@ class ChatClient:
             if self.cfg.room:
                 await self.command(f"/join {self.cfg.room}")
             return
-        missed = await self._backfill()
+        missed = await self._backfill(since)
         self.output(f"* reconnected as {self.nick}; {missed} new message(s) while away")
 
-    async def _backfill(self) -> int:
+    async def _backfill(self, since: int) -> int:
+        """Show every message newer than ``since`` not shown yet; returns how many."""
         shown = 0
         while True:
-            page = await self.call("backfill", since=self.last_id, limit=200)
+            page = await self.call("backfill", since=since, limit=200)
             for message in page["messages"]:
                 kind = "message" if "room" in message else "dm"
                 if int(message["id"]) not in self._seen:
                     shown += 1
                 self.show({"type": kind, "message": message})
-                self.last_id = max(self.last_id, int(message["id"]))
+                since = max(since, int(message["id"]))
             if not page["more"] or not page["messages"]:
                 return shown
 
