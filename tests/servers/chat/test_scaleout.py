@@ -18,10 +18,15 @@ import pytest
 
 from netstack.config import ChatTimeouts
 from netstack.servers.chat import ChatServer
-from netstack.servers.chat.scaleout import RedisFanout, RedisPresence, ScaleOutUnavailable
+from netstack.servers.chat.scaleout import (
+    RedisFanout,
+    RedisPresence,
+    RedisThrottle,
+    ScaleOutUnavailable,
+)
 from tests.helpers import TIMEOUT, apoll_until, free_port
 from tests.helpers.services import RedisServer, redis_server
-from tests.servers.chat.support import Client, WSClient, chat_config, tcp, ws
+from tests.servers.chat.support import PASSWORD, Client, WSClient, chat_config, tcp, ws
 
 
 @pytest.fixture
@@ -154,6 +159,65 @@ async def test_subscriptions_follow_a_user_across_instances(pair: list[ChatServe
     await closing(alice, bob_one, bob_two)
 
 
+async def test_failed_logins_count_on_every_instance(pair: list[ChatServer]) -> None:
+    one, two = pair
+    alice = await tcp(one)
+    await alice.register("alice")
+    guesser = await tcp(one)
+    for _ in range(10):
+        await guesser.fails("login", "auth_failed", nick="alice", password="wrong guess")
+    elsewhere = await ws(two)  # the other instance knows: no fresh budget there
+    refused = await elsewhere.fails("login", "too_many_attempts", nick="alice", password=PASSWORD)
+    assert "retry in" in refused["message"]
+    await closing(alice, guesser, elsewhere)
+
+
+async def test_redis_throttle(redis: RedisServer, prefix: str) -> None:
+    a = RedisThrottle(redis.url, prefix=prefix, max_failures=2, window=TIMEOUT)
+    b = RedisThrottle(redis.url, prefix=prefix, max_failures=2, window=0.2)
+    await a.start()
+    await b.start()
+    assert await b.blocked("alice") is None
+    await a.failed("alice")
+    await b.failed("alice")
+    wait = await b.blocked("alice")
+    assert wait is not None
+    assert 0 < wait <= TIMEOUT  # the window started at the first failure (a's)
+    assert await a.blocked("bob") is None
+    await a.succeeded("alice")
+    assert await b.blocked("alice") is None
+    await b.failed("carol")  # b's window is 0.2 s: it passes by itself
+    await b.failed("carol")
+    assert await b.blocked("carol") is not None
+    await apoll_until(unblocked(b, "carol"))
+    await a.close()
+    await b.close()
+
+
+async def test_redis_throttle_fails_open(
+    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with redis_server(tmp_path / "r") as private:
+        throttle = RedisThrottle(private.url, prefix=prefix, max_failures=1)
+        await throttle.start()
+        await throttle.failed("alice")
+        assert await throttle.blocked("alice") is not None
+    # Redis is gone: nobody is locked out, and it is logged.
+    with caplog.at_level(logging.WARNING, logger="netstack"):
+        assert await throttle.blocked("alice") is None
+        await throttle.failed("alice")
+        await throttle.succeeded("alice")
+    assert "not throttling" in caplog.text
+    await throttle.close()
+
+
+def unblocked(throttle: RedisThrottle, key: str) -> Any:
+    async def check() -> bool:
+        return await throttle.blocked(key) is None
+
+    return check
+
+
 async def test_redis_fanout_between_two_instances(redis: RedisServer, prefix: str) -> None:
     got: dict[str, list[str]] = {"a": [], "b": []}
 
@@ -280,6 +344,8 @@ async def test_unreachable_redis_is_a_startup_error(pg_url: str, prefix: str) ->
         await RedisFanout(url, prefix=prefix).start()
     with pytest.raises(ScaleOutUnavailable, match="cannot reach Redis"):
         await RedisPresence(url, prefix=prefix).start()
+    with pytest.raises(ScaleOutUnavailable, match="cannot reach Redis"):
+        await RedisThrottle(url, prefix=prefix).start()
     server = ChatServer(chat_config(pg_url, redis=url))
     with pytest.raises(ScaleOutUnavailable):
         await server.start()

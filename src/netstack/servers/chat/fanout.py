@@ -11,7 +11,7 @@ Redis and calls the same ``deliver`` on each instance's subscribers.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 
@@ -89,6 +89,69 @@ class LocalPresence:
 
     async def online(self, user_ids: Sequence[int]) -> set[int]:
         return {uid for uid in user_ids if uid in self._connections}
+
+
+class LoginThrottle(Protocol):
+    """Failed logins per nick, so password guessing is slowed down everywhere.
+
+    Shared across instances with Redis: otherwise a guesser spreading attempts over N
+    instances would get N times the budget.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def blocked(self, key: str) -> float | None:
+        """Seconds until logins for ``key`` are allowed again; ``None``: allowed now."""
+
+    async def failed(self, key: str) -> None:
+        """Count one failed login for ``key``."""
+
+    async def succeeded(self, key: str) -> None:
+        """Forget the failures of ``key``."""
+
+
+class LocalThrottle:
+    """Login throttle within one process: ``max_failures`` per ``window`` seconds, the
+    window starting at the first failure.
+
+    Args:
+        clock: monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self, clock: Callable[[], float], *, max_failures: int = 10, window: float = 300.0
+    ) -> None:
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self._failures: dict[str, tuple[int, float]] = {}  # key -> (count, first time)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def blocked(self, key: str) -> float | None:
+        now = self.clock()
+        count, first = self._failures.get(key, (0, now))
+        if now - first >= self.window:
+            del self._failures[key]
+        elif count >= self.max_failures:
+            return self.window - (now - first)
+        return None
+
+    async def failed(self, key: str) -> None:
+        now = self.clock()
+        if len(self._failures) > 100_000:  # bound the table: forget windows that have passed
+            self._failures = {k: v for k, v in self._failures.items() if now - v[1] < self.window}
+        count, first = self._failures.get(key, (0, now))
+        self._failures[key] = (count + 1, first)
+
+    async def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
 
 
 # Subscription changes for a user's sessions on every instance (see service.py).

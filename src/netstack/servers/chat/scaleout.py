@@ -25,7 +25,9 @@ hash from its own counts (the truth about its connections), so presence heals by
 after Redis loses its data (a restart without persistence); one instance's presence calls
 are serialised, so a heartbeat never races a count.
 
-Still per instance: the login-failure throttle (``too_many_attempts``) and flood control.
+Login throttle (:class:`RedisThrottle`): failed logins per nick are counted in Redis,
+so a guesser gets the same budget however many instances it spreads over. Still per
+instance: flood control (per connection anyway).
 Tested behind ``netstack balance`` in TCP mode (tests/servers/chat/test_scaleout.py);
 the L7 (HTTP) mode with WebSocket upgrades is not tested yet.
 """
@@ -399,3 +401,98 @@ class RedisPresence:
             return set()
         counts = await self._script(ONLINE_LUA, *user_ids)
         return {uid for uid, count in zip(user_ids, counts, strict=True) if int(count) > 0}
+
+
+# KEYS[1] the nick's failure counter; ARGV[1] window ms. The window starts at the first
+# failure, as in LocalThrottle.
+FAILED_LUA: Final = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+# ARGV[1] max failures: the milliseconds left in the window when blocked, else -1.
+BLOCKED_LUA: Final = """
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n < tonumber(ARGV[1]) then return -1 end
+return redis.call('PTTL', KEYS[1])
+"""
+
+
+class RedisThrottle:
+    """:class:`~.fanout.LoginThrottle` shared by every instance through Redis.
+
+    If Redis cannot be reached, logins are not throttled (logged): a Redis outage must
+    not lock everyone out.
+
+    Args:
+        url: the Redis URL.
+        prefix: key prefix (the same as the fan-out's).
+        max_failures: failed logins per nick allowed in ``window`` seconds.
+        window: seconds, from the first failure.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "netstack:chat",
+        max_failures: int = 10,
+        window: float = 300.0,
+    ) -> None:
+        self.url = url
+        self.prefix = f"{prefix}:login:"
+        self.max_failures = max_failures
+        self.window_ms = max(int(window * 1000), 1)
+        self._redis: Redis | None = None
+
+    @property
+    def redis(self) -> Redis:
+        assert self._redis is not None, "start() first"
+        return self._redis
+
+    async def start(self) -> None:
+        """Connect (checked with a PING).
+
+        Raises:
+            ScaleOutUnavailable: Redis cannot be reached.
+        """
+        import redis
+
+        self._redis = _client(self.url)
+        try:
+            await self.redis.ping()
+        except (redis.RedisError, OSError) as exc:
+            await self.redis.aclose()
+            self._redis = None
+            raise ScaleOutUnavailable(f"cannot reach Redis: {_one_line(exc)}") from exc
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _eval(self, lua: str, key: str, arg: int) -> int | None:
+        import redis
+
+        try:
+            return int(await self.redis.eval(lua, 1, self.prefix + key, arg))
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("chat login throttle: Redis failed (%s); not throttling", _one_line(exc))
+            return None
+
+    async def blocked(self, key: str) -> float | None:
+        left = await self._eval(BLOCKED_LUA, key, self.max_failures)
+        if left is None or left < 0:
+            return None
+        return left / 1000
+
+    async def failed(self, key: str) -> None:
+        await self._eval(FAILED_LUA, key, self.window_ms)
+
+    async def succeeded(self, key: str) -> None:
+        import redis
+
+        try:
+            await self.redis.delete(self.prefix + key)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("chat login throttle: Redis failed (%s)", _one_line(exc))

@@ -19,8 +19,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from netstack.config import ChatServerConfig, Limits, parse_hostport
 from netstack.errors import ConfigError
-from netstack.servers.chat.fanout import Fanout, LocalFanout, LocalPresence, Presence
-from netstack.servers.chat.service import ChatService
+from netstack.servers.chat.fanout import (
+    Fanout,
+    LocalFanout,
+    LocalPresence,
+    LoginThrottle,
+    Presence,
+)
+from netstack.servers.chat.service import LOGIN_WINDOW, MAX_LOGIN_FAILURES, ChatService
 from netstack.servers.chat.sqlite import SQLiteStore
 from netstack.servers.chat.store import Store, StoreUnavailable
 from netstack.servers.chat.tcp import ChatTCPProtocol
@@ -93,6 +99,8 @@ class ChatServer:
         store: overrides the store named by ``cfg.db`` (tests, other backends).
         fanout: overrides the fan-out (in-process, or Redis with ``cfg.redis``).
         presence: overrides the presence counts (in-process, or Redis with ``cfg.redis``).
+
+    With ``cfg.redis`` the failed-login throttle is shared through Redis too.
     """
 
     def __init__(
@@ -106,7 +114,7 @@ class ChatServer:
         self.cfg = cfg
         self.store = store if store is not None else open_store(database_location(cfg))
         if cfg.redis is not None:
-            from netstack.servers.chat.scaleout import RedisFanout, RedisPresence
+            from netstack.servers.chat.scaleout import RedisFanout, RedisPresence, RedisThrottle
 
             instance = secrets.token_hex(8)
             fanout = fanout or RedisFanout(cfg.redis, prefix=cfg.redis_prefix, instance=instance)
@@ -116,12 +124,21 @@ class ChatServer:
                 ttl=cfg.chat_timeouts.presence_ttl,
                 instance=instance,
             )
+            self.throttle: LoginThrottle | None = RedisThrottle(
+                cfg.redis,
+                prefix=cfg.redis_prefix,
+                max_failures=MAX_LOGIN_FAILURES,
+                window=LOGIN_WINDOW,
+            )
+        else:
+            self.throttle = None
         self.fanout = fanout if fanout is not None else LocalFanout()
         self.presence = presence if presence is not None else LocalPresence()
         self.service = ChatService(
             self.store,
             self.fanout,
             presence=self.presence,
+            throttle=self.throttle,
             limits=cfg.chat_limits,
             timeouts=cfg.chat_timeouts,
             idle_timeout=cfg.timeouts.idle_timeout,
@@ -151,6 +168,7 @@ class ChatServer:
         try:
             await self.fanout.start()
             await self.presence.start()
+            await self.service.throttle.start()
             ws = self.ws = WSTransport(self.service, self.cfg, self.ssl)
             host, port = parse_hostport(self.cfg.bind, field="bind")
             await ws.start(host, port)
@@ -212,6 +230,7 @@ class ChatServer:
         await self.service.drain()  # offline presence of the sessions just closed
         await self.fanout.close()
         await self.presence.close()
+        await self.service.throttle.close()
         self.service.close()
         await self.store.close()
         if self._started:

@@ -55,6 +55,8 @@ from netstack.servers.chat.fanout import (
     CONTROL_TOPIC,
     Fanout,
     LocalPresence,
+    LocalThrottle,
+    LoginThrottle,
     Presence,
     room_topic,
     user_topic,
@@ -242,6 +244,7 @@ class ChatService:
         store: persistence (opened by the caller).
         fanout: event delivery between sessions (and instances).
         presence: who is connected (and on which instance does not matter).
+        throttle: failed logins per nick (in-process by default).
         limits: per-client limits.
         timeouts: ``session_ttl`` for login tokens.
         idle_timeout: the TCP idle timeout, announced to clients in ``hello``.
@@ -255,6 +258,7 @@ class ChatService:
         fanout: Fanout,
         *,
         presence: Presence | None = None,
+        throttle: LoginThrottle | None = None,
         limits: ChatLimits | None = None,
         timeouts: ChatTimeouts | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -274,7 +278,11 @@ class ChatService:
         self._hasher = concurrent.futures.ThreadPoolExecutor(
             max_workers=HASH_WORKERS, thread_name_prefix="chat-scrypt"
         )
-        self._failures: dict[str, tuple[int, float]] = {}  # nick key -> (count, first time)
+        self.throttle = (
+            throttle
+            if throttle is not None
+            else LocalThrottle(clock, max_failures=MAX_LOGIN_FAILURES, window=LOGIN_WINDOW)
+        )
         self._background: set[asyncio.Task[None]] = set()  # presence updates of closed sessions
         self.fanout.subscribe(CONTROL_TOPIC, _Control(self))
         self._handlers: dict[str, Callable[[Session, Command], Awaitable[dict[str, object]]]] = {
@@ -420,24 +428,6 @@ class ChatService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._hasher, auth.verify_password, password, stored)
 
-    def _check_attempts(self, key: str) -> None:
-        now = self.clock()
-        count, first = self._failures.get(key, (0, now))
-        if now - first >= LOGIN_WINDOW:
-            del self._failures[key]
-        elif count >= MAX_LOGIN_FAILURES:
-            wait = int(LOGIN_WINDOW - (now - first)) + 1
-            raise CommandError(
-                Code.TOO_MANY_ATTEMPTS, f"too many failed logins for this nick; retry in {wait} s"
-            )
-
-    def _failed(self, key: str) -> None:
-        now = self.clock()
-        if len(self._failures) > 100_000:  # bound the table: forget windows that have passed
-            self._failures = {k: v for k, v in self._failures.items() if now - v[1] < LOGIN_WINDOW}
-        count, first = self._failures.get(key, (0, now))
-        self._failures[key] = (count + 1, first)
-
     def close(self) -> None:
         """Release the hashing threads (after the listeners are closed)."""
         self._hasher.shutdown(wait=False, cancel_futures=True)
@@ -455,14 +445,19 @@ class ChatService:
 
     async def _login(self, session: Session, cmd: Command) -> dict[str, object]:
         key = cmd.text("nick").lower()
-        self._check_attempts(key)
+        wait = await self.throttle.blocked(key)
+        if wait is not None:
+            raise CommandError(
+                Code.TOO_MANY_ATTEMPTS,
+                f"too many failed logins for this nick; retry in {int(wait) + 1} s",
+            )
         user = await self.store.get_user(key)
         stored = user.password_hash if user is not None else auth.DUMMY_HASH
         ok = await self._verify(cmd.text("password"), stored)
         if user is None or not ok:
-            self._failed(key)
+            await self.throttle.failed(key)
             raise CommandError(Code.AUTH_FAILED, "wrong nick or password")
-        self._failures.pop(key, None)
+        await self.throttle.succeeded(key)
         return await self._enter(session, user, new_token=True)
 
     async def _resume(self, session: Session, cmd: Command) -> dict[str, object]:
