@@ -7,6 +7,8 @@ import random
 import threading
 from typing import Any
 
+import pytest
+
 from tests.helpers import TIMEOUT, apoll_until
 from tests.servers.wsgi.support import echo, get, port_of, responses, serve
 
@@ -29,13 +31,14 @@ async def test_100_pipelined_requests_in_random_pieces_are_answered_in_order() -
     assert paths == [f"/{i}".encode() for i in range(100)]
 
 
-async def test_a_client_that_stops_reading_is_cut_after_write_timeout() -> None:
+@pytest.mark.parametrize("threads", [0, 2], ids=["inline", "threaded"])
+async def test_a_client_that_stops_reading_is_cut_after_write_timeout(threads: int) -> None:
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         for _ in range(10_000):  # far more than the socket buffers hold
             yield b"x" * 65536
 
-    async with serve(app, validate=False, threads=0, write_timeout=0.3) as server:
+    async with serve(app, validate=False, threads=threads, write_timeout=0.3) as server:
         _reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         writer.transport.pause_reading()  # type: ignore[attr-defined]
         writer.write(get())

@@ -204,7 +204,8 @@ async def test_slowloris_does_not_stop_a_normal_client() -> None:
             writer.close()
 
 
-async def test_a_client_that_does_not_read_pauses_a_streaming_response() -> None:
+@pytest.mark.parametrize("threads", [0, 2], ids=["inline", "threaded"])
+async def test_a_client_that_does_not_read_pauses_a_streaming_response(threads: int) -> None:
     produced = 0
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
@@ -214,7 +215,7 @@ async def test_a_client_that_does_not_read_pauses_a_streaming_response() -> None
             produced += 1
             yield b"x" * 65536
 
-    async with serve(app, validate=False, threads=0, write_timeout=None) as server:
+    async with serve(app, validate=False, threads=threads, write_timeout=None) as server:
         _reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         writer.transport.pause_reading()  # type: ignore[attr-defined]
         writer.write(get())

@@ -15,7 +15,8 @@ Each request becomes an :class:`Exchange`, run one of two ways:
   in ``resume_writing``.
 * ``threads > 0``: the app runs in a worker thread as soon as the head is parsed, reading
   a :class:`~netstack.servers.wsgi.body.StreamingBody`; what it sends is handed to the
-  loop with ``call_soon_threadsafe``, and the thread blocks while writing is paused.
+  loop in batches, in order, and the thread blocks while writing is paused or too much
+  is in flight.
 
 Timers are deadlines checked by the server's tick (one sweep for all connections), not one
 timer handle per request: ``header`` (a head must complete), ``keepalive`` (idle between
@@ -71,6 +72,8 @@ MAX_PENDING_EVENTS: Final = 64
 SPOOL_BYTES: Final = 1 << 20
 # Block size for files sent without sendfile.
 FILE_BLOCK: Final = 256 * 1024
+# Bytes an app thread may have handed to the loop and not yet seen written.
+THREAD_IN_FLIGHT: Final = 256 * 1024
 
 CONNECTION_CLOSE: Final = (b"connection", b"close")
 # "Content-Type" -> b"content-type", for the header names applications send.
@@ -230,8 +233,7 @@ class WSGIProtocol(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             exchange.lost = True
-            if exchange.writable is not None:
-                exchange.writable.set()  # a thread blocked on writing wakes up and stops
+            exchange.wake_writer()  # a thread blocked on writing wakes up and stops
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -320,8 +322,7 @@ class WSGIProtocol(asyncio.Protocol):
             self._arm(NO_TIMER, None)
         exchange = self.exchange
         if exchange is not None:
-            if exchange.writable is not None:
-                exchange.writable.set()
+            exchange.wake_writer()
             if exchange.inline_iterator is not None:
                 exchange.pump()
 
@@ -545,8 +546,10 @@ class Exchange:
     start_time = 0.0
     inline_iterator: Iterator[bytes] | None = None
     result: Iterable[bytes] | None = None
-    # Created when a worker thread streams a response (see send_threaded).
-    writable: threading.Event | None = None
+    # Created when a worker thread streams a response (see send_threaded): bytes handed
+    # to the loop and not yet written, under a condition the loop notifies.
+    flow: threading.Condition | None = None
+    in_flight = 0
     file_task: asyncio.Task[None] | None = None
     # Inline mode: the body collected before the app runs (closed after the response).
     spool: _BufferedBody | None = None
@@ -894,7 +897,6 @@ class Exchange:
 
     def run_threaded(self) -> None:
         """In a worker thread: run the app and hand what it sends to the loop."""
-        loop = self.server.loop
         result: Any = None
         try:
             result = self.server.app(self.environ, self.start_response)
@@ -902,7 +904,7 @@ class Exchange:
                 self.server.to_loop(self.complete, result[0] if result else b"")
                 return
             if type(result) is FileWrapper:
-                loop.call_soon_threadsafe(self.start_file, result)
+                self.server.to_loop(self.start_file, result)
                 return
             iterator = iter(result)
             first = next(iterator, None)
@@ -920,13 +922,17 @@ class Exchange:
                     break
         except Exception as exc:
             self._close_in_thread(result)
+            # (through to_loop, like the chunks, so that it runs after them)
             if self.lost:  # the client went away: not the app's fault, not an ERROR
-                loop.call_soon_threadsafe(self.finish)
+                self.server.to_loop(self._finish_from_thread, None)
             else:
-                loop.call_soon_threadsafe(self.app_error, exc)
+                self.server.to_loop(self.app_error, exc)
             return
         self._close_in_thread(result)
-        loop.call_soon_threadsafe(self.finish)
+        self.server.to_loop(self._finish_from_thread, None)
+
+    def _finish_from_thread(self, _: object) -> None:
+        self.finish()
 
     def _close_in_thread(self, result: Any) -> None:
         """Close the app's iterable in the app thread: close() may block (a framework's
@@ -939,27 +945,41 @@ class Exchange:
                 logger.exception("error closing the app's response iterable")
 
     def send_threaded(self, data: bytes) -> None:
-        """From the app thread: send one chunk, waiting until the loop has written it.
+        """From the app thread: hand one chunk to the loop, in order.
 
-        At most one chunk is in flight, and none while the transport is paused, so a
-        fast generator cannot queue an unbounded response in memory.
+        Up to THREAD_IN_FLIGHT bytes may wait for the loop, and none while the transport
+        is paused, so a fast generator cannot queue an unbounded response in memory, and a
+        slow client stalls only its own thread (BodyError after write_timeout).
         """
-        if self.lost:
-            raise BodyError("the client closed the connection")
-        writable = self.writable
-        if writable is None:
-            writable = self.writable = threading.Event()
-        writable.clear()
-        self.server.loop.call_soon_threadsafe(self._send_and_release, data)
-        if not writable.wait(self.server.http_timeouts.write_timeout):
-            raise BodyError("the client stopped reading the response")
-        if self.lost:
-            raise BodyError("the client closed the connection")
+        flow = self.flow
+        if flow is None:
+            flow = self.flow = threading.Condition(threading.Lock())
+        timeout = self.server.http_timeouts.write_timeout
+        with flow:
+            while not self.lost and (
+                self.in_flight > THREAD_IN_FLIGHT or self.protocol.write_paused
+            ):
+                if not flow.wait(timeout):
+                    raise BodyError("the client stopped reading the response")
+            if self.lost:
+                raise BodyError("the client closed the connection")
+            self.in_flight += len(data)
+        self.server.to_loop(self._send_from_thread, data)
 
-    def _send_and_release(self, data: bytes) -> None:
+    def _send_from_thread(self, data: bytes) -> None:
         self.send_data(data)
-        if (not self.protocol.write_paused or self.protocol.closed) and self.writable:
-            self.writable.set()  # else resume_writing() sets it
+        flow = self.flow
+        assert flow is not None
+        with flow:
+            self.in_flight -= len(data)
+            flow.notify_all()
+
+    def wake_writer(self) -> None:
+        """On the loop: writing resumed or the connection is gone; wake a waiting thread."""
+        flow = self.flow
+        if flow is not None:
+            with flow:
+                flow.notify_all()
 
 
 _NO_BODY: Final = _NoBody()

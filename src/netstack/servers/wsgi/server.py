@@ -162,7 +162,7 @@ class WSGIServer(Lifecycle):
         self._tick_task: asyncio.Task[None] | None = None
         self._pool: _ThreadPool | None = None
         # Responses finished by app threads, waiting for the loop (see to_loop).
-        self._from_threads: collections.deque[tuple[Callable[[bytes], None], bytes]] = (
+        self._from_threads: collections.deque[tuple[Callable[[Any], None], Any]] = (
             collections.deque()
         )
         self._drain_scheduled = False
@@ -290,8 +290,8 @@ class WSGIServer(Lifecycle):
         assert self._pool is not None
         self._pool.submit(job)
 
-    def to_loop(self, callback: Callable[[bytes], None], arg: bytes) -> None:
-        """From an app thread: run ``callback(arg)`` on the loop.
+    def to_loop(self, callback: Callable[[Any], None], arg: Any) -> None:
+        """From an app thread: run ``callback(arg)`` on the loop, in call order.
 
         Completed responses are queued and the loop is woken once per batch instead of
         once per response (``call_soon_threadsafe`` takes a lock and allocates a handle
