@@ -1337,9 +1337,13 @@ class RPCClientConfig:
     token: str | None = field(
         default=None, metadata=_help("send 'authorization: Bearer TOKEN' (none: no auth)")
     )
-    # grpcurl has no default deadline; a CLI call should not hang forever on a dead server.
+    # grpcurl has no default deadline; a unary CLI call should not hang on a stuck server,
+    # while a stream (WatchNotes) is meant to run until Ctrl-C.
     deadline: float | None = field(
-        default=10.0, metadata=_help("seconds the call may take (none: no deadline)")
+        default=None,
+        metadata=_help(
+            "seconds the call may take (none: 10 s for unary calls, no limit for streams)"
+        ),
     )
 
     def __post_init__(self) -> None:

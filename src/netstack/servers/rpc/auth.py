@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # the stubs make it generic; the runtime class is not
 OPEN_PREFIXES: Final = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-
 def bearer_token(metadata: Any) -> str | None:
     """The token of an ``authorization: Bearer ...`` entry, or None."""
     for key, value in metadata or ():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -56,6 +57,23 @@ def open_store(location: str) -> NoteStore:
 
         return PostgresNoteStore(location)
     return SQLiteNoteStore(location.removeprefix("sqlite://"))
+
+
+def _probe_bind(host: str, port: int) -> None:
+    """Bind ``host:port`` with a plain socket first, for the OS's own error message.
+
+    gRPC's core reports a failed bind only as "Failed to bind" (and logs the reason to
+    stderr itself); the probe gives "Address already in use" or "Cannot assign requested
+    address" instead. Port 0 needs no probe.
+    """
+    if port == 0:
+        return
+    for family, kind, proto, _, addr in socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            probe.bind(addr)
 
 
 class RPCServer:
@@ -114,10 +132,12 @@ class RPCServer:
         host, port = parse_hostport(self.cfg.bind)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
+            _probe_bind(host, port)
             self.port = server.add_insecure_port(target)
-        except RuntimeError as exc:  # grpc reports a failed bind this way
+        except (OSError, RuntimeError) as exc:  # grpc reports a failed bind as RuntimeError
             await self.store.close()
-            raise OSError(f"cannot bind {self.cfg.bind}: {exc}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise OSError(f"cannot bind {self.cfg.bind}: {reason}") from None
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -144,6 +164,7 @@ class RPCServer:
             self.service.hub.close()
             await self._server.stop(self.cfg.grace_period)
         await self.store.close()
+        logger.info("notes service stopped")
 
     async def wait_closed(self) -> None:
         if self._server is not None:
