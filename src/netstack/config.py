@@ -1286,6 +1286,15 @@ class RPCLimits:
             )
 
 
+def _check_token(token: str | None) -> None:
+    # RFC 6750 §2.1 b64token characters: what fits in "authorization: Bearer TOKEN".
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+    if token is not None and (not token or not set(token) <= allowed):
+        raise ConfigError(
+            "token: use letters, digits and -._~+/= only (RFC 6750 bearer token)", field="token"
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RPCServerConfig:
     """``netstack rpc serve``: the gRPC notes service."""
@@ -1323,8 +1332,7 @@ class RPCServerConfig:
                     f"db: unsupported scheme {scheme!r}; use a file path or postgresql://",
                     field="db",
                 )
-        if self.token is not None and not self.token.strip():
-            raise ConfigError("token must not be empty (use none to disable auth)", field="token")
+        _check_token(self.token)
         _positive("store_timeout", self.store_timeout)
         _non_negative("grace_period", self.grace_period)
 
@@ -1348,5 +1356,6 @@ class RPCClientConfig:
 
     def __post_init__(self) -> None:
         parse_hostport(self.connect, field="connect")
+        _check_token(self.token)
         if self.deadline is not None:
             _positive("deadline", self.deadline)
