@@ -1,6 +1,16 @@
 import gc
+from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the store lives, for the tests that run on both stores."""
+    if request.param == "sqlite":
+        return str(tmp_path / "notes.sqlite3")
+    url: str = request.getfixturevalue("pg_url")
+    return url
 
 
 @pytest.fixture(autouse=True)

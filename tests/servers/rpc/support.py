@@ -14,6 +14,7 @@ from netstack.config import RPCLimits, RPCServerConfig
 from netstack.servers.rpc import RPCServer
 from netstack.servers.rpc._pb import notes_pb2 as pb
 from netstack.servers.rpc._pb import notes_pb2_grpc as pb_grpc
+from netstack.servers.rpc.postgres import PostgresNoteStore
 from netstack.servers.rpc.sqlite import SQLiteNoteStore
 from netstack.servers.rpc.store import Note
 
@@ -23,12 +24,17 @@ AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 @contextlib.asynccontextmanager
 async def running(
-    tmp_path: Path, *, store: Any = None, limits: RPCLimits | None = None, **settings: Any
+    tmp_path: Path,
+    *,
+    store: Any = None,
+    limits: RPCLimits | None = None,
+    db: str | None = None,
+    **settings: Any,
 ) -> AsyncIterator[RPCServer]:
     settings.setdefault("token", TOKEN)
     cfg = RPCServerConfig(
         bind="127.0.0.1:0",
-        db=str(tmp_path / "notes.sqlite3"),
+        db=db or str(tmp_path / "notes.sqlite3"),
         rpc_limits=limits or RPCLimits(),
         **settings,
     )
@@ -73,6 +79,14 @@ class StallingStore(SQLiteNoteStore):
                 raise
 
         await self._run(forever)
+        raise AssertionError("unreachable")
+
+
+class StallingPostgresStore(PostgresNoteStore):
+    """A real PostgreSQL store whose ``get`` sleeps on the server for a minute."""
+
+    async def get(self, note_id: int) -> Note | None:
+        await self._all("SELECT pg_sleep(60)", ())
         raise AssertionError("unreachable")
 
 

@@ -13,11 +13,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from netstack.config import RPCLimits, RPCServerConfig
 from netstack.servers.rpc import RPCServer
 from netstack.servers.rpc._pb import notes_pb2 as pb
-from netstack.servers.rpc._pb import notes_pb2_grpc as pb_grpc
 from tests.helpers import TIMEOUT, apoll_until
 from tests.servers.rpc.support import (
     AUTH,
     GatedStore,
+    StallingPostgresStore,
     StallingStore,
     create,
     running,
@@ -123,8 +123,8 @@ async def test_without_a_token_configured_calls_need_none(tmp_path):
 # ---------------------------------------------------------------- CRUD, errors
 
 
-async def test_create_get_update_delete(tmp_path):
-    async with running(tmp_path) as server, stub_for(server) as stub:
+async def test_create_get_update_delete(tmp_path, db):
+    async with running(tmp_path, db=db) as server, stub_for(server) as stub:
         note = await create(stub, "  groceries  ", "milk\neggs")
         assert (note.id, note.title, note.body, note.version) == (1, "groceries", "milk\neggs", 1)
         assert note.create_time == note.update_time
@@ -193,9 +193,9 @@ async def test_oversized_message_is_refused_and_the_server_keeps_serving(tmp_pat
 # ---------------------------------------------------------------- paging and search
 
 
-async def test_paging_through_many_notes(tmp_path):
+async def test_paging_through_many_notes(tmp_path, db):
     limits = RPCLimits(default_page_size=7, max_page_size=20)
-    async with running(tmp_path, limits=limits) as server, stub_for(server) as stub:
+    async with running(tmp_path, db=db, limits=limits) as server, stub_for(server) as stub:
         for i in range(45):
             await create(stub, f"note {i}")
         seen: list[int] = []
@@ -223,8 +223,8 @@ async def test_paging_through_many_notes(tmp_path):
         assert [n.id for n in second.notes] == list(range(35, 25, -1))
 
 
-async def test_search_matches_title_or_body_in_any_case(tmp_path):
-    async with running(tmp_path) as server, stub_for(server) as stub:
+async def test_search_matches_title_or_body_in_any_case(tmp_path, db):
+    async with running(tmp_path, db=db) as server, stub_for(server) as stub:
         await create(stub, "Straße map", "directions")  # 1
         await create(stub, "shopping", "buy STRASSE cleaner")  # 2
         await create(stub, "100% sure", "under_score")  # 3
@@ -242,8 +242,8 @@ async def test_search_matches_title_or_body_in_any_case(tmp_path):
         assert await ids("zebra") == []
 
 
-async def test_search_pages_and_tokens_are_bound_to_their_query(tmp_path):
-    async with running(tmp_path) as server, stub_for(server) as stub:
+async def test_search_pages_and_tokens_are_bound_to_their_query(tmp_path, db):
+    async with running(tmp_path, db=db) as server, stub_for(server) as stub:
         for i in range(12):
             await create(stub, f"{'apple' if i % 2 else 'pear'} {i}")
         first = await stub.SearchNotes(
@@ -274,8 +274,12 @@ async def test_search_pages_and_tokens_are_bound_to_their_query(tmp_path):
 # ---------------------------------------------------------------- watch
 
 
-async def test_watch_receives_changes_made_by_another_client(tmp_path):
-    async with running(tmp_path) as server, stub_for(server) as watcher, stub_for(server) as writer:
+async def test_watch_receives_changes_made_by_another_client(tmp_path, db):
+    async with (
+        running(tmp_path, db=db) as server,
+        stub_for(server) as watcher,
+        stub_for(server) as writer,
+    ):
         stream = watcher.WatchNotes(pb.WatchNotesRequest(), metadata=AUTH)
         await asyncio.wait_for(stream.initial_metadata(), TIMEOUT)  # subscribed
         note = await create(writer, "watched")
@@ -364,6 +368,21 @@ async def test_a_stalled_store_call_is_abandoned_at_the_client_deadline(tmp_path
         assert (await create(stub, "y")).id == 2
 
 
+async def test_a_slow_postgres_query_is_cancelled_at_the_deadline(tmp_path, pg_url):
+    store = StallingPostgresStore(pg_url, max_connections=1)
+    async with running(tmp_path, store=store) as server, stub_for(server) as stub:
+        await create(stub, "x")
+        started = time.monotonic()
+        await expect_status(
+            stub.GetNote(pb.GetNoteRequest(id=1), metadata=AUTH, timeout=0.3),
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        assert time.monotonic() - started < 0.3 + TIMEOUT / 5
+        # The only pooled connection is back and usable: pg_sleep was cancelled.
+        note = await asyncio.wait_for(create(stub, "y"), TIMEOUT)
+        assert note.id == 2
+
+
 async def test_without_a_client_deadline_store_timeout_bounds_the_call(tmp_path):
     store = StallingStore(tmp_path / "stall.sqlite3")
     async with (
@@ -443,11 +462,11 @@ async def test_a_busy_port_is_an_os_error_naming_the_reason(tmp_path):
             await server.start()
 
 
-async def test_notes_survive_a_restart(tmp_path):
-    async with running(tmp_path) as server, stub_for(server) as stub:
+async def test_notes_survive_a_restart(tmp_path, db):
+    async with running(tmp_path, db=db) as server, stub_for(server) as stub:
         await create(stub, "persistent", "on disk")
-    async with running(tmp_path) as server, stub_for(server) as stub:
+    async with running(tmp_path, db=db) as server, stub_for(server) as stub:
         note = await stub.GetNote(pb.GetNoteRequest(id=1), metadata=AUTH)
         assert (note.title, note.body) == ("persistent", "on disk")
-    assert (tmp_path / "notes.sqlite3").exists()
-    assert pb_grpc  # the generated module is importable as a package member
+    if "://" not in db:
+        assert (tmp_path / "notes.sqlite3").exists()
