@@ -148,7 +148,7 @@ def call(method: str | None, data: str, list_: bool, config_file: str | None, **
             assert method is not None
             stream = client.method(method).server_streaming
             for response in client.call(method, data):
-                click.echo(json.dumps(response) if stream else json.dumps(response, indent=2))
+                click.echo(json.dumps(response, ensure_ascii=False, indent=None if stream else 2))
     except UsageError as exc:
         raise ConfigError(str(exc)) from None
     except CallError as exc:

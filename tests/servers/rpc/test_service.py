@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from netstack.config import RPCLimits, RPCServerConfig
 from netstack.servers.rpc import RPCServer
 from netstack.servers.rpc._pb import notes_pb2 as pb
+from netstack.servers.rpc.postgres import PostgresNoteStore
 from tests.helpers import TIMEOUT, apoll_until
 from tests.servers.rpc.support import (
     AUTH,
@@ -381,6 +382,32 @@ async def test_a_slow_postgres_query_is_cancelled_at_the_deadline(tmp_path, pg_u
         # The only pooled connection is back and usable: pg_sleep was cancelled.
         note = await asyncio.wait_for(create(stub, "y"), TIMEOUT)
         assert note.id == 2
+
+
+async def test_a_lost_database_connection_is_unavailable_then_recovers(tmp_path, pg_url):
+    import uuid
+
+    import psycopg
+
+    name = f"notes_{uuid.uuid4().hex[:12]}"  # only this test's connections are cut
+    store = PostgresNoteStore(f"{pg_url}&application_name={name}", max_connections=1)
+    async with running(tmp_path, store=store) as server, stub_for(server) as stub:
+        await create(stub, "x")
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+            cur = await admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (name,),
+            )
+            assert (await cur.fetchone()) == (1,)
+        await expect_status(
+            stub.GetNote(pb.GetNoteRequest(id=1), metadata=AUTH, timeout=TIMEOUT),
+            grpc.StatusCode.UNAVAILABLE,
+            "the database is unavailable",
+        )
+        # The pool replaces the broken connection; the service never stopped.
+        note = await stub.GetNote(pb.GetNoteRequest(id=1), metadata=AUTH, timeout=TIMEOUT)
+        assert note.title == "x"
 
 
 async def test_without_a_client_deadline_store_timeout_bounds_the_call(tmp_path):

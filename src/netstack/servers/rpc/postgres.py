@@ -10,7 +10,8 @@ an advisory lock, so instances starting together do not race (as the chat store 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, LiteralString
 
 from netstack.servers.rpc.sqlite import search_key
@@ -107,8 +108,19 @@ class PostgresNoteStore:
             await self._pool.close()
             self._pool = None
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[tuple[Any, ...]]]:
+        """A pooled connection for one transaction; a lost server is StoreUnavailable."""
+        import psycopg
+
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout
+            raise StoreUnavailable(f"PostgreSQL: {_one_line(exc)}") from exc
+
     async def _all(self, sql: LiteralString, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(sql, args)
             return await cur.fetchall()
 
@@ -150,7 +162,7 @@ class PostgresNoteStore:
         expected_version: int | None,
         now: int,
     ) -> Note | None:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             cur = await conn.execute(_SELECT + " WHERE id = %s FOR UPDATE", (note_id,))
             row = await cur.fetchone()
             if row is None:

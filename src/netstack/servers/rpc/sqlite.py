@@ -84,6 +84,8 @@ class SQLiteNoteStore:
         future = asyncio.get_running_loop().run_in_executor(self._executor, job)
         try:
             return await asyncio.shield(future)
+        except sqlite3.OperationalError as exc:  # disk I/O error, database locked too long
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
         except asyncio.CancelledError:
             job.abandoned = True  # a queued job will not start
             if job.running and self._db is not None:
