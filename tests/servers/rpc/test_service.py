@@ -312,8 +312,7 @@ async def test_a_slow_watcher_is_ended_with_resource_exhausted(tmp_path):
         await asyncio.wait_for(slow.initial_metadata(), TIMEOUT)
         # A burst of changes faster than the subscriber drains: published back to back on
         # the server's loop, so its queue holds 4 and the 5th ends the subscription. (A
-        # reader that merely stops reading is first absorbed by the HTTP/2 window, which
-        # gRPC bounds; the queue is the bound behind it.)
+        # reader that stops reading: the next test.)
         note = await create(writer, "burst")
         for _ in range(10):
             server.service.hub.publish(pb.NoteEvent(kind=pb.NoteEvent.UPDATED, note=note))
@@ -338,6 +337,34 @@ async def test_a_slow_watcher_is_ended_with_resource_exhausted(tmp_path):
         event = await asyncio.wait_for(again.read(), TIMEOUT)
         assert (event.kind, event.note.title) == (pb.NoteEvent.CREATED, "after")
         again.cancel()
+
+
+async def test_a_watcher_that_stops_reading_is_ended_not_buffered(tmp_path):
+    # Large notes fill the HTTP/2 window and the socket buffers (a few MB) after a few
+    # events; behind them the server queues at most 4 more, then ends the stream.
+    limits = RPCLimits(max_watch_backlog=4, max_note_bytes=900_000, max_message_bytes=1 << 21)
+    async with (
+        running(tmp_path, limits=limits) as server,
+        stub_for(server) as watcher,
+        stub_for(server) as writer,
+    ):
+        stream = watcher.WatchNotes(pb.WatchNotesRequest(), metadata=AUTH)
+        await asyncio.wait_for(stream.initial_metadata(), TIMEOUT)
+        for i in range(40):  # 36 MB of changes while the watcher reads nothing
+            await create(writer, f"n{i}", "x" * 900_000)
+        received, error = 0, None
+        for _ in range(41):
+            try:
+                event = await asyncio.wait_for(stream.read(), TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+                break
+            assert event.note.id == received + 1  # in order, none skipped before the end
+            received += 1
+        assert error is not None
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert received < 40
+        await apoll_until(lambda: len(server.service.hub) == 0)
 
 
 async def test_too_many_watchers(tmp_path):
