@@ -1322,9 +1322,12 @@ class RPCServerConfig:
         default=10.0, metadata=_help("on shutdown, wait this long for in-flight calls")
     )
     rpc_limits: RPCLimits = field(default_factory=RPCLimits)
+    tls: TLS = field(default_factory=TLS)
 
     def __post_init__(self) -> None:
         parse_hostport(self.bind, field="bind")
+        if self.tls.enabled and self.tls.certfile is None:
+            raise ConfigError("a TLS server needs certfile and keyfile", field="certfile")
         if self.db is not None and "://" in self.db:
             scheme = self.db.split("://", 1)[0].lower()
             if scheme not in DB_SCHEMES:
@@ -1353,6 +1356,8 @@ class RPCClientConfig:
             "seconds the call may take (none: 10 s for unary calls, no limit for streams)"
         ),
     )
+    # Only cafile matters to the client; the CLI leaves certfile/keyfile off its --help.
+    tls: TLS = field(default_factory=TLS)
 
     def __post_init__(self) -> None:
         parse_hostport(self.connect, field="connect")

@@ -46,6 +46,12 @@ def test_help_has_examples(capsys):
         (["call"], "METHOD is required"),
         (["call", "GetNote"], "METHOD: expected package.Service/Method"),
         (["call", "notes.v1.Notes/GetNote", "--data", "@/nonexistent.json"], "--data"),
+        (["serve", "--certfile", "/nonexistent.pem"], "keyfile"),
+        (
+            ["serve", "--certfile", "/nonexistent.pem", "--keyfile", "/nonexistent.pem"],
+            "cannot read",
+        ),
+        (["call", "--cafile", "/nonexistent.pem", "--list"], "cafile: cannot read"),
     ],
 )
 def test_bad_settings_are_usage_errors(argv, field, capsys, tmp_path):
@@ -56,6 +62,14 @@ def test_bad_settings_are_usage_errors(argv, field, capsys, tmp_path):
     err = capsys.readouterr().err
     assert field in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv", [["serve", "--cafile", "ca.pem"], ["call", "--keyfile", "key.pem", "--list"]]
+)
+def test_tls_settings_of_the_other_side_are_not_offered(argv, capsys):
+    assert main(["rpc", *argv]) == 2
+    assert "No such option" in capsys.readouterr().err
 
 
 def test_port_in_use_is_startup_failure(capsys, tmp_path):
@@ -195,6 +209,37 @@ def test_round_trip_through_the_cli(served, capsys):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(TIMEOUT) == 0
     assert "notes service stopped" in proc.stderr.read()
+
+
+@pytest.mark.slow
+def test_tls_round_trip(tmp_path, tls_certs, capsys):
+    argv = ["rpc", "serve", "--bind", "127.0.0.1:0", "--data-dir", str(tmp_path)]
+    argv += ["--certfile", tls_certs.certfile, "--keyfile", tls_certs.keyfile]
+    proc = subprocess.Popen(
+        [*NETSTACK, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # database ...
+        line = proc.stdout.readline()
+        assert line.startswith("listening on grpcs 127.0.0.1:"), line
+        address = line.split()[-1]
+        capsys.readouterr()
+        argv = ["rpc", "call", "grpc.health.v1.Health/Check", "--connect", address]
+        assert main([*argv, "--cafile", tls_certs.cafile]) == 0
+        assert json.loads(capsys.readouterr().out) == {"status": "SERVING"}
+        # Without the CA the server's certificate is not trusted: no connection.
+        assert main([*argv, "--deadline", "0.5"]) == 1
+        assert "cannot connect" in capsys.readouterr().err
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 @pytest.mark.slow

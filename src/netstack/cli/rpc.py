@@ -40,15 +40,15 @@ def group() -> None:
 
 
 @group.command(name="serve")
-@config_options(RPCServerConfig)
+@config_options(RPCServerConfig, exclude=("cafile",))
 def serve(config_file: str | None, **flags: Any) -> None:
     """Run the notes gRPC service until SIGINT/SIGTERM, then shut down gracefully.
 
     Serves notes.v1.Notes (servers/rpc/proto/notes.proto) with the standard health
     checking and reflection services. With --token, calls must send
     "authorization: Bearer TOKEN" (health and reflection stay open). Prints
-    "listening on grpc HOST:PORT" once bound (useful with port 0). On SIGTERM it stops
-    accepting calls and lets in-flight ones finish within --grace-period.
+    "listening on grpc HOST:PORT" (grpcs with TLS) once bound (useful with port 0). On
+    SIGTERM it stops accepting calls and lets in-flight ones finish within --grace-period.
 
     \b
     Examples:
@@ -56,6 +56,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
       netstack rpc serve --bind 127.0.0.1:0 --token s3cret --data-dir ./data
       netstack rpc serve --bind 0.0.0.0:50051 --db postgresql://netstack:pw@db/netstack
       NETSTACK_TOKEN=s3cret netstack rpc serve --db /var/lib/netstack/notes.sqlite3
+      netstack rpc serve --certfile cert.pem --keyfile key.pem --bind 0.0.0.0:50051
     """
     cfg = load_config(RPCServerConfig, flags, config_file=config_file)
     _need_grpc()
@@ -84,7 +85,7 @@ async def _serve(cfg: RPCServerConfig) -> None:
             location = location.split("://", 1)[0] + "://" + location.rsplit("@", 1)[-1]
         click.echo(f"database {location}")
         host, port = server.address
-        click.echo(f"listening on grpc {f'[{host}]' if ':' in host else host}:{port}")
+        click.echo(f"listening on {server.scheme} {f'[{host}]' if ':' in host else host}:{port}")
         if cfg.token is None:
             click.echo("auth off: anyone who can connect may call (set --token)")
         await server.serve_forever()
@@ -109,7 +110,7 @@ async def _serve(cfg: RPCServerConfig) -> None:
     is_flag=True,
     help="list the server's services (or, with METHOD set to a service, its methods)",
 )
-@config_options(RPCClientConfig)
+@config_options(RPCClientConfig, exclude=("certfile", "keyfile"))
 def call(method: str | None, data: str, list_: bool, config_file: str | None, **flags: Any) -> int:
     """Call METHOD (package.Service/Method) with a JSON request; print the JSON response.
 
@@ -125,6 +126,7 @@ def call(method: str | None, data: str, list_: bool, config_file: str | None, **
       netstack rpc call notes.v1.Notes/ListNotes -d '{"pageSize": 10}' --token s3cret
       netstack rpc call notes.v1.Notes/WatchNotes --connect 10.0.0.5:50051
       netstack rpc call grpc.health.v1.Health/Check --deadline 1
+      netstack rpc call --list --connect notes.example.com:50051 --cafile ca.pem
     """
     cfg = load_config(RPCClientConfig, flags, config_file=config_file)
     if not list_ and method is None:

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from netstack.config import RPCLimits, RPCServerConfig
 from netstack.servers.rpc import RPCServer
 from netstack.servers.rpc._pb import notes_pb2 as pb
+from netstack.servers.rpc._pb import notes_pb2_grpc as pb_grpc
 from netstack.servers.rpc.postgres import PostgresNoteStore
 from tests.helpers import TIMEOUT, apoll_until
 from tests.servers.rpc.support import (
@@ -500,6 +501,37 @@ async def test_calls_still_running_after_the_grace_period_are_cancelled(tmp_path
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await asyncio.wait_for(waiter, TIMEOUT)
         assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+async def test_tls(tmp_path, tls_certs):
+    from netstack.config import TLS
+
+    tls = TLS(certfile=tls_certs.certfile, keyfile=tls_certs.keyfile)
+    async with running(tmp_path, tls=tls) as server:
+        assert server.scheme == "grpcs"
+        with open(tls_certs.cafile, "rb") as fh:  # noqa: ASYNC230 - a small local file
+            credentials = grpc.ssl_channel_credentials(root_certificates=fh.read())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials) as channel:
+            stub = pb_grpc.NotesStub(channel)
+            assert (await create(stub, "over tls")).id == 1  # type: ignore[arg-type]
+        async with stub_for(server) as plaintext:
+            await expect_status(create(plaintext, "in the clear"), grpc.StatusCode.UNAVAILABLE)
+
+
+async def test_an_unreadable_certificate_is_a_config_error(tmp_path):
+    from netstack.config import TLS
+    from netstack.errors import ConfigError
+
+    missing = str(tmp_path / "missing.pem")
+    cfg = RPCServerConfig(
+        bind="127.0.0.1:0",
+        db=str(tmp_path / "n.sqlite3"),
+        tls=TLS(certfile=missing, keyfile=missing),
+    )
+    server = RPCServer(cfg)
+    with pytest.raises(ConfigError, match=r"cannot read .*missing\.pem"):
+        await server.start()
+    await server.close()
 
 
 async def test_a_busy_port_is_an_os_error_naming_the_reason(tmp_path):

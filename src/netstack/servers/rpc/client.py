@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -70,7 +71,15 @@ class ReflectionClient:
         self.cfg = cfg
         host, port = parse_hostport(cfg.connect, field="connect")
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.channel = grpc.insecure_channel(target)
+        if cfg.tls.cafile is not None:
+            try:
+                roots = Path(cfg.tls.cafile).read_bytes()
+            except OSError as exc:
+                raise UsageError(f"cafile: cannot read {cfg.tls.cafile}: {exc.strerror}") from None
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
         self._db = ProtoReflectionDescriptorDatabase(self.channel)
         self._pool = descriptor_pool.DescriptorPool(self._db)
         self._connected = False

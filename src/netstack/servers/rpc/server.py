@@ -23,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from netstack.config import RPCServerConfig, parse_hostport
+from netstack.errors import ConfigError
 from netstack.servers.rpc._pb import notes_pb2_grpc
 from netstack.servers.rpc.auth import TokenAuth
 from netstack.servers.rpc.service import SERVICE_NAME, NotesService
@@ -131,9 +132,13 @@ class RPCServer:
         )
         host, port = parse_hostport(self.cfg.bind)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        credentials = self._credentials()
         try:
             _probe_bind(host, port)
-            self.port = server.add_insecure_port(target)
+            if credentials is None:
+                self.port = server.add_insecure_port(target)
+            else:
+                self.port = server.add_secure_port(target, credentials)
         except (OSError, RuntimeError) as exc:  # grpc reports a failed bind as RuntimeError
             await self.store.close()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -145,6 +150,23 @@ class RPCServer:
         logger.info(
             "notes service on %s:%d (auth %s)", host, self.port, "on" if self.cfg.token else "off"
         )
+
+    @property
+    def scheme(self) -> str:
+        """``grpcs`` with TLS, else ``grpc`` (for the "listening on" line)."""
+        return "grpcs" if self.cfg.tls.certfile else "grpc"
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        tls = self.cfg.tls
+        if tls.certfile is None or tls.keyfile is None:
+            return None
+        try:
+            key = Path(tls.keyfile).read_bytes()
+            chain = Path(tls.certfile).read_bytes()
+        except OSError as exc:
+            field = "keyfile" if exc.filename == tls.keyfile else "certfile"
+            raise ConfigError(f"{field}: cannot read {exc.filename}: {exc.strerror}") from None
+        return grpc.ssl_server_credentials([(key, chain)])
 
     def request_stop(self) -> None:
         """Ask :meth:`serve_forever` to return (signal-handler safe)."""
