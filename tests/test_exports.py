@@ -58,3 +58,11 @@ def test_http11_public_names() -> None:
     ]
     for name in http11.__all__:
         assert hasattr(http11, name)
+
+
+def test_rpc_public_names() -> None:
+    import netstack.servers.rpc as rpc
+
+    assert sorted(rpc.__all__) == ["NotesService", "RPCServer", "database_location", "open_store"]
+    for name in rpc.__all__:
+        assert hasattr(rpc, name)

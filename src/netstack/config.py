@@ -1232,3 +1232,135 @@ class BalancerQuickConfig:
             limits=self.limits,
             timeouts=self.timeouts,
         )
+
+
+# --------------------------------------------------------------------------- gRPC notes service
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RPCLimits:
+    """What one gRPC client may send or make the notes service hold."""
+
+    # A title is a line in a list (GitHub issue titles allow 256 characters).
+    max_title_chars: int = field(default=200, metadata=_help("longest note title"))
+    # A note is text, not a file store; 64 KiB is far above what a person types.
+    max_note_bytes: int = field(default=64 * 1024, metadata=_help("largest note body, UTF-8"))
+    max_query_chars: int = field(default=200, metadata=_help("longest search query"))
+    # AIP-158: a default page size and a maximum that larger requests are clamped to.
+    default_page_size: int = field(default=20, metadata=_help("notes per page when unset"))
+    max_page_size: int = field(default=100, metadata=_help("larger page sizes are clamped"))
+    max_watchers: int = field(
+        default=1000, metadata=_help("concurrent WatchNotes streams; more get RESOURCE_EXHAUSTED")
+    )
+    # Each subscriber queues at most this many events; one that falls further behind is
+    # ended with RESOURCE_EXHAUSTED rather than buffering without bound.
+    max_watch_backlog: int = field(
+        default=256, metadata=_help("events queued per WatchNotes subscriber")
+    )
+    # gRPC's own default receive limit is 4 MiB.
+    max_message_bytes: int = field(
+        default=1 << 20, metadata=_help("largest gRPC request message accepted")
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_title_chars",
+            "max_note_bytes",
+            "max_query_chars",
+            "default_page_size",
+            "max_page_size",
+            "max_watchers",
+            "max_watch_backlog",
+            "max_message_bytes",
+        ):
+            _positive(name, getattr(self, name))
+        if self.default_page_size > self.max_page_size:
+            raise ConfigError(
+                "default_page_size must be <= max_page_size", field="default_page_size"
+            )
+        if self.max_note_bytes + 4 * self.max_title_chars + 1024 > self.max_message_bytes:
+            raise ConfigError(
+                "max_message_bytes must leave room for a whole note "
+                "(max_note_bytes + 4 * max_title_chars + 1 KiB)",
+                field="max_message_bytes",
+            )
+
+
+def _check_token(token: str | None) -> None:
+    # RFC 6750 §2.1 b64token characters: what fits in "authorization: Bearer TOKEN".
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+    if token is not None and (not token or not set(token) <= allowed):
+        raise ConfigError(
+            "token: use letters, digits and -._~+/= only (RFC 6750 bearer token)", field="token"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RPCServerConfig:
+    """``netstack rpc serve``: the gRPC notes service."""
+
+    # 50051 is the port every gRPC tutorial and grpcurl example uses.
+    bind: str = field(default="127.0.0.1:50051", metadata=_help("HOST:PORT or [IPv6]:PORT"))
+    db: str | None = field(
+        default=None,
+        metadata=_help("SQLite file or postgresql://... (none: notes.sqlite3 in the data dir)"),
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata=_help("where the default database lives (none: $XDG_DATA_HOME/netstack)"),
+    )
+    token: str | None = field(
+        default=None,
+        metadata=_help("require 'authorization: Bearer TOKEN' (none: no auth; health stays open)"),
+    )
+    # Without a client deadline a store call still must not hang a handler forever.
+    store_timeout: float = field(
+        default=30.0, metadata=_help("longest store call when the client sets no deadline")
+    )
+    # uvicorn's timeout_graceful_shutdown is unset by default; gunicorn's is 30 s.
+    grace_period: float = field(
+        default=10.0, metadata=_help("on shutdown, wait this long for in-flight calls")
+    )
+    rpc_limits: RPCLimits = field(default_factory=RPCLimits)
+    tls: TLS = field(default_factory=TLS)
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.bind, field="bind")
+        if self.tls.enabled and self.tls.certfile is None:
+            raise ConfigError("a TLS server needs certfile and keyfile", field="certfile")
+        if self.db is not None and "://" in self.db:
+            scheme = self.db.split("://", 1)[0].lower()
+            if scheme not in DB_SCHEMES:
+                raise ConfigError(
+                    f"db: unsupported scheme {scheme!r}; use a file path or postgresql://",
+                    field="db",
+                )
+        _check_token(self.token)
+        _positive("store_timeout", self.store_timeout)
+        _non_negative("grace_period", self.grace_period)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RPCClientConfig:
+    """``netstack rpc call``: a reflection-driven gRPC client."""
+
+    connect: str = field(default="127.0.0.1:50051", metadata=_help("server HOST:PORT"))
+    token: str | None = field(
+        default=None, metadata=_help("send 'authorization: Bearer TOKEN' (none: no auth)")
+    )
+    # grpcurl has no default deadline; a unary CLI call should not hang on a stuck server,
+    # while a stream (WatchNotes) is meant to run until Ctrl-C.
+    deadline: float | None = field(
+        default=None,
+        metadata=_help(
+            "seconds the call may take (none: 10 s for unary calls, no limit for streams)"
+        ),
+    )
+    # Only cafile matters to the client; the CLI leaves certfile/keyfile off its --help.
+    tls: TLS = field(default_factory=TLS)
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.connect, field="connect")
+        _check_token(self.token)
+        if self.deadline is not None:
+            _positive("deadline", self.deadline)

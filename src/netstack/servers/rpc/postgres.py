@@ -1,0 +1,186 @@
+"""PostgreSQL notes store (``psycopg`` 3 async + ``psycopg_pool``, the ``db`` extra).
+
+Each call borrows a pooled connection for one transaction (the pool commits at the end of
+the block, rolls back on an exception), so calls run concurrently. When a call is
+cancelled (a gRPC deadline passed), psycopg cancels the running query on the server
+before the connection goes back to the pool. The schema mirrors the SQLite store's, with
+the same case-folded ``search_key``, so both answer searches alike; it is created under
+an advisory lock, so instances starting together do not race (as the chat store does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final, LiteralString
+
+from netstack.servers.rpc.sqlite import search_key
+from netstack.servers.rpc.store import Note, StoreUnavailable, VersionConflict, like_pattern
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg_pool import AsyncConnectionPool
+
+# Any constant: serialises schema creation between instances ("note").
+SCHEMA_LOCK: Final = 0x6E6F7465
+# A few connections per instance: calls are short, and a PostgreSQL backend costs MBs.
+POOL_MIN: Final = 1
+POOL_MAX: Final = 10
+CONNECT_TIMEOUT: Final = 10
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS notes (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    title TEXT NOT NULL,
+    body TEXT NOT NULL,
+    search_key TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    updated BIGINT NOT NULL,
+    version BIGINT NOT NULL
+)
+"""
+_SELECT: Final = "SELECT id, title, body, created, updated, version FROM notes"
+_RETURNING: Final = " RETURNING id, title, body, created, updated, version"
+
+
+def _note(row: Sequence[Any]) -> Note:
+    return Note(row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+class PostgresNoteStore:
+    """:class:`~netstack.servers.rpc.store.NoteStore` on PostgreSQL.
+
+    Args:
+        url: ``postgresql://user:password@host:port/dbname`` (libpq parameters such as
+            ``?options=-csearch_path%3Dnotes`` pass through).
+        max_connections: the pool's upper bound.
+    """
+
+    def __init__(self, url: str, *, max_connections: int = POOL_MAX) -> None:
+        self.url = url
+        self.max_connections = max_connections
+        self._pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] | None = None
+
+    @property
+    def pool(self) -> AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]:
+        assert self._pool is not None, "open() first"
+        return self._pool
+
+    async def open(self) -> None:
+        """Connect, create the schema if needed, then open the pool.
+
+        Raises:
+            StoreUnavailable: psycopg is missing, or the server cannot be reached.
+        """
+        try:
+            import psycopg
+            from psycopg_pool import AsyncConnectionPool
+        except ImportError as exc:
+            raise StoreUnavailable(
+                "PostgreSQL needs psycopg and psycopg_pool: pip install 'netstack[db]'"
+            ) from exc
+        # One direct connection first: its error says why (refused, bad password...),
+        # where a pool would only time out.
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {_one_line(exc)}") from exc
+        async with conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            await conn.execute(SCHEMA)
+        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
+            self.url,
+            min_size=POOL_MIN,
+            max_size=self.max_connections,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT},
+            open=False,
+            name="netstack-notes",
+        )
+        await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[AsyncConnection[tuple[Any, ...]]]:
+        """A pooled connection for one transaction; a lost server is StoreUnavailable."""
+        import psycopg
+
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout
+            raise StoreUnavailable(f"PostgreSQL: {_one_line(exc)}") from exc
+
+    async def _all(self, sql: LiteralString, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with self._connection() as conn:
+            cur = await conn.execute(sql, args)
+            return await cur.fetchall()
+
+    async def create(self, title: str, body: str, now: int) -> Note:
+        rows = await self._all(
+            "INSERT INTO notes (title, body, search_key, created, updated, version)"
+            " VALUES (%s, %s, %s, %s, %s, 1)" + _RETURNING,
+            (title, body, search_key(title, body), now, now),
+        )
+        return _note(rows[0])
+
+    async def get(self, note_id: int) -> Note | None:
+        rows = await self._all(_SELECT + " WHERE id = %s", (note_id,))
+        return _note(rows[0]) if rows else None
+
+    async def page(self, *, before: int | None, limit: int) -> list[Note]:
+        if before is None:
+            rows = await self._all(_SELECT + " ORDER BY id DESC LIMIT %s", (limit,))
+        else:
+            rows = await self._all(
+                _SELECT + " WHERE id < %s ORDER BY id DESC LIMIT %s", (before, limit)
+            )
+        return [_note(r) for r in rows]
+
+    async def search(self, query: str, *, before: int | None, limit: int) -> list[Note]:
+        pattern = like_pattern(query.casefold())
+        rows = await self._all(
+            _SELECT + " WHERE search_key LIKE %s ESCAPE '\\' AND id < %s ORDER BY id DESC LIMIT %s",
+            (pattern, before if before is not None else 2**63 - 1, limit),
+        )
+        return [_note(r) for r in rows]
+
+    async def update(
+        self,
+        note_id: int,
+        *,
+        title: str | None,
+        body: str | None,
+        expected_version: int | None,
+        now: int,
+    ) -> Note | None:
+        async with self._connection() as conn:
+            cur = await conn.execute(_SELECT + " WHERE id = %s FOR UPDATE", (note_id,))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            old = _note(row)
+            if expected_version is not None and expected_version != old.version:
+                raise VersionConflict(note_id, expected_version, old.version)
+            new_title = old.title if title is None else title
+            new_body = old.body if body is None else body
+            cur = await conn.execute(
+                "UPDATE notes SET title = %s, body = %s, search_key = %s, updated = %s,"
+                " version = version + 1 WHERE id = %s" + _RETURNING,
+                (new_title, new_body, search_key(new_title, new_body), now, note_id),
+            )
+            updated = await cur.fetchone()
+            assert updated is not None
+            return _note(updated)
+
+    async def delete(self, note_id: int) -> Note | None:
+        rows = await self._all("DELETE FROM notes WHERE id = %s" + _RETURNING, (note_id,))
+        return _note(rows[0]) if rows else None
