@@ -844,3 +844,336 @@ class ChatServerConfig:
                     f"allowed_origins: expected scheme://host[:port], got {origin!r}",
                     field="allowed_origins",
                 )
+
+
+# --------------------------------------------------------------------------- load balancer
+#
+# One data model for both forms of ``netstack balance``: the quick form (flags, env and a
+# flat TOML, built by the generic loader into :class:`BalancerQuickConfig`) and the full
+# TOML form (several frontends and named pools, parsed by ``servers/lb/config.py``) both
+# end as a :class:`BalancerConfig`. The group classes below are shared by both, so every
+# health/limit/timeout key is declared once.
+
+Algorithm = Literal[
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "power_of_two",
+    "consistent_hash",
+    "random",
+]
+ALGORITHMS: tuple[Algorithm, ...] = typing.get_args(Algorithm)
+BalanceMode = Literal["tcp", "udp", "http"]
+ProxyVersion = Literal["none", "v1", "v2"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthConfig:
+    """Backend health: active checks, passive ejection, slow start (per pool)."""
+
+    # HAProxy's defaults: inter 2s, rise 2, fall 3.
+    check_interval: float | None = field(
+        default=2.0, metadata=_help("active check every this many seconds (none: no checks)")
+    )
+    check_timeout: float = field(default=1.0, metadata=_help("active check connect timeout"))
+    rise: int = field(default=2, metadata=_help("passing checks that bring a down backend up"))
+    fall: int = field(default=3, metadata=_help("failing checks that take a backend down"))
+    # Envoy's outlier detection ejects after 5 consecutive errors; a refused connect is a
+    # clearer signal than a 5xx, so 3.
+    max_fails: int = field(
+        default=3, metadata=_help("consecutive connect failures that eject a backend")
+    )
+    # Envoy: base_ejection_time 30 s, max_ejection_time 300 s; nginx fail_timeout 10 s.
+    ejection_time: float = field(
+        default=10.0, metadata=_help("first ejection period; doubles on each repeat")
+    )
+    max_ejection_time: float = field(
+        default=300.0, metadata=_help("longest ejection period, seconds")
+    )
+    # HAProxy's slowstart and nginx's slow_start are off by default.
+    slow_start: float = field(
+        default=0.0, metadata=_help("ramp a recovered backend's weight over this many seconds")
+    )
+
+    def __post_init__(self) -> None:
+        if self.check_interval is not None:
+            _positive("check_interval", self.check_interval)
+        _positive("check_timeout", self.check_timeout)
+        _positive("rise", self.rise)
+        _positive("fall", self.fall)
+        _positive("max_fails", self.max_fails)
+        _positive("ejection_time", self.ejection_time)
+        if self.max_ejection_time < self.ejection_time:
+            raise ConfigError(
+                "max_ejection_time must be >= ejection_time", field="max_ejection_time"
+            )
+        _non_negative("slow_start", self.slow_start)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BalancerLimits:
+    """Listener and relay limits of the balancer."""
+
+    # HAProxy and nginx ask the kernel for large backlogs; Linux caps it at somaxconn
+    # (4096 since 5.4), so asking for more buys nothing.
+    listen_backlog: int = field(default=4096, metadata=_help("listen(2) backlog"))
+    # HAProxy's maxconn defaults to a few thousand; each relayed connection holds two fds.
+    max_connections: int = field(
+        default=10_000, metadata=_help("concurrent client connections; more are refused")
+    )
+    # HAProxy's tune.bufsize is 16 KiB per direction, nginx's proxy_buffer_size 16 KiB; a
+    # larger high mark keeps bulk relays streaming between pauses.
+    relay_buffer_bytes: int = field(
+        default=256 * 1024, metadata=_help("unsent bytes per direction before pausing the reader")
+    )
+    max_udp_sessions: int = field(
+        default=10_000, metadata=_help("UDP client sessions; datagrams of new ones are dropped")
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "listen_backlog",
+            "max_connections",
+            "relay_buffer_bytes",
+            "max_udp_sessions",
+        ):
+            _positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BalancerTimeouts:
+    """Balancer timeouts, seconds; ``None`` disables one."""
+
+    # HAProxy's examples use `timeout connect 5s`; failover to the next backend follows.
+    connect_timeout: float = field(
+        default=5.0, metadata=_help("backend connect timeout; then try the next backend")
+    )
+    # nginx stream's proxy_timeout is 10 min; HAProxy's examples use 50 s client/server.
+    idle_timeout: float | None = field(
+        default=600.0, metadata=_help("close a relay silent both ways this long (none: never)")
+    )
+    # nginx stream's proxy_timeout applies to UDP sessions too; DNS-like traffic needs less.
+    udp_session_timeout: float = field(
+        default=30.0, metadata=_help("forget a UDP client session silent this long")
+    )
+    # gunicorn's graceful_timeout is 30 s.
+    drain_timeout: float = field(
+        default=30.0, metadata=_help("on shutdown, wait this long for relays to finish")
+    )
+
+    def __post_init__(self) -> None:
+        _positive("connect_timeout", self.connect_timeout)
+        if self.idle_timeout is not None:
+            _positive("idle_timeout", self.idle_timeout)
+        _positive("udp_session_timeout", self.udp_session_timeout)
+        _non_negative("drain_timeout", self.drain_timeout)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendConfig:
+    """One backend server of a pool."""
+
+    address: str = field(metadata=_help("HOST:PORT"))
+    weight: int = field(default=1, metadata=_help("relative share of new connections"))
+    name: str = field(default="", metadata=_help("label in logs and metrics (default: address)"))
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.address, field="address")
+        if not 1 <= self.weight <= 256:  # HAProxy's weight range is 0-256
+            raise ConfigError(f"weight must be 1-256, got {self.weight!r}", field="weight")
+        if not self.name:
+            object.__setattr__(self, "name", self.address)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolConfig:
+    """A named group of backends with its algorithm, health policy and timeouts."""
+
+    name: str = field(default="default", metadata=_help("pool name"))
+    algorithm: Algorithm = field(default="round_robin", metadata=_help("balancing algorithm"))
+    # For consistent_hash: where the key comes from. L4 has only the client address.
+    hash_key: str = field(
+        default="client_ip",
+        metadata=_help("consistent_hash key: client_ip, header:NAME or cookie:NAME"),
+    )
+    # Google's "consistent hashing with bounded loads" uses c = 1.25 in its examples.
+    hash_balance: float = field(
+        default=1.25, metadata=_help("consistent_hash: max load as a multiple of the mean")
+    )
+    # HAProxy's send-proxy / send-proxy-v2 server options; off by default, as there.
+    send_proxy: ProxyVersion = field(
+        default="none", metadata=_help("send a PROXY protocol header to backends (TCP)")
+    )
+    backends: tuple[BackendConfig, ...] = ()
+    health: HealthConfig = field(default_factory=HealthConfig)
+    timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("name must not be empty", field="name")
+        if not self.backends:
+            raise ConfigError("a pool needs at least one backend", field="backends")
+        names = [b.name for b in self.backends]
+        if len(set(names)) != len(names):
+            dupe = next(n for n in names if names.count(n) > 1)
+            raise ConfigError(f"backend {dupe!r} is listed twice", field="backends")
+        kind, _, arg = self.hash_key.partition(":")
+        if not (self.hash_key == "client_ip" or (kind in ("header", "cookie") and arg)):
+            raise ConfigError(
+                f"hash_key must be client_ip, header:NAME or cookie:NAME, got {self.hash_key!r}",
+                field="hash_key",
+            )
+        if self.hash_balance <= 1.0:
+            raise ConfigError(
+                f"hash_balance must be > 1, got {self.hash_balance!r}", field="hash_balance"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    """An L7 rule: requests matching every given condition go to ``pool``."""
+
+    pool: str = field(metadata=_help("target pool"))
+    host: str | None = field(default=None, metadata=_help("Host header, without port"))
+    path_prefix: str | None = field(default=None, metadata=_help("request path prefix"))
+    header: str | None = field(default=None, metadata=_help("NAME or NAME=VALUE"))
+
+    def __post_init__(self) -> None:
+        if self.host is None and self.path_prefix is None and self.header is None:
+            raise ConfigError("a route needs host, path_prefix or header", field="pool")
+        if self.path_prefix is not None and not self.path_prefix.startswith("/"):
+            raise ConfigError(
+                f"path_prefix must start with '/', got {self.path_prefix!r}", field="path_prefix"
+            )
+        if self.header is not None and not self.header.partition("=")[0].strip():
+            raise ConfigError("header needs a NAME", field="header")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrontendConfig:
+    """A listening address, its mode, default pool and (L7) routes."""
+
+    name: str = field(default="default", metadata=_help("frontend name"))
+    listen: str = field(default="127.0.0.1:8080", metadata=_help("HOST:PORT to accept on"))
+    mode: BalanceMode = field(default="tcp", metadata=_help("tcp, udp or http"))
+    pool: str = field(default="default", metadata=_help("pool for traffic no route matches"))
+    accept_proxy: bool = field(
+        default=False, metadata=_help("read a PROXY v1/v2 header from trusted peers (TCP)")
+    )
+    # The same default as netstack serve's forwarded_allow_ips: the local host only.
+    proxy_allow_ips: str = field(
+        default="127.0.0.1,::1",
+        metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
+    )
+    routes: tuple[RouteConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.listen, field="listen")
+        if self.routes and self.mode != "http":
+            raise ConfigError("routes need mode = 'http'", field="routes")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BalancerConfig:
+    """Everything ``netstack balance`` runs: frontends, the pools they use, limits."""
+
+    frontends: tuple[FrontendConfig, ...]
+    pools: tuple[PoolConfig, ...]
+    limits: BalancerLimits = field(default_factory=BalancerLimits)
+    timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
+
+    def __post_init__(self) -> None:
+        if not self.frontends:
+            raise ConfigError("at least one frontend is needed", field="frontends")
+        pools = {p.name for p in self.pools}
+        if len(pools) != len(self.pools):
+            raise ConfigError("pool names must be unique", field="pools")
+        seen: set[tuple[str, str]] = set()
+        for fe in self.frontends:
+            for target in (fe.pool, *(r.pool for r in fe.routes)):
+                if target not in pools:
+                    raise ConfigError(
+                        f"frontend {fe.name!r} uses unknown pool {target!r}", field="pool"
+                    )
+            pool = self.pool(fe.pool)
+            if fe.mode != "http" and pool.hash_key != "client_ip":
+                raise ConfigError(
+                    f"pool {pool.name!r}: hash_key {pool.hash_key!r} needs HTTP, but frontend "
+                    f"{fe.name!r} is {fe.mode}: use client_ip",
+                    field="hash_key",
+                )
+            proto = "udp" if fe.mode == "udp" else "tcp"
+            if (proto, fe.listen) in seen and not fe.listen.endswith(":0"):
+                raise ConfigError(
+                    f"frontend {fe.name!r}: {proto} {fe.listen} is already used", field="listen"
+                )
+            seen.add((proto, fe.listen))
+
+    def pool(self, name: str) -> PoolConfig:
+        """The pool called ``name`` (validated to exist)."""
+        return next(p for p in self.pools if p.name == name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BalancerQuickConfig:
+    """``netstack balance`` quick form: one frontend, one pool, from flags/env/flat TOML."""
+
+    listen: str = field(default="127.0.0.1:8080", metadata=_help("HOST:PORT to accept on"))
+    backend: tuple[str, ...] = field(default=(), metadata=_help("backend HOST:PORT"))
+    mode: BalanceMode = field(default="tcp", metadata=_help("tcp, udp or http"))
+    algorithm: Algorithm = field(default="round_robin", metadata=_help("balancing algorithm"))
+    hash_key: str = field(
+        default="client_ip",
+        metadata=_help("consistent_hash key: client_ip, header:NAME or cookie:NAME"),
+    )
+    send_proxy: ProxyVersion = field(
+        default="none", metadata=_help("send a PROXY protocol header to backends (TCP)")
+    )
+    accept_proxy: bool = field(
+        default=False, metadata=_help("read a PROXY v1/v2 header from trusted peers (TCP)")
+    )
+    proxy_allow_ips: str = field(
+        default="127.0.0.1,::1",
+        metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
+    )
+    health: HealthConfig = field(default_factory=HealthConfig)
+    limits: BalancerLimits = field(default_factory=BalancerLimits)
+    timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.listen, field="listen")
+        for address in self.backend:
+            parse_hostport(address, field="backend")
+
+    def to_balancer(self) -> BalancerConfig:
+        """The equivalent full config: frontend ``default`` -> pool ``default``.
+
+        Raises:
+            ConfigError: no backend was given.
+        """
+        if not self.backend:
+            raise ConfigError(
+                "backend: give at least one --backend HOST:PORT (or --config FILE)",
+                field="backend",
+            )
+        pool = PoolConfig(
+            algorithm=self.algorithm,
+            hash_key=self.hash_key,
+            send_proxy=self.send_proxy,
+            backends=tuple(BackendConfig(address=a) for a in self.backend),
+            health=self.health,
+            timeouts=self.timeouts,
+        )
+        return BalancerConfig(
+            frontends=(
+                FrontendConfig(
+                    listen=self.listen,
+                    mode=self.mode,
+                    accept_proxy=self.accept_proxy,
+                    proxy_allow_ips=self.proxy_allow_ips,
+                ),
+            ),
+            pools=(pool,),
+            limits=self.limits,
+            timeouts=self.timeouts,
+        )

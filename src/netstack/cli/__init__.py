@@ -49,12 +49,13 @@ def main_group(log_level: str | None, log_format: str | None) -> None:
 
 
 def _register() -> None:
-    from netstack.cli import bench, chat, echo, serve
+    from netstack.cli import balance, bench, chat, echo, serve
 
     main_group.add_command(echo.group)
     main_group.add_command(bench.group)
     main_group.add_command(serve.command)
     main_group.add_command(chat.group)
+    main_group.add_command(balance.balance)
 
 
 _register()

@@ -25,7 +25,7 @@ T = TypeVar("T")
 def _describe(spec: FieldSpec) -> str:
     default = spec.default
     if isinstance(default, tuple):
-        default = ",".join(map(str, default))
+        default = ",".join(map(str, default)) or "none"
     elif default is None:
         default = "none"
     elif isinstance(default, bool):

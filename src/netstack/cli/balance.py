@@ -1,0 +1,126 @@
+"""``netstack balance``: the load balancer, from flags (quick form) or a TOML file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import click
+
+from netstack.cli.exits import StartupFailure
+from netstack.cli.options import config_options, read_toml
+from netstack.config import BalancerConfig, BalancerQuickConfig
+from netstack.errors import ConfigError
+from netstack.servers.lb import Balancer, load_config
+from netstack.transport import loop as loops
+from netstack.transport.listener import format_address
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def load(config_file: str | None, flags: Mapping[str, Any]) -> BalancerConfig:
+    """Defaults < file < ``NETSTACK_*`` < flags, in either the quick or the full form.
+
+    Raises:
+        ConfigError: naming the file, key and reason (or the flag).
+    """
+    return load_config(
+        read_toml(config_file), source=config_file or "config", env=os.environ, flags=flags
+    )
+
+
+@click.command(name="balance")
+@config_options(BalancerQuickConfig)
+def balance(config_file: str | None, **flags: Any) -> None:
+    """Load balancer: relay TCP connections or UDP sessions to a pool of backends.
+
+    Prints "listening on PROTO HOST:PORT" per frontend once bound. SIGHUP reloads the config
+    (new connections use it, established ones finish on the old); SIGINT/SIGTERM drain
+    connections for up to --drain-timeout, then stop.
+
+    The full form (--config FILE with [frontends.NAME] and [pools.NAME] tables) runs several
+    frontends and pools. --mode http is not available yet (L7 comes with the HTTP core).
+
+    \b
+    Examples:
+      netstack balance --listen 127.0.0.1:8080 --backend 127.0.0.1:9001 --backend 127.0.0.1:9002
+      netstack balance --listen 0.0.0.0:5353 --mode udp --backend 10.0.0.1:53 --backend 10.0.0.2:53
+      netstack balance --backend h1:80 --backend h2:80 --algorithm least_connections
+      netstack balance --config lb.toml
+    """
+    cfg = load(config_file, flags)
+    Balancer(cfg)  # refuses modes this build cannot serve, before anything binds
+    loops.run(_serve(cfg, config_file, flags))
+
+
+def raise_nofile(cfg: BalancerConfig) -> None:
+    """Raise the soft descriptor limit toward what max_connections needs, as HAProxy does.
+
+    Each relay holds two descriptors; without this a default soft limit of 1024 turns
+    max_connections=10000 into accept() errors at about 500 connections.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return
+    need = 2 * cfg.limits.max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < 2 * cfg.limits.max_connections:  # INFO: the hard limit is the operator's call
+        logger.info(
+            "descriptor limit %d is below the %d that max_connections=%d needs",
+            want,
+            need,
+            cfg.limits.max_connections,
+        )
+
+
+async def _serve(cfg: BalancerConfig, config_file: str | None, flags: Mapping[str, Any]) -> None:
+    balancer = Balancer(cfg)
+    try:
+        await balancer.start()
+    except OSError as exc:
+        listens = ", ".join(f"{f.mode} {f.listen}" for f in cfg.frontends)
+        raise StartupFailure(f"cannot bind {listens}: {exc.strerror or exc}") from None
+    raise_nofile(cfg)  # after binding, so that a failed start prints one line only
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(_reload(balancer, config_file, flags))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, balancer.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        for _name, proto, addr in balancer.addresses:
+            click.echo(f"listening on {proto} {format_address(addr)}")
+        await balancer.serve_forever()
+    finally:
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        balancer.close()
+        await balancer.wait_closed()
+
+
+async def _reload(balancer: Balancer, config_file: str | None, flags: Mapping[str, Any]) -> None:
+    try:
+        cfg = load(config_file, flags)
+        await balancer.reload(cfg)
+    except ConfigError as exc:
+        logger.error("reload refused, keeping the running config: %s", exc)
+    except OSError as exc:
+        logger.error("reload failed, keeping the running config: %s", exc.strerror or exc)
+
+
+__all__ = ["balance"]

@@ -1,0 +1,118 @@
+"""``netstack balance``: exit codes and messages in process, one subprocess smoke test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from netstack.cli import main
+from tests.helpers import TIMEOUT, poll_until
+from tests.servers.lb.support import TCPBackend, reply_line, request
+
+
+def test_help_has_examples(capsys) -> None:
+    assert main(["balance", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Examples:" in out
+    assert "  netstack balance --config lb.toml\n" in out
+
+
+def test_http_mode_not_yet_available(capsys) -> None:
+    argv = ["balance", "--mode", "http", "--backend", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "mode 'http' is not yet available" in err
+    assert err.count("\n") == 1
+
+
+def test_no_backend_is_usage_error(capsys) -> None:
+    assert main(["balance", "--listen", "127.0.0.1:0"]) == 2
+    assert "backend: give at least one --backend" in capsys.readouterr().err
+
+
+def test_bad_file_names_file_key_and_reason(tmp_path, capsys) -> None:
+    path = tmp_path / "lb.toml"
+    path.write_text(
+        '[frontends.web]\nlisten = "127.0.0.1:0"\npool = "app"\n'
+        '[pools.app]\nalgorithm = "fastest"\nbackends = ["127.0.0.1:1"]\n'
+    )
+    assert main(["balance", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: pools.app.algorithm: must be one of round_robin" in err
+    assert err.count("\n") == 1
+
+
+def test_unreadable_file_is_usage_error(tmp_path, capsys) -> None:
+    assert main(["balance", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_port_in_use_is_startup_failure(capsys) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        argv = ["balance", "--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:1"]
+        assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert f"cannot bind tcp 127.0.0.1:{port}" in err
+    assert err.count("\n") == 1
+
+
+def write_config(path, backend_port: int) -> None:
+    path.write_text(
+        '[frontends.main]\nlisten = "127.0.0.1:0"\npool = "app"\n'
+        f'[pools.app]\nbackends = ["127.0.0.1:{backend_port}"]\n'
+    )
+
+
+def test_subprocess_smoke_with_reload_and_stop(tmp_path) -> None:
+    config = tmp_path / "lb.toml"
+    with TCPBackend(reply_line, name="one") as one, TCPBackend(reply_line, name="two") as two:
+        write_config(config, one.port)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netstack", "balance", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            assert line.startswith("listening on tcp 127.0.0.1:"), line
+            port = int(line.rsplit(":", 1)[1])
+            assert request(port, b"a\n") == b"one a\n"
+            write_config(config, two.port)
+            proc.send_signal(signal.SIGHUP)
+            poll_until(lambda: request(port, b"b\n") == b"two b\n")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(TIMEOUT) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(TIMEOUT)
+            proc.stdout.close()  # type: ignore[union-attr]
+            stderr = proc.stderr.read()  # type: ignore[union-attr]
+            proc.stderr.close()  # type: ignore[union-attr]
+    assert "reloaded: 1 frontend(s), 1 pool(s)" in stderr
+
+
+def test_raise_nofile_goes_up_to_the_hard_limit(caplog) -> None:
+    import logging
+    import resource
+
+    caplog.set_level(logging.INFO, logger="netstack.cli")
+    from netstack.cli.balance import raise_nofile
+    from netstack.config import BalancerLimits
+    from tests.servers.lb.support import lb_config
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raise_nofile(lb_config(1, limits=BalancerLimits(max_connections=10)))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft  # enough already
+    if hard != resource.RLIM_INFINITY:
+        raise_nofile(lb_config(1, limits=BalancerLimits(max_connections=hard)))
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+        assert "descriptor limit" in caplog.text
