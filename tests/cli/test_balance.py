@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -116,3 +117,33 @@ def test_raise_nofile_goes_up_to_the_hard_limit(caplog) -> None:
         raise_nofile(lb_config(1, limits=BalancerLimits(max_connections=hard)))
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
         assert "descriptor limit" in caplog.text
+
+
+async def test_reload_keeps_running_config_on_errors(tmp_path, caplog) -> None:
+    from netstack.cli.balance import _reload, load
+    from netstack.servers.lb import Balancer
+
+    config = tmp_path / "lb.toml"
+    with TCPBackend(reply_line, name="one") as one, TCPBackend(reply_line, name="two") as two:
+        write_config(config, one.port)
+        async with Balancer(load(str(config), {})) as lb:
+            port = lb.address("main")[1]
+            config.write_text("[pools.app]\nalgorithm = 'nope'\n")
+            await _reload(lb, str(config), {})
+            assert "reload refused, keeping the running config" in caplog.text
+            with socket.socket() as held:
+                held.bind(("127.0.0.1", 0))
+                held.listen()
+                config.write_text(
+                    f'[frontends.main]\nlisten = "127.0.0.1:0"\npool = "app"\n'
+                    f'[frontends.taken]\nlisten = "127.0.0.1:{held.getsockname()[1]}"\n'
+                    f'pool = "app"\n[pools.app]\nbackends = ["127.0.0.1:{two.port}"]\n'
+                )
+                await _reload(lb, str(config), {})
+            assert "reload failed, keeping the running config" in caplog.text
+            assert lb.stats.reloads == 0
+            write_config(config, two.port)
+            await _reload(lb, str(config), {})
+            assert lb.stats.reloads == 1
+            assert lb.address("main")[1] == port
+            assert await asyncio.to_thread(request, port, b"r\n") == b"two r\n"
