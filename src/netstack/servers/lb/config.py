@@ -61,6 +61,12 @@ QUICK_ONLY = (
     "send_proxy",
     "accept_proxy",
     "proxy_allow_ips",
+    "forwarded_allow_ips",
+    "allow_ips",
+    "deny_ips",
+    "rate_limit",
+    "rate_burst",
+    "sticky_cookie",
 )
 
 
