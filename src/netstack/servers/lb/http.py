@@ -847,15 +847,8 @@ class ProxyConnection(asyncio.Protocol):
             pool = route.pool
             wake = pool.next_wakeup
             wait = 1 if wake is None else max(1, math.ceil(wake - self.listener.now))
-            if self.tried:
-                self.reply(502, "no backend could answer", close=self.body_open)
-            else:
-                self.reply(
-                    503,
-                    "no backend available",
-                    [(b"retry-after", b"%d" % wait)],
-                    close=self.body_open,
-                )
+            message = "no backend could answer" if self.tried else "no backend available"
+            self.reply(503, message, [(b"retry-after", b"%d" % wait)], close=self.body_open)
             return
         self.tried.add(backend)
         self.backend = backend
@@ -915,7 +908,7 @@ class ProxyConnection(asyncio.Protocol):
             conn.send(request)
             for data in self.kept:
                 conn.send(data)
-            if self.body_done:
+            if not self.body_open:  # no body, or all of it arrived while connecting
                 conn.send(self.body_end or END_OF_MESSAGE)
         except LocalProtocolError as exc:  # pragma: no cover - the parser vetted the request
             self.upstream = None
@@ -929,7 +922,7 @@ class ProxyConnection(asyncio.Protocol):
         if self.kept_bytes > REPLAY_MAX_BYTES:
             self.kept = []
             self.streamed = True
-        if self.body_done or not self.body_open:
+        if not self.body_open:
             self._arm_response()
 
     def _arm_response(self) -> None:

@@ -1,0 +1,336 @@
+"""The L7 proxy against real backends: in-process WSGI servers and raw-socket HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+
+import pytest
+
+from netstack.config import BalancerTimeouts, RouteConfig
+from netstack.servers.lb import Balancer
+from tests.helpers import TIMEOUT, apoll_until, free_port
+from tests.servers.lb.http_support import (
+    Client,
+    get,
+    http_backend,
+    http_config,
+    name_and_path,
+    raw,
+)
+from tests.servers.wsgi.support import port_of, responses, serve
+
+
+def echo_app(environ, start_response):
+    """Path, forwarding headers and the backend's view of the connection."""
+    lines = [
+        environ["PATH_INFO"] + ("?" + environ["QUERY_STRING"] if environ["QUERY_STRING"] else ""),
+        "xff=" + environ.get("HTTP_X_FORWARDED_FOR", "-"),
+        "xfp=" + environ.get("HTTP_X_FORWARDED_PROTO", "-"),
+        "xfh=" + environ.get("HTTP_X_FORWARDED_HOST", "-"),
+        "fwd=" + environ.get("HTTP_FORWARDED", "-"),
+        "rid=" + environ.get("HTTP_X_REQUEST_ID", "-"),
+        "port=" + environ["REMOTE_PORT"],
+        "extra=" + environ.get("HTTP_X_EXTRA", "-"),
+        "secret=" + environ.get("HTTP_X_SECRET", "-"),
+    ]
+    body = ("\n".join(lines) + "\n").encode()
+    start_response(
+        "200 OK",
+        [("Content-Type", "text/plain"), ("Content-Length", str(len(body))), ("X-Internal", "1")],
+    )
+    return [body]
+
+
+def fields(body: bytes) -> dict[str, str]:
+    lines = body.decode().splitlines()
+    out = {"path": lines[0]}
+    out.update(line.split("=", 1) for line in lines[1:])  # type: ignore[arg-type, misc]
+    return out
+
+
+async def test_keepalive_pipelining_and_pooled_backend_connections() -> None:
+    direct = {"forwarded_allow_ips": ""}  # REMOTE_PORT: the proxy's side of the connection
+    async with serve(echo_app, **direct) as s1, serve(echo_app, **direct) as s2:
+        async with Balancer(http_config(port_of(s1), port_of(s2))) as lb:
+            port = lb.address()[1]
+            async with Client(port) as client:
+                ports = set()
+                for i in range(20):
+                    reply = await client.request("GET", f"/n/{i}")
+                    assert reply.status == 200
+                    got = fields(reply.body)
+                    assert got["path"] == f"/n/{i}"
+                    ports.add(got["port"])
+            # Round robin over two backends, each reached through one pooled connection.
+            assert len(ports) == 2
+            assert s1.requests + s2.requests == 20
+            # Pipelined requests on one connection: answered in order.
+            data = b"".join(
+                b"GET /p/%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (i, b"connection: close\r\n" * (i == 4))
+                for i in range(5)
+            )
+            replies = responses(await raw(port, data))
+            assert [fields(r.body)["path"] for r in replies] == [f"/p/{i}" for i in range(5)]
+
+
+async def test_forwarding_headers_untrusted_are_replaced() -> None:
+    async with serve(echo_app) as s1, Balancer(http_config(port_of(s1))) as lb:
+        reply = await get(
+            lb.address()[1],
+            "/x?q=1",
+            headers=[
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x_forwarded_for", "6.6.6.7"),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-request-id", "client-chosen"),
+            ],
+        )
+        got = fields(reply.body)
+        assert got["path"] == "/x?q=1"
+        assert got["xff"] == "127.0.0.1"
+        assert got["xfp"] == "http"
+        assert got["xfh"] == "example.test"
+        assert got["fwd"] == "for=127.0.0.1;proto=http;host=example.test"
+        assert got["rid"] not in ("-", "client-chosen")
+        assert reply.headers["x-internal"] == "1"
+
+
+async def test_forwarding_headers_from_trusted_peer_are_extended() -> None:
+    async with serve(echo_app) as s1:
+        cfg = http_config(port_of(s1), forwarded_allow_ips="127.0.0.1")
+        async with Balancer(cfg) as lb:
+            reply = await get(
+                lb.address()[1],
+                headers=[("x-forwarded-for", "203.0.113.9"), ("x-request-id", "abc-123")],
+            )
+            got = fields(reply.body)
+            assert got["xff"] == "203.0.113.9, 127.0.0.1"
+            assert got["rid"] == "abc-123"
+
+
+async def test_malformed_request_gets_400_and_never_reaches_a_backend() -> None:
+    with http_backend(name_and_path) as backend:
+        async with Balancer(http_config(backend.port)) as lb:
+            port = lb.address()[1]
+            for bad in (
+                b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n",
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc",
+                b"NOT HTTP AT ALL\r\n\r\n",
+            ):
+                out = await raw(port, bad)
+                assert out.startswith(b"HTTP/1.1 400 "), out
+                assert b"connection: close" in out
+            # A good request afterwards is still served (one bad client harms nobody).
+            assert (await get(port, "/ok")).body == b"b /ok"
+            assert backend.requests == 1  # type: ignore[attr-defined]
+            assert backend.served == 1
+
+
+async def test_all_backends_down_gives_503_with_retry_after() -> None:
+    cfg = http_config(free_port(), free_port())
+    async with Balancer(cfg) as lb:
+        reply = await get(lb.address()[1])
+        assert reply.status == 503  # both refused the connection: tried, then none left
+        assert reply.headers["retry-after"].isdigit()
+        assert b"no backend could answer" in reply.body
+        # Three requests make three consecutive failures each (max_fails): both ejected,
+        # then the answer comes at once, without trying anyone.
+        for _ in range(3):
+            await get(lb.address()[1])
+        assert {b["state"] for b in lb.snapshot()["default"]} == {"ejected"}
+        reply = await get(lb.address()[1])
+        assert reply.status == 503
+        assert int(reply.headers["retry-after"]) >= 1
+        assert b"no backend available" in reply.body
+
+
+async def test_slow_backend_gets_504() -> None:
+    gate = asyncio.Event()
+
+    def slow(request, body, backend):
+        import time
+
+        time.sleep(1.0 if request.target == b"/slow" else 0)
+        return 200, [], b"late"
+
+    with http_backend(slow) as backend:
+        cfg = http_config(backend.port, timeouts=BalancerTimeouts(request_timeout=0.3))
+        async with Balancer(cfg) as lb:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            reply = await get(lb.address()[1], "/slow")
+            assert reply.status == 504
+            assert loop.time() - start < 0.9
+            assert (await get(lb.address()[1], "/fast")).body == b"late"
+    gate.set()
+
+
+async def test_backend_dies_mid_response_aborts_the_client() -> None:
+    def half(sock, backend):
+        sock.recv(65536)
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten b")
+
+    from tests.servers.lb.support import TCPBackend
+
+    with TCPBackend(half) as backend:
+        async with Balancer(http_config(backend.port)) as lb:
+            out = await raw(lb.address()[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 200 OK")
+            assert out.endswith(b"only ten b")  # truncated, never completed or spliced
+
+
+async def test_malformed_backend_response_gives_502() -> None:
+    def garbage(sock, backend):
+        sock.recv(65536)
+        sock.sendall(b"HTTP/1.1 2xx Nope\r\n\r\n")
+
+    from tests.servers.lb.support import TCPBackend
+
+    with TCPBackend(garbage) as backend:
+        async with Balancer(http_config(backend.port)) as lb:
+            reply = await get(lb.address()[1])
+            assert reply.status == 502
+            assert b"bad response" in reply.body
+
+
+async def test_502_retried_for_get_not_for_post() -> None:
+    def failing(request, body, backend):
+        return 503, [], b"busy"
+
+    with http_backend(failing, "bad") as bad, http_backend(name_and_path, "good") as good:
+        async with Balancer(http_config(bad.port, good.port)) as lb:
+            port = lb.address()[1]
+            for i in range(4):
+                assert (await get(port, f"/{i}")).body == b"good /%d" % i
+            async with Client(port) as client:
+                statuses = [(await client.request("POST", "/p", body=b"x")).status for _ in range(4)]
+            assert 503 in statuses  # a POST is never retried
+            assert bad.requests >= 3  # type: ignore[attr-defined]
+
+
+async def test_chunked_bodies_stream_both_ways() -> None:
+    size = 6 * 1024 * 1024  # larger than every buffer on the way (relay_buffer_bytes 256 KiB)
+
+    def digest_echo(environ, start_response):
+        stream = environ["wsgi.input"]
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+
+        def chunks():
+            while block := stream.read(65536):
+                yield block
+
+        return chunks()
+
+    async with serve(digest_echo, validate=False, threads=2, max_body_bytes=None) as s1:
+        async with Balancer(http_config(port_of(s1))) as lb:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.address()[1])
+            payload = os.urandom(size)
+            sent = hashlib.sha256(payload).hexdigest()
+
+            async def send() -> None:
+                writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for i in range(0, size, 100_000):
+                    block = payload[i : i + 100_000]
+                    writer.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+
+            sender = asyncio.create_task(send())
+            import h11
+
+            conn = h11.Connection(h11.CLIENT)
+            conn.send(h11.Request(method="POST", target="/up", headers=[("host", "x"), ("transfer-encoding", "chunked")]))
+            digest = hashlib.sha256()
+            got = 0
+            headers = {}
+            async with asyncio.timeout(TIMEOUT * 2):
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await reader.read(1 << 16))
+                        continue
+                    if isinstance(event, h11.Response):
+                        headers = dict(event.headers)
+                    elif isinstance(event, h11.Data):
+                        digest.update(event.data)
+                        got += len(event.data)
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+            await sender
+            writer.close()
+            assert headers[b"transfer-encoding"] == b"chunked"
+            assert got == size
+            assert digest.hexdigest() == sent
+
+
+async def test_rate_limit_answers_429() -> None:
+    with http_backend(name_and_path) as backend:
+        cfg = http_config(backend.port, rate_limit=0.5, rate_burst=3)
+        async with Balancer(cfg) as lb:
+            async with Client(lb.address()[1]) as client:
+                statuses = [(await client.request()).status for _ in range(5)]
+                assert statuses == [200, 200, 200, 429, 429]
+                reply = await client.request()
+                assert reply.headers["retry-after"].isdigit()
+            assert backend.requests == 3  # type: ignore[attr-defined]
+
+
+async def test_ip_deny_list_answers_403() -> None:
+    with http_backend(name_and_path) as backend:
+        async with Balancer(http_config(backend.port, deny_ips="127.0.0.0/8")) as lb:
+            out = await raw(lb.address()[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 403 ")
+        async with Balancer(http_config(backend.port, allow_ips="10.0.0.0/8")) as lb:
+            out = await raw(lb.address()[1], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 403 ")
+        async with Balancer(http_config(backend.port, allow_ips="127.0.0.1")) as lb:
+            assert (await get(lb.address()[1])).status == 200
+        assert backend.requests == 1  # type: ignore[attr-defined]
+
+
+async def test_routes_rewrite_and_header_rules() -> None:
+    with http_backend(name_and_path, "app") as app, http_backend(name_and_path, "api") as api:
+        cfg = http_config(app.port, add_response_headers=("X-Proxy: netstack",))
+        from netstack.config import BackendConfig
+
+        api_pool = dataclasses.replace(
+            cfg.pools[0], name="api", backends=(BackendConfig(address=f"127.0.0.1:{api.port}"),)
+        )
+        routes = (
+            RouteConfig(pool="api", path_prefix="/api", rewrite_prefix="/v2"),
+            RouteConfig(pool="api", host="api.test"),
+            RouteConfig(pool="api", header="x-canary=1"),
+        )
+        fe = dataclasses.replace(cfg.frontends[0], routes=routes)
+        cfg = dataclasses.replace(cfg, frontends=(fe,), pools=(*cfg.pools, api_pool))
+        async with Balancer(cfg) as lb:
+            port = lb.address()[1]
+            assert (await get(port, "/api/users?x=1")).body == b"api /v2/users?x=1"
+            assert (await get(port, "/api")).body == b"api /v2"
+            assert (await get(port, "/apiary")).body == b"app /apiary"
+            assert (await get(port, "/", headers=[("x-canary", "1")])).body == b"api /"
+            assert (await get(port, "/h", headers=[("host", "API.test:8080")])).body == b"api /h"
+            reply = await get(port, "/h")
+            assert reply.body == b"app /h"
+            assert reply.headers["x-proxy"] == "netstack"
+
+
+async def test_sticky_cookie_keeps_a_client_on_one_backend() -> None:
+    with http_backend(name_and_path, "b0") as b0, http_backend(name_and_path, "b1") as b1:
+        cfg = http_config(b0.port, b1.port)
+        pool = dataclasses.replace(cfg.pools[0], sticky_cookie="lb")
+        cfg = dataclasses.replace(cfg, pools=(pool,))
+        async with Balancer(cfg) as lb:
+            port = lb.address()[1]
+            first = await get(port)
+            cookie = first.headers["set-cookie"].split(";")[0]
+            name = first.body.split()[0]
+            for _ in range(4):
+                again = await get(port, headers=[("cookie", f"a=b; {cookie}")])
+                assert again.body.split()[0] == name
+                assert "set-cookie" not in again.headers
