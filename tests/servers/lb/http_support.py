@@ -147,8 +147,8 @@ def http_backend(respond: Responder, name: str = "b") -> TCPBackend:
                     backend.requests += 1  # type: ignore[attr-defined]
                 status, headers, out = respond(request, body, backend)
                 headers = [*headers, ("content-length", str(len(out)))]
-                sock.sendall(conn.send(h11.Response(status_code=status, headers=headers)))
-                sock.sendall(conn.send(h11.Data(data=out)) + conn.send(h11.EndOfMessage()))
+                head = conn.send(h11.Response(status_code=status, headers=headers))
+                sock.sendall(head + conn.send(h11.Data(data=out)) + conn.send(h11.EndOfMessage()))
                 if conn.our_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()

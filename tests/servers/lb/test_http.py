@@ -66,10 +66,11 @@ async def test_keepalive_pipelining_and_pooled_backend_connections() -> None:
                     ports.add(got["port"])
             # Round robin over two backends, each reached through one pooled connection.
             assert len(ports) == 2
-            assert s1.requests + s2.requests == 20
+            await apoll_until(lambda: s1.requests + s2.requests == 20)
             # Pipelined requests on one connection: answered in order.
             data = b"".join(
-                b"GET /p/%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (i, b"connection: close\r\n" * (i == 4))
+                b"GET /p/%d HTTP/1.1\r\nHost: x\r\n%s\r\n"
+                % (i, b"connection: close\r\n" * (i == 4))
                 for i in range(5)
             )
             replies = responses(await raw(port, data))
@@ -207,7 +208,9 @@ async def test_502_retried_for_get_not_for_post() -> None:
             for i in range(4):
                 assert (await get(port, f"/{i}")).body == b"good /%d" % i
             async with Client(port) as client:
-                statuses = [(await client.request("POST", "/p", body=b"x")).status for _ in range(4)]
+                statuses = [
+                    (await client.request("POST", "/p", body=b"x")).status for _ in range(4)
+                ]
             assert 503 in statuses  # a POST is never retried
             assert bad.requests >= 3  # type: ignore[attr-defined]
 
@@ -244,7 +247,13 @@ async def test_chunked_bodies_stream_both_ways() -> None:
             import h11
 
             conn = h11.Connection(h11.CLIENT)
-            conn.send(h11.Request(method="POST", target="/up", headers=[("host", "x"), ("transfer-encoding", "chunked")]))
+            conn.send(
+                h11.Request(
+                    method="POST",
+                    target="/up",
+                    headers=[("host", "x"), ("transfer-encoding", "chunked")],
+                )
+            )
             digest = hashlib.sha256()
             got = 0
             headers = {}
@@ -334,3 +343,82 @@ async def test_sticky_cookie_keeps_a_client_on_one_backend() -> None:
                 again = await get(port, headers=[("cookie", f"a=b; {cookie}")])
                 assert again.body.split()[0] == name
                 assert "set-cookie" not in again.headers
+
+
+async def test_websocket_echo_through_the_proxy() -> None:
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import serve as ws_serve
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+
+    async with ws_serve(echo, "127.0.0.1", 0) as server:
+        ws_port = server.sockets[0].getsockname()[1]
+        async with Balancer(http_config(ws_port)) as lb:
+            uri = f"ws://127.0.0.1:{lb.address()[1]}/chat"
+            async with connect(uri, open_timeout=TIMEOUT) as ws:
+                for message in ("hello", "x" * 200_000, b"\x00\x01binary"):
+                    await ws.send(message)
+                    async with asyncio.timeout(TIMEOUT):
+                        assert await ws.recv() == message
+            # A refused upgrade is an ordinary response; the connection stays HTTP.
+            reply = await get(
+                lb.address()[1], headers=[("connection", "upgrade"), ("upgrade", "websocket")]
+            )
+            assert reply.status in (400, 426)
+
+
+def counting(request, body, backend):
+    return 200, [], b"%s %s" % (backend.name.encode(), request.target)
+
+
+async def load(port: int, clients: int, per_client: int, during=None) -> list[int]:
+    """``clients`` keep-alive connections each sending ``per_client`` GETs; every status."""
+    statuses: list[int] = []
+
+    async def one(n: int) -> None:
+        async with Client(port) as client:
+            for i in range(per_client):
+                statuses.append((await client.request("GET", f"/{n}/{i}")).status)
+
+    tasks = [asyncio.create_task(one(n)) for n in range(clients)]
+    if during is not None:
+        await apoll_until(lambda: len(statuses) >= clients * per_client // 3)
+        await during()
+    async with asyncio.timeout(TIMEOUT * 2):
+        await asyncio.gather(*tasks)
+    return statuses
+
+
+async def test_killing_a_backend_under_load_fails_no_idempotent_request() -> None:
+    with http_backend(counting, "b0") as b0, http_backend(counting, "b1") as b1:
+        async with Balancer(http_config(b0.port, b1.port)) as lb:
+
+            async def kill() -> None:
+                b0.kill()
+
+            statuses = await load(lb.address()[1], clients=8, per_client=40, during=kill)
+            assert statuses == [200] * 320
+            assert b1.requests > 160  # type: ignore[attr-defined]
+            assert lb.stats.backend_failures >= 1
+
+
+async def test_reload_under_load_drops_nothing() -> None:
+    with (
+        http_backend(counting, "b0") as b0,
+        http_backend(counting, "b1") as b1,
+        http_backend(counting, "b2") as b2,
+    ):
+        first = http_config(b0.port, b1.port)
+        second = http_config(b1.port, b2.port)
+        async with Balancer(first) as lb:
+
+            async def reload() -> None:
+                for cfg in (second, first, second):
+                    await lb.reload(cfg)
+
+            statuses = await load(lb.address()[1], clients=6, per_client=40, during=reload)
+            assert statuses == [200] * 240
+            assert lb.stats.reloads == 3
+            assert b2.requests > 0  # type: ignore[attr-defined]
