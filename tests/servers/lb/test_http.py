@@ -7,8 +7,6 @@ import dataclasses
 import hashlib
 import os
 
-import pytest
-
 from netstack.config import BalancerTimeouts, RouteConfig
 from netstack.servers.lb import Balancer
 from tests.helpers import TIMEOUT, apoll_until, free_port
@@ -53,28 +51,30 @@ def fields(body: bytes) -> dict[str, str]:
 
 async def test_keepalive_pipelining_and_pooled_backend_connections() -> None:
     direct = {"forwarded_allow_ips": ""}  # REMOTE_PORT: the proxy's side of the connection
-    async with serve(echo_app, **direct) as s1, serve(echo_app, **direct) as s2:
-        async with Balancer(http_config(port_of(s1), port_of(s2))) as lb:
-            port = lb.address()[1]
-            async with Client(port) as client:
-                ports = set()
-                for i in range(20):
-                    reply = await client.request("GET", f"/n/{i}")
-                    assert reply.status == 200
-                    got = fields(reply.body)
-                    assert got["path"] == f"/n/{i}"
-                    ports.add(got["port"])
-            # Round robin over two backends, each reached through one pooled connection.
-            assert len(ports) == 2
-            await apoll_until(lambda: s1.requests + s2.requests == 20)
-            # Pipelined requests on one connection: answered in order.
-            data = b"".join(
-                b"GET /p/%d HTTP/1.1\r\nHost: x\r\n%s\r\n"
-                % (i, b"connection: close\r\n" * (i == 4))
-                for i in range(5)
-            )
-            replies = responses(await raw(port, data))
-            assert [fields(r.body)["path"] for r in replies] == [f"/p/{i}" for i in range(5)]
+    async with (
+        serve(echo_app, **direct) as s1,
+        serve(echo_app, **direct) as s2,
+        Balancer(http_config(port_of(s1), port_of(s2))) as lb,
+    ):
+        port = lb.address()[1]
+        async with Client(port) as client:
+            ports = set()
+            for i in range(20):
+                reply = await client.request("GET", f"/n/{i}")
+                assert reply.status == 200
+                got = fields(reply.body)
+                assert got["path"] == f"/n/{i}"
+                ports.add(got["port"])
+        # Round robin over two backends, each reached through one pooled connection.
+        assert len(ports) == 2
+        await apoll_until(lambda: s1.requests + s2.requests == 20)
+        # Pipelined requests on one connection: answered in order.
+        data = b"".join(
+            b"GET /p/%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (i, b"connection: close\r\n" * (i == 4))
+            for i in range(5)
+        )
+        replies = responses(await raw(port, data))
+        assert [fields(r.body)["path"] for r in replies] == [f"/p/{i}" for i in range(5)]
 
 
 async def test_forwarding_headers_untrusted_are_replaced() -> None:
@@ -228,53 +228,55 @@ async def test_chunked_bodies_stream_both_ways() -> None:
 
         return chunks()
 
-    async with serve(digest_echo, validate=False, threads=2, max_body_bytes=None) as s1:
-        async with Balancer(http_config(port_of(s1))) as lb:
-            reader, writer = await asyncio.open_connection("127.0.0.1", lb.address()[1])
-            payload = os.urandom(size)
-            sent = hashlib.sha256(payload).hexdigest()
+    async with (
+        serve(digest_echo, validate=False, threads=2, max_body_bytes=None) as s1,
+        Balancer(http_config(port_of(s1))) as lb,
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.address()[1])
+        payload = os.urandom(size)
+        sent = hashlib.sha256(payload).hexdigest()
 
-            async def send() -> None:
-                writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-                for i in range(0, size, 100_000):
-                    block = payload[i : i + 100_000]
-                    writer.write(b"%x\r\n%s\r\n" % (len(block), block))
-                    await writer.drain()
-                writer.write(b"0\r\n\r\n")
+        async def send() -> None:
+            writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for i in range(0, size, 100_000):
+                block = payload[i : i + 100_000]
+                writer.write(b"%x\r\n%s\r\n" % (len(block), block))
                 await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
 
-            sender = asyncio.create_task(send())
-            import h11
+        sender = asyncio.create_task(send())
+        import h11
 
-            conn = h11.Connection(h11.CLIENT)
-            conn.send(
-                h11.Request(
-                    method="POST",
-                    target="/up",
-                    headers=[("host", "x"), ("transfer-encoding", "chunked")],
-                )
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(
+            h11.Request(
+                method="POST",
+                target="/up",
+                headers=[("host", "x"), ("transfer-encoding", "chunked")],
             )
-            digest = hashlib.sha256()
-            got = 0
-            headers = {}
-            async with asyncio.timeout(TIMEOUT * 2):
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await reader.read(1 << 16))
-                        continue
-                    if isinstance(event, h11.Response):
-                        headers = dict(event.headers)
-                    elif isinstance(event, h11.Data):
-                        digest.update(event.data)
-                        got += len(event.data)
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-            await sender
-            writer.close()
-            assert headers[b"transfer-encoding"] == b"chunked"
-            assert got == size
-            assert digest.hexdigest() == sent
+        )
+        digest = hashlib.sha256()
+        got = 0
+        headers = {}
+        async with asyncio.timeout(TIMEOUT * 2):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(1 << 16))
+                    continue
+                if isinstance(event, h11.Response):
+                    headers = dict(event.headers)
+                elif isinstance(event, h11.Data):
+                    digest.update(event.data)
+                    got += len(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+        await sender
+        writer.close()
+        assert headers[b"transfer-encoding"] == b"chunked"
+        assert got == size
+        assert digest.hexdigest() == sent
 
 
 async def test_rate_limit_answers_429() -> None:
@@ -422,3 +424,40 @@ async def test_reload_under_load_drops_nothing() -> None:
             assert statuses == [200] * 240
             assert lb.stats.reloads == 3
             assert b2.requests > 0  # type: ignore[attr-defined]
+
+
+async def test_http_health_check_takes_a_failing_backend_out() -> None:
+    from netstack.config import HealthConfig
+
+    def health(request, body, backend):
+        if request.target == b"/health":
+            return (503 if backend.name == "sick" else 204), [], b""
+        return counting(request, body, backend)
+
+    with http_backend(health, "sick") as sick, http_backend(health, "well") as well:
+        checks = HealthConfig(check_interval=0.05, check_path="/health", fall=1, rise=1)
+        async with Balancer(http_config(sick.port, well.port, health=checks)) as lb:
+            await apoll_until(
+                lambda: [b["state"] for b in lb.snapshot()["default"]] == ["down", "up"]
+            )
+            sick_before = sick.requests  # type: ignore[attr-defined]
+            for i in range(4):
+                assert (await get(lb.address()[1], f"/{i}")).body == b"well /%d" % i
+            assert sick.requests == sick_before  # type: ignore[attr-defined]
+
+
+async def test_http_check_expected_status_and_failures() -> None:
+    from netstack.proto.balance import Backend
+    from netstack.servers.lb.httpcheck import http_check
+
+    def status(request, body, backend):
+        return int(request.target[1:]), [], b"x"
+
+    with http_backend(status) as backend:
+        b = Backend("b", "127.0.0.1", backend.port)
+        assert await http_check("/200")(b, TIMEOUT)
+        assert await http_check("/302")(b, TIMEOUT)
+        assert not await http_check("/500")(b, TIMEOUT)
+        assert await http_check("/418", 418)(b, TIMEOUT)
+        assert not await http_check("/200", 418)(b, TIMEOUT)
+    assert not await http_check("/")(Backend("gone", "127.0.0.1", free_port()), TIMEOUT)
