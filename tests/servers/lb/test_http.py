@@ -461,3 +461,100 @@ async def test_http_check_expected_status_and_failures() -> None:
         assert await http_check("/418", 418)(b, TIMEOUT)
         assert not await http_check("/200", 418)(b, TIMEOUT)
     assert not await http_check("/")(Backend("gone", "127.0.0.1", free_port()), TIMEOUT)
+
+
+async def test_retry_budget_bounds_extra_requests() -> None:
+    def unavailable(request, body, backend):
+        return 503, [], b"no"
+
+    with http_backend(unavailable, "b0") as b0, http_backend(unavailable, "b1") as b1:
+        from netstack.config import HealthConfig
+
+        # max_fails high: the backends stay in, every request may be retried once.
+        health = HealthConfig(check_interval=None, max_fails=10_000)
+        async with Balancer(http_config(b0.port, b1.port, health=health)) as lb:
+            async with Client(lb.address()[1]) as client:
+                for _ in range(100):
+                    assert (await client.request()).status == 503
+            listener = next(iter(lb.listeners.values()))
+            total = b0.requests + b1.requests  # type: ignore[attr-defined]
+            assert 100 < total <= 100 + 10 + 20 + 1  # floor 10 + 20 % of 100
+            assert listener.retries == total - 100  # type: ignore[attr-defined]
+
+
+async def test_idle_backend_connections_expire() -> None:
+    with http_backend(name_and_path) as backend:
+        timeouts = BalancerTimeouts(backend_idle_timeout=0.2)
+        async with Balancer(http_config(backend.port, timeouts=timeouts)) as lb:
+            assert (await get(lb.address()[1])).status == 200
+            assert backend.served == 1
+            await apoll_until(lambda: not backend.conns)  # the proxy closed its idle one
+            assert (await get(lb.address()[1])).status == 200
+            assert backend.served == 2
+
+
+def reading_app(environ, start_response):
+    """Reads the body first (so a threaded server sends 100 Continue), then answers."""
+    size = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(size) if size else b""
+    return echo_app(environ, start_response) if not body else [_ok(start_response, body)]
+
+
+def _ok(start_response, body: bytes) -> bytes:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return body
+
+
+async def test_head_http10_and_expect_continue() -> None:
+    async with serve(reading_app, threads=2) as s1, Balancer(http_config(port_of(s1))) as lb:
+        port = lb.address()[1]
+        out = await raw(port, b"HEAD /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"content-length: " in head.lower()
+        assert body == b""
+        out = await raw(port, b"GET /old HTTP/1.0\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200 ")
+        assert b"/old\n" in out
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        async with asyncio.timeout(TIMEOUT):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+            writer.write(b"hi")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+            assert await reader.readexactly(2) == b"hi"
+        writer.close()
+
+
+async def test_raw_upgrade_tunnel_relays_both_ways_with_half_close() -> None:
+    def upgrade_then_echo(sock, backend):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        assert b"upgrade: x-raw" in data.lower()
+        sock.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x-raw\r\n\r\n"
+        )
+        while chunk := sock.recv(65536):
+            sock.sendall(chunk.upper())
+        sock.sendall(b"|BYE")
+
+    from tests.servers.lb.support import TCPBackend
+
+    with TCPBackend(upgrade_then_echo) as backend:
+        async with Balancer(http_config(backend.port)) as lb:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.address()[1])
+            writer.write(
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: x-raw\r\n\r\n"
+            )
+            async with asyncio.timeout(TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101 ")
+                payload = os.urandom(300_000).hex().encode()
+                writer.write(payload)
+                writer.write_eof()
+                out = await reader.read()  # to EOF: the backend's answer, then its close
+            writer.close()
+            assert out == payload.upper() + b"|BYE"

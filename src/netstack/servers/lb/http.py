@@ -318,8 +318,11 @@ class HTTPListener(Listener):
 
     def count_request(self) -> None:
         self.requests += 1
-        tokens = self.retry_tokens + self.balancer.cfg.limits.retry_budget
-        self.retry_tokens = tokens if tokens < RETRY_FLOOR else RETRY_FLOOR
+        budget = self.balancer.cfg.limits.retry_budget
+        tokens = self.retry_tokens + budget
+        # At most the floor plus the budget's share of the requests in flight now.
+        cap = RETRY_FLOOR + budget * len(self.conns)
+        self.retry_tokens = tokens if tokens < cap else cap
 
     # ------------------------------------------------------------------ backend pool
 
@@ -910,7 +913,7 @@ class ProxyConnection(asyncio.Protocol):
                 conn.send(data)
             if not self.body_open:  # no body, or all of it arrived while connecting
                 conn.send(self.body_end or END_OF_MESSAGE)
-        except LocalProtocolError as exc:  # pragma: no cover - the parser vetted the request
+        except LocalProtocolError as exc:  # e.g. a header rule our writer refuses
             self.upstream = None
             up.client = None
             up.transport.close()
@@ -982,8 +985,10 @@ class ProxyConnection(asyncio.Protocol):
                 if event.status_code == 101:
                     self._switch(up, event)
                     return
-                if self.request is not None and self.request.expect_continue:
-                    conn.send(InformationalResponse(event.status_code, [], event.reason))
+                # 100 Continue, 103 Early Hints: passed on (not to HTTP/1.0 clients).
+                drop = self.route.drop_response if self.route is not None else HOP_BY_HOP
+                info = [(n, v) for n, v in event.headers if n not in drop]
+                conn.send(InformationalResponse(event.status_code, info, event.reason))
         self.flush()
 
     def _response_head(self, up: Upstream, response: Response) -> bool:
@@ -1186,6 +1191,9 @@ class ProxyConnection(asyncio.Protocol):
         self._after_exchange()
 
     def _after_exchange(self) -> None:
+        if self.body_open and self.listener.closing:
+            self._close_lingering()
+            return
         if self.body_open:
             self.resume(PAUSE_CONNECT | PAUSE_UPSTREAM)
             return  # wait for the body's end, then go on
@@ -1239,8 +1247,9 @@ class ProxyConnection(asyncio.Protocol):
         if kind == RESPONSE:
             route = self.route
             timeout = route.pool_cfg.timeouts.request_timeout if route else None
-            if self.up_rx or self.pauses or self.upstream is None:
-                self.up_rx = False  # still answering (or we are the ones waiting)
+            up = self.upstream
+            if self.up_rx or up is None or up.read_paused:
+                self.up_rx = False  # still answering (or the client is not reading)
                 self.deadline = INF if timeout is None else now + timeout
                 return
             self._backend_timeout()
@@ -1273,7 +1282,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Graceful close: idle connections close now, busy ones after their response."""
-        if not self.busy and not self.body_open and not self.tunnel:
+        if not self.busy and not self.tunnel:  # (maybe discarding an answered body)
             self._close()
 
     def _close_lingering(self) -> None:
