@@ -17,9 +17,12 @@ afresh).
 
 from __future__ import annotations
 
+from netstack.proto.chat import TokenBucket
+
 
 class RateLimiter:
-    """Token buckets keyed by string.
+    """Token buckets (:class:`~netstack.proto.chat.TokenBucket`, shared with the chat
+    flood control) keyed by string.
 
     Args:
         rate: tokens added per second (> 0).
@@ -38,8 +41,7 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst
         self.max_keys = max_keys
-        # key -> [tokens, time of the last update]
-        self._buckets: dict[str, list[float]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -52,28 +54,22 @@ class RateLimiter:
                 self.prune(now)
                 if len(self._buckets) >= self.max_keys:
                     del self._buckets[next(iter(self._buckets))]
-            self._buckets[key] = [self.burst - 1.0, now]
-            return True
-        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
-        return True
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst)
+        return bucket.take(now)
 
     def retry_after(self, key: str) -> float:
         """Seconds until ``key`` has a token again (0 when it has one now, or is unknown),
         as of its last :meth:`allow`."""
         bucket = self._buckets.get(key)
-        if bucket is None or bucket[0] >= 1.0:
-            return 0.0
-        return (1.0 - bucket[0]) / self.rate
+        return 0.0 if bucket is None else bucket.retry_after()
 
     def prune(self, now: float) -> None:
         """Forget every bucket that has refilled completely."""
-        rate, burst = self.rate, self.burst
-        full = [k for k, (t, at) in self._buckets.items() if t + (now - at) * rate >= burst]
+        full = []
+        for key, bucket in self._buckets.items():
+            bucket.take(now, 0.0)  # refill as of now
+            if bucket.tokens >= bucket.burst:
+                full.append(key)
         for key in full:
             del self._buckets[key]
 
