@@ -558,3 +558,196 @@ async def test_raw_upgrade_tunnel_relays_both_ways_with_half_close() -> None:
                 out = await reader.read()  # to EOF: the backend's answer, then its close
             writer.close()
             assert out == payload.upper() + b"|BYE"
+
+
+def proxy_buffers(lb) -> int:
+    """Bytes the proxy holds unsent, over every client and backend transport."""
+    total = 0
+    for listener in lb.listeners.values():
+        for conn in listener.conns:
+            total += conn.transport.get_write_buffer_size()
+            if conn.upstream is not None:
+                total += conn.upstream.transport.get_write_buffer_size()
+    return total
+
+
+async def steady(read, polls: int = 5) -> int:
+    """Poll ``read()`` until it stops changing for ``polls`` polls in a row."""
+    last, same = -1, 0
+    async with asyncio.timeout(TIMEOUT):
+        while same < polls:
+            await asyncio.sleep(0.02)
+            value = read()
+            same = same + 1 if value == last else 0
+            last = value
+    return last
+
+
+async def test_backpressure_both_ways_keeps_buffers_bounded() -> None:
+    from tests.servers.lb.support import TCPBackend
+
+    size = 32 * 1024 * 1024
+    block = os.urandom(1 << 16)
+    sent = {"down": 0, "up": 0}
+
+    def big_response(sock, backend):
+        sock.recv(65536)
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        for _ in range(size // len(block)):
+            sock.sendall(block)
+            sent["down"] += len(block)
+
+    with TCPBackend(big_response) as backend:
+        async with Balancer(http_config(backend.port)) as lb:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", lb.address()[1], limit=1 << 16
+            )
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            stalled = await steady(lambda: sent["down"])  # we read nothing: all stalls
+            assert stalled < size // 2
+            assert proxy_buffers(lb) <= 2 * lb.cfg.limits.relay_buffer_bytes
+            got = 0
+            async with asyncio.timeout(TIMEOUT * 2):
+                await reader.readuntil(b"\r\n\r\n")
+                while got < size:
+                    chunk = await reader.read(1 << 20)
+                    assert chunk
+                    got += len(chunk)
+            writer.close()
+            assert got == size
+
+    def slow_reader(sock, backend):
+        # Read the head, then nothing until told: the request body must stall at the client.
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        backend.gate.wait(TIMEOUT)  # type: ignore[attr-defined]
+        received = len(data.partition(b"\r\n\r\n")[2])
+        while received < size:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return
+            received += len(chunk)
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    import threading
+
+    with TCPBackend(slow_reader) as backend:
+        backend.gate = threading.Event()  # type: ignore[attr-defined]
+        async with Balancer(http_config(backend.port)) as lb:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.address()[1])
+            writer.transport.set_write_buffer_limits(high=1 << 16)
+
+            async def upload() -> None:
+                writer.write(b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length: %d\r\n\r\n" % size)
+                for _ in range(size // len(block)):
+                    writer.write(block)
+                    sent["up"] += len(block)
+                    await writer.drain()
+
+            task = asyncio.create_task(upload())
+            stalled = await steady(lambda: sent["up"])
+            assert stalled < size // 2
+            assert proxy_buffers(lb) <= 2 * lb.cfg.limits.relay_buffer_bytes
+            backend.gate.set()  # type: ignore[attr-defined]
+            async with asyncio.timeout(TIMEOUT * 2):
+                await task
+                reply = await reader.readuntil(b"ok")
+            writer.close()
+            assert reply.startswith(b"HTTP/1.1 200 OK")
+
+
+async def test_header_and_keepalive_timeouts() -> None:
+    with http_backend(name_and_path) as backend:
+        timeouts = BalancerTimeouts(header_timeout=0.2, keepalive_timeout=0.2)
+        async with Balancer(http_config(backend.port, timeouts=timeouts)) as lb:
+            out = await raw(lb.address()[1], b"GET / HTTP/1.1\r\nHost: sl")  # never finished
+            assert out.startswith(b"HTTP/1.1 408 ")
+            async with Client(lb.address()[1]) as client:
+                assert (await client.request()).status == 200
+                assert client.reader is not None
+                async with asyncio.timeout(TIMEOUT):
+                    assert await client.reader.read() == b""  # closed once idle
+            assert backend.requests == 1  # type: ignore[attr-defined]
+
+
+async def test_graceful_close_finishes_in_flight_and_closes_idle() -> None:
+    import threading
+
+    gate = threading.Event()
+
+    def gated(request, body, backend):
+        if request.target == b"/wait":
+            gate.wait(TIMEOUT)
+        return 200, [], b"done"
+
+    with http_backend(gated) as backend:
+        lb = Balancer(http_config(backend.port))
+        await lb.start()
+        port = lb.address()[1]
+        async with Client(port) as idle, Client(port) as busy:
+            assert (await idle.request()).status == 200
+            assert busy.writer is not None
+            busy.writer.write(b"GET /wait HTTP/1.1\r\nhost: x\r\n\r\n")
+            await apoll_until(lambda: backend.requests == 2)  # type: ignore[attr-defined]
+            lb.close()
+            assert idle.reader is not None
+            async with asyncio.timeout(TIMEOUT):
+                assert await idle.reader.read() == b""  # the idle one closes at once
+            gate.set()
+            assert busy.reader is not None
+            async with asyncio.timeout(TIMEOUT):
+                rest = await busy.reader.read()  # answered, then closed
+            assert rest.startswith(b"HTTP/1.1 200 ")
+            assert b"connection: close" in rest
+            assert rest.endswith(b"done")
+            await lb.wait_closed()
+
+
+async def test_consistent_hash_on_a_header() -> None:
+    with http_backend(counting, "b0") as b0, http_backend(counting, "b1") as b1:
+        cfg = http_config(b0.port, b1.port)
+        pool = dataclasses.replace(
+            cfg.pools[0], algorithm="consistent_hash", hash_key="header:X-User"
+        )
+        cfg = dataclasses.replace(cfg, pools=(pool,))
+        async with Balancer(cfg) as lb:
+            seen: dict[str, set[bytes]] = {}
+            for user in ("ann", "bob", "cyd", "dee"):
+                for _ in range(3):
+                    reply = await get(lb.address()[1], headers=[("x-user", user)])
+                    seen.setdefault(user, set()).add(reply.body.split()[0])
+            assert all(len(names) == 1 for names in seen.values())
+
+
+async def test_proxy_protocol_from_a_trusted_peer_names_the_client() -> None:
+    from netstack.proto import proxy_protocol
+
+    async with serve(echo_app) as s1:
+        cfg = http_config(port_of(s1), accept_proxy=True)
+        async with Balancer(cfg) as lb:
+            header = proxy_protocol.encode(
+                proxy_protocol.for_connection(("203.0.113.7", 4000), ("10.0.0.1", 80), 1)
+            )
+            out = await raw(
+                lb.address()[1], header + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert fields(responses(out)[0].body)["xff"] == "203.0.113.7"
+
+
+async def test_post_is_not_retried_when_a_backend_closes_before_answering() -> None:
+    from tests.servers.lb.support import TCPBackend
+
+    def hang_up(sock, backend):
+        sock.recv(65536)
+
+    with TCPBackend(hang_up) as b0, http_backend(counting, "b1") as b1:
+        async with Balancer(http_config(b0.port, b1.port)) as lb:
+            port = lb.address()[1]
+            async with Client(port) as client:
+                assert (await client.request("GET", "/g")).body == b"b1 /g"  # retried
+            async with Client(port) as client:
+                statuses = {(await client.request("POST", "/p", body=b"x")).status}
+            async with Client(port) as client:
+                statuses.add((await client.request("POST", "/p", body=b"x")).status)
+            assert 502 in statuses  # the POST that met b0 was not replayed
