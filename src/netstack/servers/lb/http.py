@@ -107,6 +107,20 @@ CLIENT_LIMITS: Final = HTTPLimits(max_body_bytes=None)
 TEXT_PLAIN: Final = (b"content-type", b"text/plain; charset=utf-8")
 
 
+def _underscored(names: frozenset[bytes]) -> set[bytes]:
+    """Every spelling of ``names`` with some dashes as underscores (``x_forwarded-for``):
+    WSGI maps both to one key, so they would smuggle a value past a strip."""
+    out: set[bytes] = set()
+    for name in names:
+        parts = name.split(b"-")
+        for mask in range(1 << (len(parts) - 1)):
+            joined = parts[0]
+            for i, part in enumerate(parts[1:]):
+                joined += (b"_" if mask >> i & 1 else b"-") + part
+            out.add(joined)
+    return out
+
+
 def _ips(text: str) -> TrustedPeers | None:
     return TrustedPeers(text) if text.strip() else None
 
@@ -227,7 +241,8 @@ class Rules:
         self.request_id = fe.request_id_header.lower().encode() or None
         rid = {self.request_id} if self.request_id else set()
         self.drop_trusted = frozenset(HOP_BY_HOP | {b"host"})
-        self.drop_untrusted = frozenset(HOP_BY_HOP | FORWARDING_HEADERS | rid | {b"host"})
+        untrusted = FORWARDING_HEADERS | rid
+        self.drop_untrusted = frozenset(HOP_BY_HOP | _underscored(untrusted) | {b"host"})
 
     def route(self, host: bytes | None, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
         if self.routes:
@@ -701,6 +716,8 @@ class ProxyConnection(asyncio.Protocol):
                     else:
                         self._body_end(event)
                     continue
+            if kind is EndOfMessage and not self.pending:
+                continue  # the end of the body-less request just started
             if self.busy or self.pending:
                 self.pending.append(event)
                 if len(self.pending) > MAX_PENDING_EVENTS:
@@ -768,8 +785,6 @@ class ProxyConnection(asyncio.Protocol):
                 elif name == b"upgrade":
                     upgrade = value
                 continue
-            if not trusted and b"_" in name and name.replace(b"_", b"-") in FORWARDING_HEADERS:
-                continue  # x_forwarded_for smuggled past the strip
             if name == rid_name:
                 rid = value
             out.append((name, value))
