@@ -213,6 +213,11 @@ async def test_502_retried_for_get_not_for_post() -> None:
                 ]
             assert 503 in statuses  # a POST is never retried
             assert bad.requests >= 3  # type: ignore[attr-defined]
+            metrics = lb.metrics()
+            assert "netstack_lb_http_requests_total 8\n" in metrics
+            assert 'netstack_lb_http_responses_total{code="2xx"} ' in metrics
+            assert 'netstack_lb_http_responses_total{code="5xx"} ' in metrics
+            assert "netstack_lb_http_retries_total " in metrics
 
 
 async def test_chunked_bodies_stream_both_ways() -> None:

@@ -35,6 +35,7 @@ tunnel (WebSocket and other upgrades), with half-close relayed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import itertools
 import logging
@@ -281,6 +282,7 @@ class HTTPListener(Listener):
         self.retry_tokens = RETRY_FLOOR
         self.requests = 0
         self.retries = 0
+        self.responses: collections.Counter[int] = collections.Counter()  # by status // 100
         self.upstreams_opened = 0
         self.limiter: RateLimiter | None = None
         self._rules: Rules | None = None
@@ -1041,6 +1043,7 @@ class ProxyConnection(asyncio.Protocol):
             self.upstream_failed(up, f"cannot forward the response: {exc}", None)
             return False
         self.head_sent = True
+        self.listener.responses[status // 100] += 1
         self._arm_response()
         return True
 
@@ -1176,6 +1179,7 @@ class ProxyConnection(asyncio.Protocol):
             self.abort()
             return
         self.head_sent = True
+        self.listener.responses[status // 100] += 1
         self.flush()
         self._finish_exchange()
 

@@ -623,6 +623,8 @@ def metrics_text(balancer: Balancer) -> str:
         "UDP client sessions open.",
         [("", sum(len(u.sessions) for u in udp))],
     )
+    for name, kind, help_, samples in http_metrics(balancer):
+        metric(name, kind, help_, samples)
     per_backend: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
     for pool in balancer.pools.values():
         for b in pool.backends:
@@ -652,6 +654,36 @@ def metrics_text(balancer: Balancer) -> str:
         changes,
     )
     return "\n".join(lines) + "\n"
+
+
+def http_metrics(balancer: Balancer) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
+    """The L7 listeners' counters (none without http frontends)."""
+    http = [lst for lst in balancer.listeners.values() if hasattr(lst, "responses")]
+    if not http:
+        return []
+    by_class: collections.Counter[int] = collections.Counter()
+    for lst in http:
+        by_class.update(lst.responses)
+    return [
+        (
+            "http_requests_total",
+            "counter",
+            "HTTP requests received by http frontends.",
+            [("", sum(lst.requests for lst in http))],  # type: ignore[attr-defined]
+        ),
+        (
+            "http_retries_total",
+            "counter",
+            "HTTP requests retried on another backend (under the retry budget).",
+            [("", sum(lst.retries for lst in http))],  # type: ignore[attr-defined]
+        ),
+        (
+            "http_responses_total",
+            "counter",
+            "HTTP responses sent, by status class.",
+            [(f'{{code="{c}xx"}}', n) for c, n in sorted(by_class.items())],
+        ),
+    ]
 
 
 def _check_modes(cfg: BalancerConfig) -> None:
