@@ -1121,17 +1121,9 @@ def _check_header_rules(cfg: Any) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RouteConfig:
-    """An L7 rule: requests matching every given condition go to ``pool``."""
+class HeaderRules:
+    """Header add/remove rules of an http frontend (and of a route, applied on top)."""
 
-    pool: str = field(metadata=_help("target pool"))
-    host: str | None = field(default=None, metadata=_help("Host header, without port"))
-    path_prefix: str | None = field(default=None, metadata=_help("request path prefix"))
-    header: str | None = field(default=None, metadata=_help("NAME or NAME=VALUE"))
-    # nginx `location /api/ { proxy_pass http://app/; }` replaces the prefix.
-    rewrite_prefix: str | None = field(
-        default=None, metadata=_help("replace the matched path_prefix with this")
-    )
     add_request_headers: tuple[str, ...] = field(
         default=(), metadata=_help("'NAME: VALUE' headers set on requests to the backend")
     )
@@ -1143,6 +1135,23 @@ class RouteConfig:
     )
     remove_response_headers: tuple[str, ...] = field(
         default=(), metadata=_help("header names removed from responses to the client")
+    )
+
+    def __post_init__(self) -> None:
+        _check_header_rules(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig(HeaderRules):
+    """An L7 rule: requests matching every given condition go to ``pool``."""
+
+    pool: str = field(metadata=_help("target pool"))
+    host: str | None = field(default=None, metadata=_help("Host header, without port"))
+    path_prefix: str | None = field(default=None, metadata=_help("request path prefix"))
+    header: str | None = field(default=None, metadata=_help("NAME or NAME=VALUE"))
+    # nginx `location /api/ { proxy_pass http://app/; }` replaces the prefix.
+    rewrite_prefix: str | None = field(
+        default=None, metadata=_help("replace the matched path_prefix with this")
     )
 
     def __post_init__(self) -> None:
@@ -1166,7 +1175,7 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class FrontendConfig:
+class FrontendConfig(HeaderRules):
     """A listening address, its mode, default pool and (L7) routes."""
 
     name: str = field(default="default", metadata=_help("frontend name"))
@@ -1199,18 +1208,6 @@ class FrontendConfig:
     )
     # nginx limit_req's burst; a browser opens ~6 connections and loads a page at once.
     rate_burst: int = field(default=20, metadata=_help("http: requests a client may burst"))
-    add_request_headers: tuple[str, ...] = field(
-        default=(), metadata=_help("'NAME: VALUE' headers set on requests to the backend")
-    )
-    remove_request_headers: tuple[str, ...] = field(
-        default=(), metadata=_help("header names removed from requests to the backend")
-    )
-    add_response_headers: tuple[str, ...] = field(
-        default=(), metadata=_help("'NAME: VALUE' headers set on responses to the client")
-    )
-    remove_response_headers: tuple[str, ...] = field(
-        default=(), metadata=_help("header names removed from responses to the client")
-    )
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, field="listen")
