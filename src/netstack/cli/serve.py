@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import os
 import signal
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from netstack.cli.exits import StartupFailure
 from netstack.cli.options import config_options, load_config
-from netstack.config import WSGIServerConfig
+from netstack.config import WSGIServerConfig, parse_hostport
 from netstack.errors import ConfigError
+
+if TYPE_CHECKING:
+    from netstack.servers.wsgi.master import StatusPipe
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,8 @@ def command(app: str | None, config_file: str | None, **flags: Any) -> None:
 
     A master process binds the addresses and supervises --workers processes: a worker
     that dies is restarted, SIGHUP replaces the workers one by one without refusing a
-    connection, SIGTERM/SIGINT stop gracefully (in-flight requests finish).
+    connection, SIGTERM/SIGINT stop gracefully (in-flight requests finish, idle
+    keep-alive connections close, at most --graceful-timeout seconds).
 
     \b
     Examples:
@@ -51,6 +56,9 @@ def command(app: str | None, config_file: str | None, **flags: Any) -> None:
       netstack serve myapp:create_app --factory --threads 0 --no-access-log
       netstack serve myapp:app --bind unix:/run/app.sock --bind [::1]:8080
       netstack serve myapp:app --certfile cert.pem --keyfile key.pem --reload
+      netstack serve myapp:app --workers 2 --metrics-bind 127.0.0.1:9100
+      netstack serve myapp:app --max-requests 10000 --max-requests-jitter 1000
+      netstack serve myapp:app --access-log-format '%(h)s "%(r)s" %(s)s %(M)sms'
     """
     flags["app"] = app
     cfg = load_config(WSGIServerConfig, flags, config_file=config_file)
@@ -62,26 +70,72 @@ def command(app: str | None, config_file: str | None, **flags: Any) -> None:
         except OSError as exc:
             raise ConfigError(f"chdir: cannot change to {cfg.chdir!r}: {exc.strerror}") from None
     _check_module(cfg.app)
+    if cfg.access_log:
+        from netstack.servers.wsgi.accesslog import check_format
+
+        check_format(cfg.access_log_format)
+    if cfg.tls.certfile is not None:
+        from netstack.transport.tls import server_context
+
+        server_context(cfg.tls)  # a bad certificate is a usage error, before any fork
 
     from netstack.servers.wsgi.master import Master
     from netstack.servers.wsgi.server import bind_socket
 
     sockets: list[socket.socket] = []
-    for address in cfg.bind:
-        try:
-            sockets.append(bind_socket(address, cfg.backlog))
-        except OSError as exc:
-            for sock in sockets:
-                sock.close()
-            raise StartupFailure(f"cannot bind {address}: {exc.strerror or exc}") from None
+    metrics_socket = None
+    try:
+        for address in cfg.bind:
+            sockets.append(_bind(address, functools.partial(bind_socket, address, cfg.backlog)))
+        if cfg.metrics_bind is not None:
+            _check_prometheus()
+            host, port = parse_hostport(cfg.metrics_bind, field="metrics_bind")
+            metrics_socket = _bind(
+                cfg.metrics_bind,
+                lambda: socket.create_server(
+                    (host, port),
+                    family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                    backlog=64,
+                ),
+            )
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     scheme = "https" if cfg.tls.certfile else "http"
     for sock in sockets:
         click.echo(f"listening on {_describe(sock, scheme)}")
+    if metrics_socket is not None:
+        click.echo(f"metrics on {_describe(metrics_socket, 'http')}/metrics")
     watch = _source_fingerprint if cfg.reload else None
-    master = Master(cfg, sockets, lambda socks, ready: _worker_main(cfg, socks, ready), watch=watch)
+    master = Master(
+        cfg,
+        sockets,
+        lambda socks, status: _worker_main(cfg, socks, status),
+        watch=watch,
+        metrics_socket=metrics_socket,
+    )
     status = master.run()
     if status:
-        raise StartupFailure("a worker could not load the app or serve; see the log above")
+        raise StartupFailure(master.failure or "a worker could not start; see the log above")
+
+
+def _bind(address: str, bind: Callable[[], socket.socket]) -> socket.socket:
+    try:
+        return bind()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupFailure(f"cannot bind {address}: {reason}") from None
+
+
+def _check_prometheus() -> None:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "metrics_bind: needs prometheus-client (pip install 'netstack[metrics]')",
+            field="metrics_bind",
+        ) from None
 
 
 def _describe(sock: socket.socket, scheme: str) -> str:
@@ -127,9 +181,7 @@ def _source_fingerprint() -> object:
     return tuple(sorted(stamps))
 
 
-def _worker_main(
-    cfg: WSGIServerConfig, sockets: list[socket.socket], ready: Callable[[], None]
-) -> int:
+def _worker_main(cfg: WSGIServerConfig, sockets: list[socket.socket], status: StatusPipe) -> int:
     """In a worker process: load the app and serve until SIGTERM/SIGINT."""
     from netstack.servers.wsgi import load_app
     from netstack.servers.wsgi.master import APP_LOAD_FAILED
@@ -138,38 +190,67 @@ def _worker_main(
     try:
         app = load_app(cfg.app, factory=cfg.factory)
     except ConfigError as exc:
-        logger.error("cannot load the app: %s", exc)
+        status.error(str(exc))
         return APP_LOAD_FAILED
-    except Exception:
+    except Exception as exc:
+        # The app's own error: its traceback is what the user needs, then one summary line.
         logger.exception("cannot load the app %s", cfg.app)
+        status.error(f"cannot load the app {cfg.app}: {type(exc).__name__}: {exc}")
         return APP_LOAD_FAILED
-    return loops.run(_worker_serve(cfg, app, sockets, ready))
+    try:
+        return loops.run(_worker_serve(cfg, app, sockets, status))
+    except Exception as exc:
+        if not status.is_ready:
+            logger.exception("the worker could not start")
+            status.error(f"a worker could not start: {type(exc).__name__}: {exc}")
+            return APP_LOAD_FAILED
+        raise
 
 
 async def _worker_serve(
-    cfg: WSGIServerConfig, app: Any, sockets: list[socket.socket], ready: Callable[[], None]
+    cfg: WSGIServerConfig, app: Any, sockets: list[socket.socket], status: StatusPipe
 ) -> int:
     from netstack.servers.wsgi import WSGIServer
 
     server = WSGIServer(cfg, app, sockets=sockets, multiprocess=cfg.workers > 1)
-    await server.start()
+    # The master starts a replacement first, then stops this worker with SIGTERM.
+    server.on_max_requests = status.recycle
     loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+    metrics = None
+    if cfg.metrics_bind is not None:
+        from netstack.servers.wsgi.metrics import SNAPSHOT_INTERVAL, WorkerMetrics
+
+        metrics = WorkerMetrics(server)
+        metrics.attach()
+
+        async def report() -> None:
+            while True:
+                await asyncio.sleep(SNAPSHOT_INTERVAL)
+                status.metrics(metrics.snapshot())
+
+        tasks.append(loop.create_task(report()))
+    await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
     master = os.getppid()
 
     async def orphan_watch() -> None:
-        # A worker whose master died (kill -9) must not serve on forever.
+        # A worker whose master died (kill -9) must not serve on forever (Linux also
+        # sets PR_SET_PDEATHSIG, which is immediate).
         while os.getppid() == master:  # noqa: ASYNC110 - no event exists for a parent's death
             await asyncio.sleep(1.0)
         logger.warning("the master process is gone: stopping")
         server.request_stop()
 
-    watcher = loop.create_task(orphan_watch())
-    ready()
+    tasks.append(loop.create_task(orphan_watch()))
+    status.ready()
     logger.info("worker pid %d serving %s", os.getpid(), cfg.app)
     try:
         await server.serve_forever()
     finally:
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        if metrics is not None:
+            status.metrics(metrics.snapshot())
     return 0

@@ -35,8 +35,12 @@ def format_address(addr: tuple[Any, ...]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _Lifecycle:
-    """Stop event, ``serve_forever`` and the async context manager, shared by both."""
+class Lifecycle:
+    """Stop event, ``serve_forever``, ``close``/``wait_closed`` and the async context
+    manager: the ``asyncio.Server`` shape shared by every netstack server.
+
+    Subclasses implement :meth:`start`, :meth:`_shutdown` and :attr:`sockets`.
+    """
 
     name = ""
 
@@ -94,7 +98,7 @@ class _Lifecycle:
         await self.wait_closed()
 
 
-class Server(_Lifecycle):
+class Server(Lifecycle):
     """A TCP listener serving :class:`StreamProtocol` connections.
 
     Args:
@@ -202,7 +206,7 @@ class Server(_Lifecycle):
         logger.info("%s listener closed", self.name)
 
 
-class DatagramServer(_Lifecycle):
+class DatagramServer(Lifecycle):
     """A UDP endpoint serving one :class:`DatagramProtocol`.
 
     Args:

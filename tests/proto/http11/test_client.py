@@ -3,6 +3,7 @@ whole, byte by byte and in random splits; request writing; misuse; limits."""
 
 from __future__ import annotations
 
+import tomllib
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from netstack.proto.http11 import (
 )
 from netstack.proto.http11.client import check_response_head, make_response_parser
 from tests.helpers import splits
-from tests.proto.http11.corpus import PARSERS
+from tests.proto.http11.corpus import DATA, PARSERS
 
 HOST = [(b"host", b"backend")]
 UPGRADE = [*HOST, (b"connection", b"upgrade"), (b"upgrade", b"websocket")]
@@ -30,7 +31,6 @@ LIMITS = HTTPLimits(
 )
 R = Response
 Info = InformationalResponse
-E = EndOfMessage()
 
 
 def D(data: bytes) -> Data:
@@ -47,295 +47,70 @@ def normalise(events: list[Any]) -> list[Any]:
     return out
 
 
-# (id, method, request headers, response bytes, eof, expected events, final state, raw)
-VALID = [
-    (
-        "length",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-        False,
-        [R(200, [(b"content-length", b"5")], b"OK"), D(b"hello"), E],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "chunked-trailers",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"3;ext=1\r\nabc\r\n0\r\nT: 1 \r\n\r\n",
-        False,
-        [
-            R(200, [(b"transfer-encoding", b"chunked")], b"OK"),
-            D(b"abc"),
-            EndOfMessage([(b"t", b"1")]),
-        ],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "head-ignores-length",
-        b"HEAD",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n",
-        False,
-        [R(200, [(b"content-length", b"500")], b"OK"), E],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "head-after-100",
-        b"HEAD",
-        HOST,
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
-        False,
-        [Info(100, [], b"Continue"), R(200, [(b"content-length", b"9")], b"OK"), E],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "204-ignores-length",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
-        False,
-        [R(204, [(b"content-length", b"5")], b"No Content"), E],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "304",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n",
-        False,
-        [R(304, [(b"etag", b"x")], b"Not Modified"), E],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "1xx-then-final",
-        b"POST",
-        HOST,
-        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
-        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
-        False,
-        [
-            Info(100, [], b"Continue"),
-            Info(103, [(b"link", b"</a>")], b"Early Hints"),
-            R(201, [(b"content-length", b"2")], b"Created"),
-            D(b"ok"),
-            E,
-        ],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "close-delimited",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
-        True,
-        [R(200, [], b"OK"), D(b"until the end"), E, ConnectionClosed()],
-        ClientState.CLOSED,
-        b"",
-    ),
-    (
-        "http10-close-delimited",
-        b"GET",
-        HOST,
-        b"HTTP/1.0 200 OK\r\n\r\nold",
-        True,
-        [R(200, [], b"OK", b"1.0"), D(b"old"), E, ConnectionClosed()],
-        ClientState.CLOSED,
-        b"",
-    ),
-    (
-        "http10-keep-alive",
-        b"GET",
-        HOST,
-        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nx",
-        False,
-        [
-            R(200, [(b"connection", b"keep-alive"), (b"content-length", b"1")], b"OK", b"1.0"),
-            D(b"x"),
-            E,
-        ],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "http10-length-no-keep-alive",
-        b"GET",
-        HOST,
-        b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx",
-        False,
-        [R(200, [(b"content-length", b"1")], b"OK", b"1.0"), D(b"x"), E],
-        ClientState.MUST_CLOSE,
-        b"",
-    ),
-    (
-        "connection-close",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
-        False,
-        [R(200, [(b"connection", b"close"), (b"content-length", b"1")], b"OK"), D(b"x"), E],
-        ClientState.MUST_CLOSE,
-        b"",
-    ),
-    (
-        "custom-reason-and-status",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 299 All Good Here\r\nContent-Length: 0\r\n\r\n",
-        False,
-        [R(299, [(b"content-length", b"0")], b"All Good Here"), E],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "101-switch",
-        b"GET",
-        UPGRADE,
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-        b"\x81\x02hi",
-        False,
-        [
-            Info(
-                101,
-                [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")],
-                b"Switching Protocols",
-            )
-        ],
-        ClientState.SWITCHED_PROTOCOL,
-        b"\x81\x02hi",
-    ),
-    (
-        "upgrade-refused",
-        b"GET",
-        UPGRADE,
-        b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\n\r\n",
-        False,
-        [R(426, [(b"content-length", b"0")], b"Upgrade Required"), E],
-        ClientState.IDLE,
-        b"",
-    ),
-    (
-        "body-at-limit",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n"
-        + b"b" * 16
-        + b"\r\n10\r\n"
-        + b"c" * 16
-        + b"\r\n0\r\n\r\n",
-        False,
-        [R(200, [(b"transfer-encoding", b"chunked")], b"OK"), D(b"b" * 16 + b"c" * 16), E],
-        ClientState.IDLE,
-        b"",
-    ),
-]
+RESPONSES = DATA / "responses"
 
-# (id, method, request headers, response bytes, eof, status-hint-or-limit)
-INVALID = [
-    ("garbage", b"GET", HOST, b"NOT HTTP\r\n\r\n", True),
-    ("bad-status", b"GET", HOST, b"HTTP/1.1 2000 OK\r\n\r\n", True),
-    ("http2", b"GET", HOST, b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n", True),
-    (
-        "cl-and-te",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        True,
-    ),
-    (
-        "two-cl",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-        True,
-    ),
-    ("te-gzip", b"GET", HOST, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nx", True),
-    (
-        "bad-chunk",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
-        True,
-    ),
-    ("bad-header-name", b"GET", HOST, b"HTTP/1.1 200 OK\r\nBad Header: 1\r\n\r\n", True),
-    ("cut-in-head", b"GET", HOST, b"HTTP/1.1 200 OK\r\nContent-Le", True),
-    ("cut-in-body", b"GET", HOST, b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc", True),
-    (
-        "cut-in-chunks",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab",
-        True,
-    ),
-    ("cut-in-head-of-head", b"HEAD", HOST, b"HTTP/1.1 200 OK\r\n", True),
-    ("no-response", b"GET", HOST, b"", True),
-    ("101-unasked", b"GET", HOST, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", True),
-    (
-        "bytes-after-response",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
-        False,
-    ),
-    (
-        "bytes-after-head-response",
-        b"HEAD",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
-        False,
-    ),
-    (
-        "header-bytes-limit",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nX: " + b"v" * 300 + b"\r\n\r\n",
-        True,
-    ),
-    ("header-never-ends", b"GET", HOST, b"HTTP/1.1 200 OK\r\nX: " + b"v" * 300, True),
-    ("head-header-never-ends", b"HEAD", HOST, b"HTTP/1.1 200 OK\r\nX: " + b"v" * 300, True),
-    (
-        "header-count-limit",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(6)) + b"\r\n",
-        True,
-    ),
-    (
-        "trailer-count-limit",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
-        + b"".join(b"T-%d: v\r\n" % i for i in range(6))
-        + b"\r\n",
-        True,
-    ),
-    (
-        "length-over-body-limit",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nContent-Length: 33\r\n\r\n",
-        True,
-    ),
-    (
-        "chunks-over-body-limit",
-        b"GET",
-        HOST,
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n21\r\n" + b"x" * 33 + b"\r\n",
-        True,
-    ),
-    ("until-close-over-body-limit", b"GET", HOST, b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 33, True),
-]
-# The h11 wrapper sees the trailing bytes of a response that asked nothing more only as
-# "rest"; both report them, as a MUST_CLOSE (after a complete response) or an error.
-AFTER_RESPONSE = {"bytes-after-response", "bytes-after-head-response"}
+
+def _b(text: str) -> bytes:
+    return text.encode("latin-1")
+
+
+def _headers(pairs: list[list[str]]) -> list[tuple[bytes, bytes]]:
+    return [(_b(n), _b(v)) for n, v in pairs]
+
+
+def _event(spec: dict[str, Any]) -> Any:
+    kind = spec["type"]
+    if kind == "response":
+        headers = _headers(spec["headers"])
+        return R(spec["status"], headers, _b(spec["reason"]), _b(spec.get("version", "1.1")))
+    if kind == "informational":
+        return Info(spec["status"], _headers(spec["headers"]), _b(spec["reason"]))
+    if kind == "data":
+        return D(_b(spec["data"]))
+    if kind == "end":
+        return EndOfMessage(_headers(spec.get("trailers", [])))
+    assert kind == "closed", kind
+    return ConnectionClosed()
+
+
+def load(kind: str) -> list[Any]:
+    """tests/data/http11/responses/{valid,invalid}: ``NNN.http`` (the response bytes) and
+    ``NNN.toml``: ``description``, ``method`` and ``request_headers`` of the request it
+    answers, ``eof`` (the server closes after the bytes); valid cases: ``state`` (their
+    state at the end), ``switched`` (raw bytes after a 101) and ``[[events]]`` (types
+    ``informational``, ``response``, ``data``, ``end``, ``closed``); invalid cases:
+    ``after_response`` (the bytes follow a complete response: not an error when they
+    arrive in the same read, only the end of reuse). Limits are ``LIMITS`` below."""
+    cases = []
+    for path in sorted((RESPONSES / kind).glob("*.toml")):
+        spec = tomllib.loads(path.read_text())
+        raw = path.with_suffix(".http").read_bytes()
+        common = (
+            _b(spec["method"]),
+            _headers(spec["request_headers"]),
+            raw,
+            spec.get("eof", False),
+        )
+        if kind == "valid":
+            values: tuple[Any, ...] = (
+                *common,
+                [_event(e) for e in spec["events"]],
+                ClientState(spec["state"]),
+                _b(spec.get("switched", "")),
+            )
+        else:
+            values = (*common, spec.get("after_response", False))
+        cases.append(pytest.param(*values, id=f"{kind}/{path.stem}: {spec['description']}"))
+    return cases
+
+
+VALID = load("valid")
+INVALID = load("invalid")
+
+
+def test_response_corpus_is_there() -> None:
+    assert len(VALID) >= 15
+    assert len(INVALID) >= 25
 
 
 def exchange(
@@ -350,8 +125,7 @@ def exchange(
 
 @pytest.mark.parametrize("parser", PARSERS)
 @pytest.mark.parametrize(
-    ("method", "headers", "raw", "eof", "expected", "state", "switched"),
-    [pytest.param(*case[1:], id=case[0]) for case in VALID],
+    ("method", "headers", "raw", "eof", "expected", "state", "switched"), VALID
 )
 def test_valid_responses(
     parser: str,
@@ -384,12 +158,14 @@ def test_valid_responses(
 
 
 @pytest.mark.parametrize("parser", PARSERS)
-@pytest.mark.parametrize(
-    ("name", "method", "headers", "raw", "eof"),
-    [pytest.param(*case, id=case[0]) for case in INVALID],
-)
+@pytest.mark.parametrize(("method", "headers", "raw", "eof", "after_response"), INVALID)
 def test_invalid_responses(
-    parser: str, name: str, method: bytes, headers: list[tuple[bytes, bytes]], raw: bytes, eof: bool
+    parser: str,
+    method: bytes,
+    headers: list[tuple[bytes, bytes]],
+    raw: bytes,
+    eof: bool,
+    after_response: bool,
 ) -> None:
     for chunks in splits(raw, seed=len(raw)):
         conn = exchange(parser, method, headers)
@@ -405,7 +181,7 @@ def test_invalid_responses(
             conn.receive_eof()
             continue
         # Stray bytes after a complete response, all in the same read: not reusable.
-        assert name in AFTER_RESPONSE
+        assert after_response
         assert conn.their_state is ClientState.MUST_CLOSE
 
 
@@ -461,11 +237,10 @@ def test_early_response_while_sending_the_body(parser: str) -> None:
     conn = HTTPClientConnection(LIMITS, parser)
     conn.send(Request(b"POST", b"/", [*HOST, (b"connection", b"close")], content_length=100))
     conn.receive_data(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
-    assert conn.their_state is ClientState.DONE
-    assert conn.our_state is ClientState.SEND_BODY
+    assert (conn.our_state, conn.their_state) == (ClientState.SEND_BODY, ClientState.DONE)
     conn.receive_eof()
-    assert conn.their_state is ClientState.CLOSED
-    assert conn.our_state is ClientState.SEND_BODY  # the caller decides to stop sending
+    # The caller decides to stop sending.
+    assert (conn.our_state, conn.their_state) == (ClientState.SEND_BODY, ClientState.CLOSED)
 
 
 # ------------------------------------------------------------------ misuse
@@ -540,3 +315,35 @@ def test_check_response_head_defence_in_depth() -> None:
         True,
         False,
     )
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize(
+    ("method", "prefix"),
+    [
+        (b"GET", b"HTTP/1.1 200 OK\r\nX-Never-Ends: "),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nX-Never-Ends: "),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: "),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;e="),
+    ],
+    ids=["header", "head-header", "trailer", "chunk-extension"],
+)
+def test_a_response_line_that_never_ends_is_refused_within_one_read_of_the_limit(
+    parser: str, method: bytes, prefix: bytes
+) -> None:
+    limits = HTTPLimits()
+    conn = HTTPClientConnection(limits, parser)
+    conn.send(Request(method, b"/", HOST))
+    conn.send(EndOfMessage())
+    conn.receive_data(prefix)
+    piece = b"a" * 1024
+    fed = 0
+    while fed <= limits.max_header_bytes + len(piece):
+        try:
+            conn.receive_data(piece)
+        except LimitExceeded as exc:
+            assert exc.status_hint == 502  # noqa: PT017 - also checks when it raised
+            assert conn.their_state is ClientState.CLOSED
+            return
+        fed += len(piece)
+    pytest.fail(f"{fed} bytes of one unfinished line accepted")

@@ -285,11 +285,10 @@ class ClientMachine(RuleBasedStateMachine):
             # the first bad byte, h11 at the end of a line): the other must follow.
             self.failed = errors
             return
-        if errors[0]:
-            # Both failed: the events parsed before the failure may differ (a leading
-            # empty line is skipped by llhttp, refused by h11); they are discarded.
-            outcomes = [o[:3] for o in outcomes]
-        assert outcomes[0] == outcomes[1]
+        # When both failed, the events parsed before the failure may differ (a leading
+        # empty line is skipped by llhttp, refused by h11); they are discarded.
+        compared = [o[:3] if errors[0] else o for o in outcomes]
+        assert compared[0] == compared[1]
 
     def teardown(self) -> None:
         if any(self.failed) and self.compare:

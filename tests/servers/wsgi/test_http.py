@@ -319,3 +319,66 @@ async def test_file_wrapper_sends_the_file(tmp_path: Any) -> None:
     assert reply.headers["content-length"] == str(len(payload))
     assert reply.body == payload
     assert responses(head, [b"HEAD"])[0].body == b""
+
+
+@THREADS
+async def test_requests_pipelined_behind_a_declined_upgrade_are_answered(threads: int) -> None:
+    raw = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n" + get(
+        "/after", extra="Connection: close\r\n"
+    )
+    async with serve(echo, threads=threads) as server:
+        data = await exchange(server, raw)
+    assert [r.body.split(b" ")[1] for r in responses(data)] == [b"/ws", b"/after"]
+
+
+async def test_threaded_apps_iterable_is_closed_in_the_app_thread() -> None:
+    import threading
+
+    closed_in: list[str] = []
+
+    class Body:
+        def __iter__(self) -> Any:
+            yield b"a"
+            yield b"b"
+
+        def close(self) -> None:
+            closed_in.append(threading.current_thread().name)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return Body()
+
+    async with serve(app, validate=False, threads=2) as server:
+        data = await exchange(server, get(extra="Connection: close\r\n"))
+    assert responses(data)[0].body == b"ab"
+    assert len(closed_in) == 1
+    assert closed_in[0].startswith("netstack-app-")
+
+
+@THREADS
+async def test_a_body_complete_in_its_first_chunk_is_sent_in_one_write(threads: int) -> None:
+    """With Content-Length met by the first chunk, nothing more is read (PEP 3333: never
+    send more than Content-Length) and the iterable is still closed."""
+    pulled: list[int] = []
+    closed: list[bool] = []
+
+    class Body:
+        def __iter__(self) -> Any:
+            pulled.append(1)
+            yield b"hello"
+            pulled.append(2)
+            yield b"EXTRA"
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return Body()
+
+    async with serve(app, validate=False, threads=threads) as server:
+        data = await exchange(server, get() + get(extra="Connection: close\r\n"))
+        await apoll_until(lambda: len(closed) == 2)
+    replies = responses(data)
+    assert [r.body for r in replies] == [b"hello", b"hello"]
+    assert pulled == [1, 1]

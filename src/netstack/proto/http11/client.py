@@ -196,6 +196,7 @@ class LLHTTPResponseParser:
         "_parser",
         "_reason",
         "_reusable",
+        "_since_body",
         "_until_close",
         "_upgrade",
         "done",
@@ -225,6 +226,7 @@ class LLHTTPResponseParser:
         self._upgrade = upgrade
         self._head_fed = 0
         self._body_bytes = 0
+        self._since_body = 0
         self._in_head = True
         self._until_close = False
         self.done = False
@@ -242,9 +244,20 @@ class LLHTTPResponseParser:
             return
         if self._in_head:
             self._head_fed += len(data)
+        else:
+            self._since_body += len(data)
         self._feed(data)
-        if self._in_head and self._head_fed > self._limits.max_header_bytes:
-            raise _limit("max_header_bytes", self._limits.max_header_bytes, self._head_fed)
+        if self._in_head:
+            if self._head_fed > self._limits.max_header_bytes:
+                raise _limit("max_header_bytes", self._limits.max_header_bytes, self._head_fed)
+        elif not self.done:
+            # Bytes since the last body byte: chunk-size lines, extensions, trailers
+            # (httptools buffers a trailer line whole). As in parse.LLHTTPRequestParser.
+            since = self._since_body
+            if since < 0:
+                since = self._since_body = len(data)
+            if since > self._limits.max_header_bytes:
+                raise _limit("max_header_bytes", self._limits.max_header_bytes, since)
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -282,7 +295,7 @@ class LLHTTPResponseParser:
             head, buffer = buffer[: end + 4], buffer[end + 4 :]
             self._parser = httptools.HttpResponseParser(self)
             self._feed(head)  # (a head ends with CRLF CRLF: llhttp completes it or fails)
-        self.stray = bool(buffer)
+        self.stray = bool(buffer.strip(b"\r\n"))  # (as llhttp skips empty lines)
         self._head_buffer = b""
 
     def feed_eof(self) -> None:
@@ -312,6 +325,7 @@ class LLHTTPResponseParser:
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
         self._in_head = False
+        self._since_body = -1
         if status < 200:
             if status == 101:
                 if not self._upgrade:
@@ -337,6 +351,7 @@ class LLHTTPResponseParser:
             self.done = True
 
     def on_body(self, body: bytes) -> None:
+        self._since_body = 0
         self._body_bytes += len(body)
         limit = self._limits.max_body_bytes
         if limit is not None and self._body_bytes > limit:
@@ -446,7 +461,8 @@ class H11ResponseParser:
                     raise _limit("max_header_count", self._limits.max_header_count)
                 self._events.append(EndOfMessage(trailers) if trailers else END_OF_MESSAGE)
                 self.done = True
-                self.stray = bool(conn.trailing_data[0])
+                # (Empty lines are not stray: llhttp skips them before a message.)
+                self.stray = bool(conn.trailing_data[0].strip(b"\r\n"))
             else:
                 # A 101: h11 only pauses here after a switch (our EndOfMessage was sent),
                 # and never reports ConnectionClosed before a complete response (it

@@ -5,44 +5,51 @@ common log format, ``r`` request line, ``m`` method, ``U`` path, ``q`` query, ``
 protocol, ``s`` status, ``B``/``b`` response body bytes (``b`` is ``-`` for 0), ``f``
 referer, ``a`` user agent, ``T`` seconds, ``M`` milliseconds, ``D`` microseconds, ``L``
 decimal seconds, ``p`` pid, ``{name}i`` request header, ``{name}o`` response header,
-``{NAME}e`` environ variable.
+``{NAME}e`` WSGI environ variable (looked up as written, then upper-cased).
+
+A format is compiled once (:class:`AccessFormat`): only the atoms it uses are computed
+per request, and a bad format (unknown atom, ``%s`` without a name, ``%(s)d``) is a
+:class:`~netstack.errors.ConfigError` at start-up rather than a broken line per request.
+Every record also carries the main fields as ``extra`` attributes, so with
+``--log-format json`` an access line is a JSON object with ``status``, ``method``...
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
 
+from netstack.errors import ConfigError
 from netstack.log import ACCESS_LOGGER
+
+if TYPE_CHECKING:
+    from netstack.proto.http11 import Request
+    from netstack.servers.wsgi.protocol import Exchange
 
 access_logger = logging.getLogger(ACCESS_LOGGER)
 
+_ATOM = re.compile(r"%\(([^)]*)\)")
+_BARE = re.compile(r"%(?!\()")
+_SPECIAL = re.compile(r"\{([^}]+)\}([ioe])")
 
-class Atoms(dict[str, str]):
-    """The mapping a format string is applied to; header atoms are looked up lazily."""
 
-    def __init__(self, values: dict[str, str], exchange: Any) -> None:
-        super().__init__(values)
-        self._exchange = exchange
+class _Line:
+    """What the atom functions read: the exchange and its duration."""
 
-    def __missing__(self, key: str) -> str:
-        if len(key) > 3 and key[0] == "{" and key[-2] == "}":
-            name, kind = key[1:-2].lower(), key[-1]
-            if kind == "i":
-                raw = name.encode("latin-1", "replace")
-                for n, v in self._exchange.request.headers:
-                    if n == raw:
-                        return str(v.decode("latin-1"))
-            elif kind == "o":
-                raw = name.encode("latin-1", "replace")
-                for n, v in self._exchange.response_headers:
-                    if n == raw:
-                        return str(v.decode("latin-1"))
-            elif kind == "e":
-                return str(self._exchange.environ.get(key[1:-2], "-"))
-        return "-"
+    __slots__ = ("elapsed", "environ", "exchange", "request")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange: Exchange = exchange
+        self.request: Request
+        self.environ: dict[str, Any]
+        self.elapsed: float
+        self.request = exchange.request
+        self.environ = exchange.environ
+        self.elapsed = time.perf_counter() - exchange.start_time if exchange.start_time else 0.0
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
@@ -52,38 +59,151 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
     return "-"
 
 
+_clock_second = -1
+_clock_text = ""
+
+
+def _clf_time() -> str:
+    """``[25/Nov/2026:13:05:01 +0000]``, formatted once per second."""
+    global _clock_second, _clock_text
+    now = int(time.time())
+    if now != _clock_second:
+        _clock_second = now
+        _clock_text = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
+    return _clock_text
+
+
+def _method(x: _Line) -> str:
+    return x.request.method.decode("latin-1")
+
+
+def _protocol(x: _Line) -> str:
+    return str(x.environ.get("SERVER_PROTOCOL", "HTTP/1.1"))
+
+
+def _request_line(x: _Line) -> str:
+    return f"{_method(x)} {x.request.target.decode('latin-1')} {_protocol(x)}"
+
+
+ATOMS: Final[dict[str, Callable[[_Line], str]]] = {
+    "h": lambda x: str(x.environ.get("REMOTE_ADDR", "-")),
+    "l": lambda x: "-",
+    "u": lambda x: str(x.environ.get("REMOTE_USER") or "-"),
+    "t": lambda x: _clf_time(),
+    "r": _request_line,
+    "m": _method,
+    "U": lambda x: str(x.environ.get("PATH_INFO", "")),
+    "q": lambda x: str(x.environ.get("QUERY_STRING", "")),
+    "H": _protocol,
+    "s": lambda x: str(x.exchange.status_code),
+    "B": lambda x: str(x.exchange.sent_bytes),
+    "b": lambda x: str(x.exchange.sent_bytes) if x.exchange.sent_bytes else "-",
+    "f": lambda x: _header(x.request.headers, b"referer"),
+    "a": lambda x: _header(x.request.headers, b"user-agent"),
+    "T": lambda x: str(int(x.elapsed)),
+    "M": lambda x: str(int(x.elapsed * 1000)),
+    "D": lambda x: str(int(x.elapsed * 1_000_000)),
+    "L": lambda x: f"{x.elapsed:.6f}",
+    "p": lambda x: f"<{os.getpid()}>",
+}
+
+
+def _special(name: str, kind: str) -> Callable[[_Line], str]:
+    if kind == "i":
+        raw = name.lower().encode("latin-1", "replace")
+        return lambda x: _header(x.request.headers, raw)
+    if kind == "o":
+        raw = name.lower().encode("latin-1", "replace")
+        return lambda x: _header(x.exchange.response_headers, raw)
+    upper = name.upper()
+    return lambda x: str(x.environ.get(name, x.environ.get(upper, "-")))
+
+
+class AccessFormat:
+    """A compiled gunicorn-style format.
+
+    Raises:
+        ConfigError: naming ``access_log_format``, for an unknown atom, a conversion
+            without an atom name, or a format ``%`` cannot apply.
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        getters: dict[str, Callable[[_Line], str]] = {}
+        for atom in _ATOM.findall(fmt):
+            special = _SPECIAL.fullmatch(atom)
+            if special is not None:
+                getters[atom] = _special(special[1], special[2])
+            elif atom in ATOMS:
+                getters[atom] = ATOMS[atom]
+            else:
+                raise ConfigError(
+                    f"access_log_format: unknown atom %({atom})s; known: "
+                    f"{' '.join(ATOMS)} {{header}}i {{header}}o {{variable}}e",
+                    field="access_log_format",
+                )
+        if _BARE.search(fmt.replace("%%", "")):
+            raise ConfigError(
+                f"access_log_format: every conversion needs an atom, like %(h)s: {fmt!r}",
+                field="access_log_format",
+            )
+        try:
+            fmt % dict.fromkeys(getters, "-")
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"access_log_format: {exc} in {fmt!r}", field="access_log_format"
+            ) from None
+        self.getters = tuple(getters.items())
+
+    def format(self, exchange: Exchange) -> str:
+        x = _Line(exchange)
+        return self.fmt % {atom: get(x) for atom, get in self.getters}
+
+    def log(self, exchange: Exchange) -> None:
+        """Log one line, with the main fields as ``extra`` (for JSON logs)."""
+        try:
+            line = self.format(exchange)
+        except Exception as exc:  # a header value with a surprise: still log something
+            line = f"access log format failed ({exc!r})"
+        request = exchange.request
+        environ = exchange.environ
+        access_logger.info(
+            line,
+            extra={
+                "remote_addr": environ.get("REMOTE_ADDR", "-"),
+                "method": request.method.decode("latin-1"),
+                "path": environ.get("PATH_INFO", ""),
+                "query": environ.get("QUERY_STRING", ""),
+                "status": exchange.status_code,
+                "bytes": exchange.sent_bytes,
+                "duration_ms": (
+                    round((time.perf_counter() - exchange.start_time) * 1000, 3)
+                    if exchange.start_time
+                    else None
+                ),
+            },
+        )
+
+
+_compiled: dict[str, AccessFormat] = {}
+
+
+def check_format(fmt: str) -> AccessFormat:
+    """Compile ``fmt`` once (cached); raise ConfigError when it is wrong."""
+    compiled = _compiled.get(fmt)
+    if compiled is None:
+        compiled = AccessFormat(fmt)
+        if len(_compiled) < 16:
+            _compiled[fmt] = compiled
+    return compiled
+
+
 def log_exchange(fmt: str, exchange: Any) -> None:
-    """Log one line for a finished exchange."""
-    request = exchange.request
-    environ = exchange.environ
-    elapsed = time.perf_counter() - exchange.start_time
-    method = request.method.decode("latin-1")
-    target = request.target.decode("latin-1")
-    protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
-    size = exchange.sent_bytes
-    values = {
-        "h": environ.get("REMOTE_ADDR", "-"),
-        "l": "-",
-        "u": environ.get("REMOTE_USER", "-") or "-",
-        "t": time.strftime("[%d/%b/%Y:%H:%M:%S %z]"),
-        "r": f"{method} {target} {protocol}",
-        "m": method,
-        "U": environ.get("PATH_INFO", ""),
-        "q": environ.get("QUERY_STRING", ""),
-        "H": protocol,
-        "s": str(exchange.status_code),
-        "B": str(size),
-        "b": str(size) if size else "-",
-        "f": _header(request.headers, b"referer"),
-        "a": _header(request.headers, b"user-agent"),
-        "T": str(int(elapsed)),
-        "M": str(int(elapsed * 1000)),
-        "D": str(int(elapsed * 1_000_000)),
-        "L": f"{elapsed:.6f}",
-        "p": f"<{os.getpid()}>",
-    }
+    """Log one line for a finished exchange (``WSGIServer.request_finished`` calls it)."""
     try:
-        line = fmt % Atoms(values, exchange)
-    except (TypeError, ValueError, KeyError) as exc:
-        line = f"bad access_log_format ({exc}): {values['r']} {values['s']}"
-    access_logger.info(line)
+        compiled = check_format(fmt)
+    except ConfigError as exc:  # the CLI checks first; a library user may not have
+        method = exchange.request.method.decode("latin-1")
+        access_logger.info("%s: %s %s", exc, method, exchange.status_code)
+        return
+    compiled.log(exchange)

@@ -401,6 +401,12 @@ class WSGIProtocol(asyncio.Protocol):
             self.deadline = INF if timeout is None else server.now + timeout
         if self.pending or self.read_paused:
             self._next()
+        if exchange is not None and exchange.request.upgrade is not None:
+            # We declined the upgrade: requests the client pipelined behind it were held
+            # by the core and are parsed now, without new bytes arriving.
+            events = conn.events_received()
+            if events:
+                self._handle(events)
 
     # ------------------------------------------------------------------ output
 
@@ -506,8 +512,11 @@ class WSGIProtocol(asyncio.Protocol):
             self.abort()
 
     def shutdown(self) -> None:
-        """Graceful close: idle connections close now, busy ones after their response."""
-        if self.exchange is None and self.body is None:
+        """Graceful close: idle keep-alive connections close now, busy ones after their
+        response. A connection still waiting for its first request (accepted just before
+        the listener closed) is answered first, within header_timeout: closing it would
+        fail a request on a fresh connection, which no client may retry."""
+        if self.exchange is None and self.body is None and self.timer == KEEPALIVE:
             self._close()
 
 
@@ -529,6 +538,8 @@ class Exchange:
     lost = False
     continue_sent = False
     has_length = False
+    # The app's Content-Length, when it gave a valid one.
+    declared_length: int | None = None
     status_code = 0
     sent_bytes = 0
     start_time = 0.0
@@ -597,7 +608,21 @@ class Exchange:
             self.start_file(result)
             return
         self.result = result
-        self.inline_iterator = iter(result)
+        try:
+            iterator = iter(result)
+            first = next(iterator, None)
+        except Exception:
+            self.app_error()
+            return
+        if first is not None and len(first) == self.declared_length:
+            # The whole declared body came in one chunk (Flask, Django...): one write. A
+            # server must not send more than Content-Length (PEP 3333), so nothing more
+            # is read from the iterable, which complete() closes.
+            self.complete(first)
+            return
+        if first:
+            self.send_data(first)
+        self.inline_iterator = iterator
         self.pump()
 
     def pump(self) -> None:
@@ -648,9 +673,12 @@ class Exchange:
                     raw = name.lower().encode("latin-1")
                     if len(_NAMES) < 1024:
                         _NAMES[name] = raw
+                encoded_value = value.encode("latin-1")
                 if raw == b"content-length":
                     has_length = True
-                encoded.append((raw, value.encode("latin-1")))
+                    if encoded_value.isdigit():
+                        self.declared_length = int(encoded_value)
+                encoded.append((raw, encoded_value))
         except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
             raise ValueError(
                 f"invalid status or headers from the app: {status!r} {headers!r}"
@@ -865,6 +893,7 @@ class Exchange:
     def run_threaded(self) -> None:
         """In a worker thread: run the app and hand what it sends to the loop."""
         loop = self.server.loop
+        result: Any = None
         try:
             result = self.server.app(self.environ, self.start_response)
             if type(result) is list and len(result) <= 1:
@@ -873,19 +902,39 @@ class Exchange:
             if type(result) is FileWrapper:
                 loop.call_soon_threadsafe(self.start_file, result)
                 return
-            self.result = result
-            for chunk in result:
+            iterator = iter(result)
+            first = next(iterator, None)
+            if first is not None and len(first) == self.declared_length:
+                # The whole declared body in one chunk (Flask, Django...): one write.
+                self._close_in_thread(result)
+                loop.call_soon_threadsafe(self.complete, first)
+                return
+            if first:
+                self.send_threaded(first)
+            for chunk in iterator:
                 if chunk:
                     self.send_threaded(chunk)
                 if self.lost or self.must_close:
                     break
         except Exception as exc:
+            self._close_in_thread(result)
             if self.lost:  # the client went away: not the app's fault, not an ERROR
                 loop.call_soon_threadsafe(self.finish)
             else:
                 loop.call_soon_threadsafe(self.app_error, exc)
             return
+        self._close_in_thread(result)
         loop.call_soon_threadsafe(self.finish)
+
+    def _close_in_thread(self, result: Any) -> None:
+        """Close the app's iterable in the app thread: close() may block (a framework's
+        teardown, a database session), which must never happen on the event loop."""
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                logger.exception("error closing the app's response iterable")
 
     def send_threaded(self, data: bytes) -> None:
         """From the app thread: send one chunk, waiting until the loop has written it.

@@ -17,8 +17,7 @@ import stat
 import threading
 from collections.abc import Callable
 from email.utils import formatdate
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from netstack.config import WSGIServerConfig, parse_bind
 from netstack.errors import ConfigError
@@ -28,6 +27,7 @@ from netstack.servers.wsgi.accesslog import access_logger, log_exchange
 from netstack.servers.wsgi.app import WSGIApp
 from netstack.servers.wsgi.environ import base_environ, build_environ
 from netstack.servers.wsgi.protocol import Exchange, FileWrapper, WSGIProtocol
+from netstack.transport.listener import Lifecycle
 from netstack.transport.tls import server_context
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class _ThreadPool:
             self._queue.put(None)
 
 
-class WSGIServer:
+class WSGIServer(Lifecycle):
     """Serve a WSGI app on the configured listeners.
 
     Args:
@@ -134,6 +134,7 @@ class WSGIServer:
         sockets: list[socket.socket] | None = None,
         multiprocess: bool = False,
     ) -> None:
+        super().__init__()
         self.cfg = cfg
         self.app = app
         self.limits = cfg.limits
@@ -143,7 +144,7 @@ class WSGIServer:
         self.threads = cfg.threads
         self.multiprocess = multiprocess
         self._given_sockets = sockets
-        self.sockets: list[socket.socket] = []
+        self._sockets: list[socket.socket] = []
         # Unix socket files this server created (and removes on close).
         self._unix_paths: list[str] = []
         self.ssl = server_context(cfg.tls)
@@ -155,11 +156,9 @@ class WSGIServer:
         # Server and Date header lines, rebuilt once a second by the tick.
         self.default_block = SERVER_LINE
         self._date_second = -1
-        self._stop = asyncio.Event()
         self._all_closed = asyncio.Event()
         self._servers: list[asyncio.Server] = []
         self._tick_task: asyncio.Task[None] | None = None
-        self._close_task: asyncio.Task[None] | None = None
         self._pool: _ThreadPool | None = None
         self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop_policy().get_event_loop()
         # Counters (the metrics endpoint and tests read them).
@@ -173,6 +172,9 @@ class WSGIServer:
             self.max_requests = cfg.max_requests + random.randint(0, cfg.max_requests_jitter)
         self.access_log = cfg.access_log
         self.on_request: Callable[[Exchange], None] | None = None
+        # What reaching max_requests does; a pre-fork worker asks its master for a
+        # replacement instead, and stops when the master sends SIGTERM.
+        self.on_max_requests: Callable[[], None] = self.request_stop
         # Whether exchanges record their start time (access log, metrics), and whether
         # request_finished() has anything to do beyond counting.
         self.timed = cfg.access_log
@@ -189,21 +191,21 @@ class WSGIServer:
         self.loop = loop = asyncio.get_running_loop()
         self._update_clock()
         if self._given_sockets is not None:
-            self.sockets = list(self._given_sockets)
+            self._sockets = list(self._given_sockets)
         else:
             try:
                 for address in self.cfg.bind:
                     sock = bind_socket(address, self.cfg.backlog)
-                    self.sockets.append(sock)
+                    self._sockets.append(sock)
                     if sock.family == socket.AF_UNIX:
                         self._unix_paths.append(sock.getsockname())
             except OSError:
-                for sock in self.sockets:
+                for sock in self._sockets:
                     sock.close()
                 raise
         if self.threads:
             self._pool = _ThreadPool(self.threads)
-        for sock in self.sockets:
+        for sock in self._sockets:
             server = await loop.create_server(
                 lambda: WSGIProtocol(self), sock=sock, ssl=self.ssl, backlog=self.cfg.backlog
             )
@@ -211,44 +213,17 @@ class WSGIServer:
         self._tick_task = loop.create_task(self._tick(tick_interval(self.cfg)))
 
     @property
-    def addresses(self) -> list[Any]:
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets)
+
+    @property
+    def addresses(self) -> list[Any]:  # (host, port) pairs, or unix socket paths
         """Bound addresses: ``(host, port)`` for TCP, the path for unix sockets."""
         out = []
-        for sock in self.sockets:
+        for sock in self._sockets:
             name = sock.getsockname()
             out.append(tuple(name[:2]) if isinstance(name, tuple) else name)
         return out
-
-    def request_stop(self) -> None:
-        """Make :meth:`serve_forever` return after a graceful close (signal-safe)."""
-        self._stop.set()
-
-    async def serve_forever(self) -> None:
-        await self._stop.wait()
-        self.close()
-        await self.wait_closed()
-
-    def close(self) -> None:
-        if self._close_task is None:
-            self._stop.set()
-            self._close_task = asyncio.get_running_loop().create_task(self._shutdown())
-
-    async def wait_closed(self) -> None:
-        if self._close_task is not None:
-            await asyncio.shield(self._close_task)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-        await self.wait_closed()
 
     async def _shutdown(self) -> None:
         """uvicorn's shutdown(), event-driven: stop accepting, drain, then abort."""
@@ -280,7 +255,7 @@ class WSGIServer:
                 await self._tick_task
         if self._pool is not None:
             self._pool.shutdown()
-        for sock in self.sockets:
+        for sock in self._sockets:
             sock.close()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
@@ -391,7 +366,7 @@ class WSGIServer:
         if self.max_requests and self.requests >= self.max_requests and not self.closing:
             logger.info("max_requests=%d reached: restarting this worker", self.max_requests)
             self.max_requests = 0
-            self.request_stop()
+            self.on_max_requests()
 
     # ------------------------------------------------------------------ clock
 
