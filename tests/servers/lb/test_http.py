@@ -294,6 +294,15 @@ async def test_rate_limit_answers_429() -> None:
                 reply = await client.request()
                 assert reply.headers["retry-after"].isdigit()
             assert backend.requests == 3  # type: ignore[attr-defined]
+        # Behind a trusted proxy, each forwarded client has its own bucket.
+        cfg = http_config(
+            backend.port, rate_limit=0.5, rate_burst=1, forwarded_allow_ips="127.0.0.1"
+        )
+        async with Balancer(cfg) as lb, Client(lb.address()[1]) as client:
+            for ip in ("198.51.100.1", "198.51.100.2"):
+                fwd = [("x-forwarded-for", ip)]
+                assert (await client.request(headers=fwd)).status == 200
+                assert (await client.request(headers=fwd)).status == 429
 
 
 async def test_ip_deny_list_answers_403() -> None:

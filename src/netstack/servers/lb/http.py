@@ -51,6 +51,7 @@ from netstack.proto.forwarded import (
     FORWARDING_HEADERS,
     TrustedPeers,
     append_forwarded,
+    resolve,
 )
 from netstack.proto.http11 import (
     END_OF_MESSAGE,
@@ -743,9 +744,13 @@ class ProxyConnection(asyncio.Protocol):
         limiter = listener.limiter
         if limiter is not None:
             now = asyncio.get_running_loop().time()
-            if not limiter.allow(self.client_ip, now):
-                wait = math.ceil(limiter.retry_after(self.client_ip)) or 1
-                self.balancer._warn("rate_limit", "rate limit: 429 to %s", self.client_ip)
+            key = self.client_ip
+            if self.fwd_trusted:  # behind a trusted proxy: limit its clients, not it
+                info = resolve((key, 0), request.headers, rules.trusted, "http")
+                key = info.client_addr or key
+            if not limiter.allow(key, now):
+                wait = math.ceil(limiter.retry_after(key)) or 1
+                self.balancer._warn("rate_limit", "rate limit: 429 to %s", key)
                 self.reply(429, "rate limit exceeded", [(b"retry-after", b"%d" % wait)])
                 return
         if request.method == b"CONNECT":
