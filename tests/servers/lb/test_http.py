@@ -767,3 +767,39 @@ async def test_post_is_not_retried_when_a_backend_closes_before_answering() -> N
             async with Client(port) as client:
                 statuses.add((await client.request("POST", "/p", body=b"x")).status)
             assert 502 in statuses  # the POST that met b0 was not replayed
+
+
+async def test_stale_pooled_connection_is_retried_on_a_fresh_one() -> None:
+    import h11
+
+    from tests.servers.lb.support import TCPBackend
+
+    def one_per_connection(sock, backend):
+        # Claims keep-alive, answers one request, then drops the connection when the next
+        # one arrives (what a backend whose keep-alive timer just fired looks like).
+        conn = h11.Connection(h11.SERVER)
+        answered = False
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request) and answered:
+                return
+            if isinstance(event, h11.EndOfMessage):
+                head = conn.send(h11.Response(status_code=200, headers=[("content-length", "2")]))
+                sock.sendall(head + conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage()))
+                answered = True
+                conn.start_next_cycle()
+
+    with TCPBackend(one_per_connection) as backend:
+        async with Balancer(http_config(backend.port)) as lb:
+            async with Client(lb.address()[1]) as client:
+                for _ in range(3):
+                    reply = await client.request("GET", "/")
+                    assert (reply.status, reply.body) == (200, b"ok")
+            assert lb.stats.backend_failures == 0  # not held against the backend
+            assert backend.served == 3

@@ -366,6 +366,11 @@ class HTTPListener(Listener):
         up.idle_since = now
         idle.append(up)
 
+    def drop_idle(self, backend: Backend) -> None:
+        """Close every idle connection to ``backend``."""
+        for up in self.idle.pop(backend, ()):
+            up.transport.close()
+
     def forget_idle(self, up: Upstream) -> None:
         idle = self.idle.get(up.backend)
         if idle and up in idle:
@@ -516,6 +521,7 @@ class ProxyConnection(asyncio.Protocol):
     request_sent = False  # the request went to the current upstream
     streamed = False  # body bytes were sent and dropped from kept: no replay possible
     retry_ok = False  # idempotent method: 502/503 and early closes may be retried
+    reused = False  # the current upstream came from the idle pool
     up_rx = False
     tunnel = False
     tunnel_eofs = 0
@@ -925,6 +931,8 @@ class ProxyConnection(asyncio.Protocol):
         """Write the request (and the body so far) on ``up``."""
         up.client = self
         self.upstream = up
+        self.up_rx = False
+        self.reused = not up.fresh
         self.resume(PAUSE_CONNECT)
         conn = up.conn
         request = self.up_request
@@ -1131,6 +1139,15 @@ class ProxyConnection(asyncio.Protocol):
         if self.head_sent:
             self.balancer.backend_failed(route.pool, backend, "closed mid-response", self)
             self.abort()
+            return
+        if self.reused and not self.up_rx and self.retry_ok and not self.streamed:
+            # A pooled connection the backend had already closed (its keep-alive timeout
+            # raced our reuse): not a backend failure. Its other idle ones likely went the
+            # same way; retry on a fresh connection, outside the retry budget.
+            self.listener.drop_idle(backend)
+            self.tried.discard(backend)
+            self.reused = False
+            self._retry()
             return
         self.balancer.backend_failed(route.pool, backend, reason, self)
         if (
