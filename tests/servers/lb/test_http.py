@@ -803,3 +803,24 @@ async def test_stale_pooled_connection_is_retried_on_a_fresh_one() -> None:
                     assert (reply.status, reply.body) == (200, b"ok")
             assert lb.stats.backend_failures == 0  # not held against the backend
             assert backend.served == 3
+
+
+async def test_reload_switches_a_frontend_between_tcp_and_http() -> None:
+    from tests.servers.lb.support import lb_config
+
+    with http_backend(name_and_path) as backend:
+        port = free_port()
+        tcp = lb_config(backend.port)
+        tcp = dataclasses.replace(
+            tcp, frontends=(dataclasses.replace(tcp.frontends[0], listen=f"127.0.0.1:{port}"),)
+        )
+        http = dataclasses.replace(
+            tcp, frontends=(dataclasses.replace(tcp.frontends[0], mode="http"),)
+        )
+        async with Balancer(tcp) as lb:
+            reply = await get(port, headers=[("x-forwarded-for", "6.6.6.6")])
+            assert reply.status == 200  # relayed as bytes
+            await lb.reload(http)
+            assert (await get(port, "/x")).body == b"b /x"
+            listener = next(iter(lb.listeners.values()))
+            assert listener.requests == 1  # type: ignore[attr-defined]

@@ -380,6 +380,11 @@ class Balancer:
             for fe in cfg.frontends:
                 state = FrontendState.make(self, fe, pools, cfg)
                 listener = current.get(listener_key(fe))
+                if listener is not None and type(listener) is not FRONTEND_FACTORIES[fe.mode]:
+                    # tcp <-> http on the same address: the socket cannot be shared between
+                    # the two kinds of listener; rebind (refusals possible for a moment).
+                    listener.close()
+                    listener = None
                 if listener is not None:
                     listener.state = state
                 else:
