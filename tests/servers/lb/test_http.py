@@ -824,3 +824,23 @@ async def test_reload_switches_a_frontend_between_tcp_and_http() -> None:
             assert (await get(port, "/x")).body == b"b /x"
             listener = next(iter(lb.listeners.values()))
             assert listener.requests == 1  # type: ignore[attr-defined]
+
+
+async def test_frontend_header_rules() -> None:
+    async with serve(echo_app) as s1:
+        cfg = http_config(
+            port_of(s1),
+            add_request_headers=("X-Extra: yes",),
+            remove_request_headers=("X-Secret",),
+            remove_response_headers=("X-Internal",),
+            request_id_header="",
+        )
+        async with Balancer(cfg) as lb:
+            reply = await get(
+                lb.address()[1], headers=[("x-secret", "s3cr3t"), ("x-extra", "client")]
+            )
+            got = fields(reply.body)
+            assert got["secret"] == "-"
+            assert got["extra"] == "yes"  # replaced, not appended
+            assert got["rid"] == "-"  # request ids turned off
+            assert "x-internal" not in reply.headers
