@@ -1175,22 +1175,9 @@ class RouteConfig(HeaderRules):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class FrontendConfig(HeaderRules):
-    """A listening address, its mode, default pool and (L7) routes."""
+class HTTPFrontendOptions(HeaderRules):
+    """What an http frontend does to every request (flags of the quick form too)."""
 
-    name: str = field(default="default", metadata=_help("frontend name"))
-    listen: str = field(default="127.0.0.1:8080", metadata=_help("HOST:PORT to accept on"))
-    mode: BalanceMode = field(default="tcp", metadata=_help("tcp, udp or http"))
-    pool: str = field(default="default", metadata=_help("pool for traffic no route matches"))
-    accept_proxy: bool = field(
-        default=False, metadata=_help("read a PROXY v1/v2 header from trusted peers (TCP)")
-    )
-    # The same default as netstack serve's forwarded_allow_ips: the local host only.
-    proxy_allow_ips: str = field(
-        default="127.0.0.1,::1",
-        metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
-    )
-    routes: tuple[RouteConfig, ...] = ()
     # http mode. No peer is trusted by default: an edge proxy overwrites what clients claim.
     forwarded_allow_ips: str = field(
         default="",
@@ -1210,9 +1197,6 @@ class FrontendConfig(HeaderRules):
     rate_burst: int = field(default=20, metadata=_help("http: requests a client may burst"))
 
     def __post_init__(self) -> None:
-        parse_hostport(self.listen, field="listen")
-        if self.routes and self.mode != "http":
-            raise ConfigError("routes need mode = 'http'", field="routes")
         if self.rate_limit is not None:
             _positive("rate_limit", self.rate_limit)
         _positive("rate_burst", self.rate_burst)
@@ -1222,6 +1206,36 @@ class FrontendConfig(HeaderRules):
                 field="request_id_header",
             )
         _check_header_rules(self)
+
+    def http_options(self) -> dict[str, Any]:
+        """These settings by name (to copy them from the quick form to its frontend)."""
+        names = [f.name for f in dataclasses.fields(HTTPFrontendOptions)]
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrontendConfig(HTTPFrontendOptions):
+    """A listening address, its mode, default pool and (L7) routes."""
+
+    name: str = field(default="default", metadata=_help("frontend name"))
+    listen: str = field(default="127.0.0.1:8080", metadata=_help("HOST:PORT to accept on"))
+    mode: BalanceMode = field(default="tcp", metadata=_help("tcp, udp or http"))
+    pool: str = field(default="default", metadata=_help("pool for traffic no route matches"))
+    accept_proxy: bool = field(
+        default=False, metadata=_help("read a PROXY v1/v2 header from trusted peers (TCP)")
+    )
+    # The same default as netstack serve's forwarded_allow_ips: the local host only.
+    proxy_allow_ips: str = field(
+        default="127.0.0.1,::1",
+        metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
+    )
+    routes: tuple[RouteConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.listen, field="listen")
+        if self.routes and self.mode != "http":
+            raise ConfigError("routes need mode = 'http'", field="routes")
+        HTTPFrontendOptions.__post_init__(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1266,7 +1280,7 @@ class BalancerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BalancerQuickConfig:
+class BalancerQuickConfig(HTTPFrontendOptions):
     """``netstack balance`` quick form: one frontend, one pool, from flags/env/flat TOML."""
 
     listen: str = field(default="127.0.0.1:8080", metadata=_help("HOST:PORT to accept on"))
@@ -1287,18 +1301,6 @@ class BalancerQuickConfig:
         default="127.0.0.1,::1",
         metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
     )
-    forwarded_allow_ips: str = field(
-        default="",
-        metadata=_help("http: peers whose X-Forwarded-*/Forwarded/X-Request-Id are kept"),
-    )
-    allow_ips: str = field(
-        default="", metadata=_help("http: only these IPs/CIDRs may connect ('': everyone); 403")
-    )
-    deny_ips: str = field(default="", metadata=_help("http: IPs/CIDRs refused with 403"))
-    rate_limit: float | None = field(
-        default=None, metadata=_help("http: requests per second per client IP (none: off); 429")
-    )
-    rate_burst: int = field(default=20, metadata=_help("http: requests a client may burst"))
     sticky_cookie: str | None = field(
         default=None, metadata=_help("http: keep a client on one backend with this cookie")
     )
@@ -1310,6 +1312,7 @@ class BalancerQuickConfig:
         parse_hostport(self.listen, field="listen")
         for address in self.backend:
             parse_hostport(address, field="backend")
+        HTTPFrontendOptions.__post_init__(self)
 
     def to_balancer(self) -> BalancerConfig:
         """The equivalent full config: frontend ``default`` -> pool ``default``.
@@ -1338,11 +1341,7 @@ class BalancerQuickConfig:
                     mode=self.mode,
                     accept_proxy=self.accept_proxy,
                     proxy_allow_ips=self.proxy_allow_ips,
-                    forwarded_allow_ips=self.forwarded_allow_ips,
-                    allow_ips=self.allow_ips,
-                    deny_ips=self.deny_ips,
-                    rate_limit=self.rate_limit,
-                    rate_burst=self.rate_burst,
+                    **self.http_options(),
                 ),
             ),
             pools=(pool,),
