@@ -89,3 +89,16 @@ def test_bad_route_in_file_names_the_key() -> None:
     }
     with pytest.raises(ConfigError, match=r"lb.toml: frontends.web.routes\[0\]"):
         load_config(doc, source="lb.toml")
+
+
+@pytest.mark.parametrize("name", ["forwarded_allow_ips", "allow_ips", "deny_ips"])
+def test_bad_ip_lists_are_refused_before_binding(name) -> None:
+    import dataclasses
+
+    from netstack.servers.lb import Balancer
+    from tests.servers.lb.http_support import http_config
+
+    cfg = http_config(1)
+    fe = dataclasses.replace(cfg.frontends[0], **{name: "10.0.0.300"})
+    with pytest.raises(ConfigError, match=f"frontend 'default': {name}: trusted proxy"):
+        Balancer(dataclasses.replace(cfg, frontends=(fe,)))

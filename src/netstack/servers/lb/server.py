@@ -699,12 +699,11 @@ def _check_modes(cfg: BalancerConfig) -> None:
                 "(L7 comes with the HTTP/1.1 core); use tcp or udp",
                 field="mode",
             )
-        try:
-            TrustedPeers(fe.proxy_allow_ips)
-        except ConfigError as exc:
-            raise ConfigError(
-                f"frontend {fe.name!r}: proxy_allow_ips: {exc}", field="proxy_allow_ips"
-            ) from None
+        for name in ("proxy_allow_ips", "forwarded_allow_ips", "allow_ips", "deny_ips"):
+            try:
+                TrustedPeers(getattr(fe, name))
+            except ConfigError as exc:
+                raise ConfigError(f"frontend {fe.name!r}: {name}: {exc}", field=name) from None
 
 
 def _log_event(event: BackendEvent) -> None:
