@@ -18,7 +18,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 run: $(STAMP)
 	$(BIN)/netstack bench models --quick --output bench/models-quick.png
 
+# scripts/test-deps installs the Debian packages tests start for real (PostgreSQL,
+# redis-server, Chromium) when missing; the tests start and stop them.
 test: $(STAMP)
+	scripts/test-deps
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/check
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/test
 

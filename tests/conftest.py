@@ -4,12 +4,14 @@
   parametrises each of them over asyncio and uvloop (as uvicorn runs each test on both
   HTTP parsers).
 * ``tls_certs``: a trustme CA with a server certificate for 127.0.0.1, ::1 and localhost.
+* ``redis``, ``postgres``: real servers started on first use (``tests/helpers/services.py``);
+  ``pg_url``: a fresh PostgreSQL schema per test.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +19,14 @@ import pytest
 import trustme
 import uvloop
 
+from tests.helpers import services
+
 
 def pytest_asyncio_loop_factories(
     config, item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.get_closest_marker("single_loop"):
+        return {"asyncio": asyncio.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
@@ -58,3 +64,24 @@ def _restore_netstack_logging():
     logger.handlers[:] = saved[0]
     logger.setLevel(saved[1])
     logger.propagate = saved[2]
+
+
+@pytest.fixture(scope="session")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[services.RedisServer]:
+    """A private redis-server for the whole run (tests flush what they use)."""
+    with services.redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """The PostgreSQL test database URL (the cluster is started if it is down)."""
+    with services.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(postgres: str) -> Iterator[str]:
+    """A URL into a schema of its own for this test, dropped afterwards."""
+    with services.postgres_schema(postgres) as url:
+        yield url

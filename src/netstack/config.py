@@ -720,6 +720,7 @@ class BenchModelsConfig:
 # --------------------------------------------------------------------------- chat
 
 DB_SCHEMES: tuple[str, ...] = ("sqlite", "postgresql", "postgres")
+REDIS_SCHEMES: tuple[str, ...] = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -789,6 +790,12 @@ class ChatTimeouts:
     session_ttl: float = field(
         default=7 * 24 * 3600.0, metadata=_help("login session token lifetime")
     )
+    # With --redis: a crashed instance's users stop counting as online after this long
+    # (heartbeat every third of it). Short enough that DMs queue soon after a crash.
+    presence_ttl: float = field(
+        default=30.0,
+        metadata=_help("with redis: seconds before a dead instance's users go offline"),
+    )
 
     def __post_init__(self) -> None:
         if self.ping_interval is not None:
@@ -796,6 +803,7 @@ class ChatTimeouts:
         if self.ping_timeout is not None:
             _positive("ping_timeout", self.ping_timeout)
         _positive("session_ttl", self.session_ttl)
+        _positive("presence_ttl", self.presence_ttl)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -821,6 +829,16 @@ class ChatServerConfig:
         default=(),
         metadata=_help("extra browser Origins allowed for WebSocket (same origin always is)"),
     )
+    redis: str | None = field(
+        default=None,
+        metadata=_help(
+            "redis://... shared by several instances: fan-out and presence (none: one process)"
+        ),
+    )
+    redis_prefix: str = field(
+        default="netstack:chat",
+        metadata=_help("Redis channel and key prefix (deployments sharing a Redis differ)"),
+    )
     chat_limits: ChatLimits = field(default_factory=ChatLimits)
     chat_timeouts: ChatTimeouts = field(default_factory=ChatTimeouts)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -839,12 +857,49 @@ class ChatServerConfig:
                 )
         if self.tls.enabled and self.tls.certfile is None:
             raise ConfigError("a TLS server needs certfile and keyfile", field="certfile")
+        if self.redis is not None and not self.redis.startswith(REDIS_SCHEMES):
+            raise ConfigError(
+                f"redis: expected redis://, rediss:// or unix://, got {self.redis!r}",
+                field="redis",
+            )
+        if not self.redis_prefix or any(c.isspace() for c in self.redis_prefix):
+            raise ConfigError("redis_prefix: a non-empty name without spaces", field="redis_prefix")
         for origin in self.allowed_origins:
             if "://" not in origin:
                 raise ConfigError(
                     f"allowed_origins: expected scheme://host[:port], got {origin!r}",
                     field="allowed_origins",
                 )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatClientConfig:
+    """``netstack chat connect`` (the password comes from NETSTACK_CHAT_PASSWORD or a prompt)."""
+
+    url: str = field(
+        default="ws://127.0.0.1:8700/ws",
+        metadata=_help("server: ws://HOST:PORT/ws, wss://HOST:PORT/ws or tcp://HOST:PORT"),
+    )
+    nick: str | None = field(default=None, metadata=_help("log in as NICK (none: asked)"))
+    register: bool = field(default=False, metadata=_help("create the account, then log in"))
+    room: str | None = field(default=None, metadata=_help("join (or create) this room at start"))
+    # Like the page: 0.5 s doubling to 30 s, with jitter, so a restarted server is not stormed.
+    reconnect_initial: float = field(
+        default=0.5, metadata=_help("first reconnect delay after a lost connection, seconds")
+    )
+    reconnect_max: float = field(default=30.0, metadata=_help("longest reconnect delay, seconds"))
+    tls: TLS = field(default_factory=TLS)
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("ws://", "wss://", "tcp://", "tls://")):
+            raise ConfigError(
+                f"url: expected ws://, wss://, tcp:// or tls://, got {self.url!r}", field="url"
+            )
+        if self.url.startswith(("tcp://", "tls://")):
+            parse_hostport(self.url.split("://", 1)[1].rstrip("/"), field="url")
+        _positive("reconnect_initial", self.reconnect_initial)
+        if self.reconnect_max < self.reconnect_initial:
+            raise ConfigError("reconnect_max must be >= reconnect_initial", field="reconnect_max")
 
 
 # --------------------------------------------------------------------------- load balancer

@@ -21,16 +21,18 @@ from tests.helpers import TIMEOUT
 PASSWORD = "correct horse battery"
 
 
-def chat_config(db: Path, **kw: Any) -> ChatServerConfig:
+def chat_config(db: Path | str, **kw: Any) -> ChatServerConfig:
     # Tests send bursts far above a person's typing: flood control is tested on its own.
     kw.setdefault("chat_limits", ChatLimits(flood_rate=10_000, flood_burst=10_000))
     kw.setdefault("timeouts", Timeouts(graceful_timeout=TIMEOUT))
     kw.setdefault("chat_timeouts", ChatTimeouts())
-    return ChatServerConfig(bind="127.0.0.1:0", tcp_bind="127.0.0.1:0", db=str(db), **kw)
+    kw.setdefault("bind", "127.0.0.1:0")
+    kw.setdefault("tcp_bind", "127.0.0.1:0")
+    return ChatServerConfig(db=str(db), **kw)
 
 
 @asynccontextmanager
-async def chat_server(db: Path, **kw: Any) -> AsyncIterator[ChatServer]:
+async def chat_server(db: Path | str, **kw: Any) -> AsyncIterator[ChatServer]:
     async with ChatServer(chat_config(db, **kw)) as srv:
         yield srv
 

@@ -34,6 +34,15 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "chat.sqlite3"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """For the end-to-end tests that also run on PostgreSQL (the store suite covers the rest)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "chat.sqlite3")
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
 async def http_get(
     addr: tuple[str, int], path: str, **headers: str
 ) -> tuple[int, dict[str, str], bytes]:
@@ -203,7 +212,8 @@ async def test_presence_online_offline(db: Path) -> None:
         await closing(alice, bob)
 
 
-async def test_direct_messages_and_offline_delivery(db: Path) -> None:
+async def test_direct_messages_and_offline_delivery(any_db: str) -> None:
+    db = any_db
     async with chat_server(db) as srv:
         alice, bob = await tcp(srv), await ws(srv)
         await alice.register("alice")
@@ -280,7 +290,8 @@ async def test_history_paging(db: Path) -> None:
         await alice.close()
 
 
-async def test_reconnect_backfill_loses_nothing(db: Path) -> None:
+async def test_reconnect_backfill_loses_nothing(any_db: str) -> None:
+    db = any_db
     async with chat_server(db) as srv:
         alice, bob = await tcp(srv), await ws(srv)
         await alice.register("alice")
@@ -488,7 +499,8 @@ async def test_flood_control_warns_then_disconnects(db: Path, transport: str) ->
 # ---------------------------------------------------------------- files and HTTP
 
 
-async def test_file_upload_and_download(db: Path) -> None:
+async def test_file_upload_and_download(any_db: str) -> None:
+    db = any_db
     limits = ChatLimits(max_message_bytes=8192, max_file_bytes=4096, flood_burst=100)
     async with chat_server(db, chat_limits=limits) as srv:
         alice, bob = await ws(srv), await tcp(srv)
@@ -600,7 +612,8 @@ async def test_tls_for_both_transports(db: Path, tls_certs) -> None:
 # ---------------------------------------------------------------- persistence
 
 
-async def test_persistence_across_restart(db: Path) -> None:
+async def test_persistence_across_restart(any_db: str) -> None:
+    db = any_db
     async with chat_server(db) as srv:
         alice, bob = await tcp(srv), await ws(srv)
         token = (await alice.register("alice"))["token"]

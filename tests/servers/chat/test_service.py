@@ -117,7 +117,8 @@ async def test_slow_reader_is_dropped(service: ChatService) -> None:
     assert b_out.closed == (1008, "not reading fast enough")
     assert bob.closed
     assert bob not in service.sessions
-    assert not service.is_online(bob.user.id)  # type: ignore[union-attr]
+    await apoll_until(lambda: not service._background)  # presence updated after the drop
+    assert not await service.is_online(bob.user.id)  # type: ignore[union-attr]
     offline = [e for e in a_out.sent if e["type"] == "presence" and e["state"] == "offline"]
     assert offline == [{"type": "presence", "room": "general", "nick": "bob", "state": "offline"}]
     bob.connection_lost()  # the transport reports it too: nothing happens twice
@@ -200,13 +201,12 @@ def test_password_hashes() -> None:
 
 
 def test_open_store_urls(tmp_path: Path) -> None:
-    from netstack.errors import ConfigError
-
     assert isinstance(open_store(str(tmp_path / "a.db")), SQLiteStore)
     assert open_store(f"sqlite://{tmp_path}/b.db").path == f"{tmp_path}/b.db"  # type: ignore[attr-defined]
     assert open_store("sqlite://").path == ":memory:"  # type: ignore[attr-defined]
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        open_store("postgresql://localhost/chat")
+    from netstack.servers.chat.postgres import PostgresStore
+
+    assert isinstance(open_store("postgresql://localhost/chat"), PostgresStore)
 
 
 async def test_local_fanout() -> None:
@@ -297,15 +297,18 @@ async def test_pending_dms_survive_a_drop_during_login(service: ChatService) -> 
     assert await service.store.pending(again.user.id) == []  # type: ignore[union-attr]
 
 
-def test_local_presence_counts_connections() -> None:
+async def test_local_presence_counts_connections() -> None:
     from netstack.servers.chat.fanout import LocalPresence
 
     presence = LocalPresence()
-    assert presence.connect(7) is True
-    assert presence.connect(7) is False
-    assert presence.is_online(7)
-    assert presence.disconnect(7) is False
-    assert presence.disconnect(7) is True
-    assert not presence.is_online(7)
-    assert presence.disconnect(7) is False  # never below zero
-    assert presence.connect(7) is True
+    await presence.start()
+    assert await presence.connect(7) is True
+    assert await presence.connect(7) is False
+    assert await presence.is_online(7)
+    assert await presence.online([7, 8]) == {7}
+    assert await presence.disconnect(7) is False
+    assert await presence.disconnect(7) is True
+    assert not await presence.is_online(7)
+    assert await presence.disconnect(7) is False  # never below zero
+    assert await presence.connect(7) is True
+    await presence.close()

@@ -4,13 +4,14 @@ Topics are ``room:<name>`` and ``user:<id>`` (every session of one user). Events
 encoded once by the publisher and handed over as text, so a broadcast to N clients costs
 one ``json.dumps``, and a Redis implementation (several chat instances sharing rooms) can
 pass the same text through ``PUBLISH`` unchanged. :class:`LocalFanout` is the in-process
-implementation; a ``RedisFanout`` would subscribe to a Redis channel per topic with local
-subscribers and call the same ``deliver`` on them.
+implementation; :class:`~.scaleout.RedisFanout` passes events between instances over
+Redis and calls the same ``deliver`` on each instance's subscribers.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 
@@ -38,16 +39,24 @@ class Presence(Protocol):
     The session logic calls :meth:`connect` / :meth:`disconnect` once per logged-in
     connection and announces ``online`` / ``offline`` on the first and last one. With
     several instances (Redis) the counts must be shared, or a DM to a user connected to
-    another instance would be queued as if they were offline.
+    another instance would be queued as if they were offline. The methods are coroutines:
+    a shared implementation asks a server.
     """
 
-    def connect(self, user_id: int) -> bool:
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def connect(self, user_id: int) -> bool:
         """Count one more connection; ``True`` if it is the user's first."""
 
-    def disconnect(self, user_id: int) -> bool:
+    async def disconnect(self, user_id: int) -> bool:
         """Count one connection less; ``True`` if it was the user's last."""
 
-    def is_online(self, user_id: int) -> bool: ...
+    async def is_online(self, user_id: int) -> bool: ...
+
+    async def online(self, user_ids: Sequence[int]) -> set[int]:
+        """The ones of ``user_ids`` that are connected (one round trip for a room)."""
 
 
 class LocalPresence:
@@ -56,12 +65,18 @@ class LocalPresence:
     def __init__(self) -> None:
         self._connections: dict[int, int] = {}
 
-    def connect(self, user_id: int) -> bool:
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def connect(self, user_id: int) -> bool:
         count = self._connections.get(user_id, 0) + 1
         self._connections[user_id] = count
         return count == 1
 
-    def disconnect(self, user_id: int) -> bool:
+    async def disconnect(self, user_id: int) -> bool:
         count = self._connections.get(user_id, 0) - 1
         if count > 0:
             self._connections[user_id] = count
@@ -69,8 +84,78 @@ class LocalPresence:
         self._connections.pop(user_id, None)
         return count == 0
 
-    def is_online(self, user_id: int) -> bool:
+    async def is_online(self, user_id: int) -> bool:
         return user_id in self._connections
+
+    async def online(self, user_ids: Sequence[int]) -> set[int]:
+        return {uid for uid in user_ids if uid in self._connections}
+
+
+class LoginThrottle(Protocol):
+    """Failed logins per nick, so password guessing is slowed down everywhere.
+
+    Shared across instances with Redis: otherwise a guesser spreading attempts over N
+    instances would get N times the budget.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def blocked(self, key: str) -> float | None:
+        """Seconds until logins for ``key`` are allowed again; ``None``: allowed now."""
+
+    async def failed(self, key: str) -> None:
+        """Count one failed login for ``key``."""
+
+    async def succeeded(self, key: str) -> None:
+        """Forget the failures of ``key``."""
+
+
+class LocalThrottle:
+    """Login throttle within one process: ``max_failures`` per ``window`` seconds, the
+    window starting at the first failure.
+
+    Args:
+        clock: monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self, clock: Callable[[], float], *, max_failures: int = 10, window: float = 300.0
+    ) -> None:
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self._failures: dict[str, tuple[int, float]] = {}  # key -> (count, first time)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def blocked(self, key: str) -> float | None:
+        now = self.clock()
+        count, first = self._failures.get(key, (0, now))
+        if now - first >= self.window:
+            del self._failures[key]
+        elif count >= self.max_failures:
+            return self.window - (now - first)
+        return None
+
+    async def failed(self, key: str) -> None:
+        now = self.clock()
+        if len(self._failures) > 100_000:  # bound the table: forget windows that have passed
+            self._failures = {k: v for k, v in self._failures.items() if now - v[1] < self.window}
+        count, first = self._failures.get(key, (0, now))
+        self._failures[key] = (count + 1, first)
+
+    async def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+
+# Subscription changes for a user's sessions on every instance (see service.py).
+CONTROL_TOPIC = "control"
 
 
 def room_topic(name: str) -> str:

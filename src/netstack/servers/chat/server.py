@@ -10,15 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import sqlite3
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
+from urllib.parse import urlsplit, urlunsplit
 
 from netstack.config import ChatServerConfig, Limits, parse_hostport
 from netstack.errors import ConfigError
-from netstack.servers.chat.fanout import Fanout, LocalFanout, Presence
-from netstack.servers.chat.service import ChatService
+from netstack.servers.chat.fanout import (
+    Fanout,
+    LocalFanout,
+    LocalPresence,
+    LoginThrottle,
+    Presence,
+)
+from netstack.servers.chat.service import LOGIN_WINDOW, MAX_LOGIN_FAILURES, ChatService
 from netstack.servers.chat.sqlite import SQLiteStore
 from netstack.servers.chat.store import Store, StoreUnavailable
 from netstack.servers.chat.tcp import ChatTCPProtocol
@@ -53,16 +61,34 @@ def open_store(location: str) -> Store:
     """A store for a SQLite path (or ``sqlite:///path``) or a ``postgresql://`` URL.
 
     Raises:
-        ConfigError: the URL names a store this build cannot open.
+        ConfigError: the URL names a store whose driver is not installed.
     """
     if location.startswith(("postgresql://", "postgres://")):
-        # The seam: a PostgresStore (psycopg, the `db` extra) implements store.Store.
-        raise ConfigError(
-            "db: the PostgreSQL store is not available yet; use a SQLite path", field="db"
-        )
+        try:
+            import psycopg  # noqa: F401  # the `db` extra
+            import psycopg_pool  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "db: the PostgreSQL store needs psycopg: pip install 'netstack[db]'", field="db"
+            ) from None
+        from netstack.servers.chat.postgres import PostgresStore
+
+        return PostgresStore(location)
     if location.startswith("sqlite://"):
         location = location.removeprefix("sqlite://") or ":memory:"
     return SQLiteStore(location)
+
+
+def redact(location: str) -> str:
+    """``location`` with any password in a URL replaced by ``***`` (for logs and output)."""
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    if parts.password is None:
+        return location
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
 class ChatServer:
@@ -71,8 +97,10 @@ class ChatServer:
     Args:
         cfg: the configuration.
         store: overrides the store named by ``cfg.db`` (tests, other backends).
-        fanout: overrides the in-process fan-out (a Redis one, later).
-        presence: overrides the in-process presence counts (shared ones, later).
+        fanout: overrides the fan-out (in-process, or Redis with ``cfg.redis``).
+        presence: overrides the presence counts (in-process, or Redis with ``cfg.redis``).
+
+    With ``cfg.redis`` the failed-login throttle is shared through Redis too.
     """
 
     def __init__(
@@ -85,11 +113,32 @@ class ChatServer:
     ) -> None:
         self.cfg = cfg
         self.store = store if store is not None else open_store(database_location(cfg))
+        if cfg.redis is not None:
+            from netstack.servers.chat.scaleout import RedisFanout, RedisPresence, RedisThrottle
+
+            instance = secrets.token_hex(8)
+            fanout = fanout or RedisFanout(cfg.redis, prefix=cfg.redis_prefix, instance=instance)
+            presence = presence or RedisPresence(
+                cfg.redis,
+                prefix=cfg.redis_prefix,
+                ttl=cfg.chat_timeouts.presence_ttl,
+                instance=instance,
+            )
+            self.throttle: LoginThrottle | None = RedisThrottle(
+                cfg.redis,
+                prefix=cfg.redis_prefix,
+                max_failures=MAX_LOGIN_FAILURES,
+                window=LOGIN_WINDOW,
+            )
+        else:
+            self.throttle = None
         self.fanout = fanout if fanout is not None else LocalFanout()
+        self.presence = presence if presence is not None else LocalPresence()
         self.service = ChatService(
             self.store,
             self.fanout,
-            presence=presence,
+            presence=self.presence,
+            throttle=self.throttle,
             limits=cfg.chat_limits,
             timeouts=cfg.chat_timeouts,
             idle_timeout=cfg.timeouts.idle_timeout,
@@ -111,10 +160,15 @@ class ChatServer:
 
         try:
             await self.store.open()
+        except StoreUnavailable:
+            await self.store.close()
+            raise
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open the chat database: {exc}") from exc
-        await self.fanout.start()
         try:
+            await self.fanout.start()
+            await self.presence.start()
+            await self.service.throttle.start()
             ws = self.ws = WSTransport(self.service, self.cfg, self.ssl)
             host, port = parse_hostport(self.cfg.bind, field="bind")
             await ws.start(host, port)
@@ -173,7 +227,10 @@ class ChatServer:
         if self.tcp is not None:
             self.tcp.close()
             await self.tcp.wait_closed()
+        await self.service.drain()  # offline presence of the sessions just closed
         await self.fanout.close()
+        await self.presence.close()
+        await self.service.throttle.close()
         self.service.close()
         await self.store.close()
         if self._started:

@@ -16,6 +16,11 @@ Invariants:
   logs in and ``offline`` when the last one goes; ``join``/``leave`` are membership.
 * A DM to a user with no live session is also queued as pending and delivered at the
   next login (and is in ``backfill`` anyway).
+* Several instances (``--redis``): events cross instances through the fan-out, and so do
+  the room subscription changes of a user (join, leave, kick, ban), as ``control`` events
+  that each instance applies to its own sessions of that user. Presence is counted across
+  instances; its changes are coroutines run after the ack (login) or in the background
+  (disconnect), and :meth:`ChatService.drain` waits for the latter on shutdown.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import collections
 import concurrent.futures
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,8 +52,11 @@ from netstack.proto.chat import (
 )
 from netstack.servers.chat import auth
 from netstack.servers.chat.fanout import (
+    CONTROL_TOPIC,
     Fanout,
     LocalPresence,
+    LocalThrottle,
+    LoginThrottle,
     Presence,
     room_topic,
     user_topic,
@@ -136,6 +145,8 @@ class Session:
         self.closed = False
         self.after_ack: list[dict[str, object]] = []
         self.pending_upto = 0  # last pending DM sent after the login ack, to clear
+        # presence.connect() of this session's login: disconnect() waits for it.
+        self.presence_task: asyncio.Future[bool] | None = None
         # Commands to run, error texts to send and a final close, in arrival order.
         self._inbox: collections.deque[Command | str | tuple[int, str]] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
@@ -209,6 +220,23 @@ class Session:
         self.service.session_closed(self)
 
 
+class _Control:
+    """The service's own subscriber to ``control`` events (subscription changes)."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    def deliver(self, text: str) -> None:
+        try:
+            event = json.loads(text)
+            op, user_id, room = event["op"], event["user"], event["room"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring a malformed chat control event")
+            return
+        if op in ("subscribe", "unsubscribe") and isinstance(user_id, int):
+            self.service.control(op, user_id, str(room))
+
+
 class ChatService:
     """Accounts, rooms, messages and presence for every connected session.
 
@@ -216,6 +244,7 @@ class ChatService:
         store: persistence (opened by the caller).
         fanout: event delivery between sessions (and instances).
         presence: who is connected (and on which instance does not matter).
+        throttle: failed logins per nick (in-process by default).
         limits: per-client limits.
         timeouts: ``session_ttl`` for login tokens.
         idle_timeout: the TCP idle timeout, announced to clients in ``hello``.
@@ -229,6 +258,7 @@ class ChatService:
         fanout: Fanout,
         *,
         presence: Presence | None = None,
+        throttle: LoginThrottle | None = None,
         limits: ChatLimits | None = None,
         timeouts: ChatTimeouts | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -248,7 +278,13 @@ class ChatService:
         self._hasher = concurrent.futures.ThreadPoolExecutor(
             max_workers=HASH_WORKERS, thread_name_prefix="chat-scrypt"
         )
-        self._failures: dict[str, tuple[int, float]] = {}  # nick key -> (count, first time)
+        self.throttle = (
+            throttle
+            if throttle is not None
+            else LocalThrottle(clock, max_failures=MAX_LOGIN_FAILURES, window=LOGIN_WINDOW)
+        )
+        self._background: set[asyncio.Task[None]] = set()  # presence updates of closed sessions
+        self.fanout.subscribe(CONTROL_TOPIC, _Control(self))
         self._handlers: dict[str, Callable[[Session, Command], Awaitable[dict[str, object]]]] = {
             "register": self._register,
             "login": self._login,
@@ -290,6 +326,11 @@ class ChatService:
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
         self._go_offline(session)
+
+    async def drain(self) -> None:
+        """Wait for the presence updates of closed sessions (before closing the fan-out)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     def shutdown(self) -> None:
         """Tell every client the server is going away (close code 1001)."""
@@ -358,17 +399,24 @@ class ChatService:
         return self.online.get(user_id, set())
 
     def _subscribe_room(self, user_id: int, room: str) -> None:
-        for s in self._user_sessions(user_id):
-            s.rooms.add(room)
-            self.fanout.subscribe(room_topic(room), s)
+        """Subscribe every session of the user, on every instance, to the room."""
+        self._publish(CONTROL_TOPIC, {"op": "subscribe", "user": user_id, "room": room})
 
     def _unsubscribe_room(self, user_id: int, room: str) -> None:
-        for s in self._user_sessions(user_id):
-            s.rooms.discard(room)
-            self.fanout.unsubscribe(room_topic(room), s)
+        self._publish(CONTROL_TOPIC, {"op": "unsubscribe", "user": user_id, "room": room})
 
-    def is_online(self, user_id: int) -> bool:
-        return self.presence.is_online(user_id)
+    def control(self, op: str, user_id: int, room: str) -> None:
+        """Apply a subscription change to this instance's sessions of ``user_id``."""
+        for s in self._user_sessions(user_id):
+            if op == "subscribe":
+                s.rooms.add(room)
+                self.fanout.subscribe(room_topic(room), s)
+            else:
+                s.rooms.discard(room)
+                self.fanout.unsubscribe(room_topic(room), s)
+
+    async def is_online(self, user_id: int) -> bool:
+        return await self.presence.is_online(user_id)
 
     # ------------------------------------------------------------------ accounts
 
@@ -379,24 +427,6 @@ class ChatService:
     async def _verify(self, password: str, stored: str) -> bool:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._hasher, auth.verify_password, password, stored)
-
-    def _check_attempts(self, key: str) -> None:
-        now = self.clock()
-        count, first = self._failures.get(key, (0, now))
-        if now - first >= LOGIN_WINDOW:
-            del self._failures[key]
-        elif count >= MAX_LOGIN_FAILURES:
-            wait = int(LOGIN_WINDOW - (now - first)) + 1
-            raise CommandError(
-                Code.TOO_MANY_ATTEMPTS, f"too many failed logins for this nick; retry in {wait} s"
-            )
-
-    def _failed(self, key: str) -> None:
-        now = self.clock()
-        if len(self._failures) > 100_000:  # bound the table: forget windows that have passed
-            self._failures = {k: v for k, v in self._failures.items() if now - v[1] < LOGIN_WINDOW}
-        count, first = self._failures.get(key, (0, now))
-        self._failures[key] = (count + 1, first)
 
     def close(self) -> None:
         """Release the hashing threads (after the listeners are closed)."""
@@ -415,14 +445,19 @@ class ChatService:
 
     async def _login(self, session: Session, cmd: Command) -> dict[str, object]:
         key = cmd.text("nick").lower()
-        self._check_attempts(key)
+        wait = await self.throttle.blocked(key)
+        if wait is not None:
+            raise CommandError(
+                Code.TOO_MANY_ATTEMPTS,
+                f"too many failed logins for this nick; retry in {int(wait) + 1} s",
+            )
         user = await self.store.get_user(key)
         stored = user.password_hash if user is not None else auth.DUMMY_HASH
         ok = await self._verify(cmd.text("password"), stored)
         if user is None or not ok:
-            self._failed(key)
+            await self.throttle.failed(key)
             raise CommandError(Code.AUTH_FAILED, "wrong nick or password")
-        self._failures.pop(key, None)
+        await self.throttle.succeeded(key)
         return await self._enter(session, user, new_token=True)
 
     async def _resume(self, session: Session, cmd: Command) -> dict[str, object]:
@@ -449,13 +484,22 @@ class ChatService:
             return result
         session.conn.authenticate(user.nick)
         session.user = user
-        first = self.presence.connect(user.id)
         self.online.setdefault(user.id, set()).add(session)
         self.fanout.subscribe(user_topic(user.id), session)
         for room in rooms:
             session.rooms.add(room)
             self.fanout.subscribe(room_topic(room), session)
-            if first:
+        # Shielded: if the connection drops meanwhile, its disconnect() waits for this.
+        counted = session.presence_task = asyncio.ensure_future(self.presence.connect(user.id))
+        try:
+            first = await asyncio.shield(counted)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # shared presence unreachable: still logged in, here
+            logger.warning("chat presence: connect of %s failed: %s", user.nick, exc)
+            first = False
+        if first:
+            for room in rooms:
                 self._publish(
                     room_topic(room),
                     {"type": "presence", "room": room, "nick": user.nick, "state": "online"},
@@ -469,30 +513,52 @@ class ChatService:
             session.pending_upto = message.id
         return result
 
-    def _go_offline(self, session: Session) -> None:
+    def _go_offline(self, session: Session) -> asyncio.Task[None] | None:
+        """Unsubscribe the session now; returns the task that updates presence after."""
         user = session.user
         if user is None:
-            return
+            return None
         self.fanout.unsubscribe(user_topic(user.id), session)
         for room in session.rooms:
             self.fanout.unsubscribe(room_topic(room), session)
+        rooms, session.rooms = session.rooms, set()
         sessions = self.online.get(user.id)
-        if sessions is not None and session in sessions:
+        if sessions is not None:
             sessions.discard(session)
             if not sessions:
                 del self.online[user.id]
-            if self.presence.disconnect(user.id):
-                for room in session.rooms:
-                    self._publish(
-                        room_topic(room),
-                        {"type": "presence", "room": room, "nick": user.nick, "state": "offline"},
-                    )
-        session.rooms = set()
+        counted, session.presence_task = session.presence_task, None
+        if counted is None:
+            return None
+        task = asyncio.get_running_loop().create_task(self._release(user, rooms, counted))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _release(self, user: User, rooms: set[str], counted: asyncio.Future[bool]) -> None:
+        """Count a closed session out of presence; ``offline`` if it was the user's last."""
+        try:
+            await counted
+        except Exception:  # never counted in (logged by _enter)
+            return
+        try:
+            last = await self.presence.disconnect(user.id)
+        except Exception as exc:
+            logger.warning("chat presence: disconnect of %s failed: %s", user.nick, exc)
+            return
+        if last:
+            for room in sorted(rooms):
+                self._publish(
+                    room_topic(room),
+                    {"type": "presence", "room": room, "nick": user.nick, "state": "offline"},
+                )
 
     async def _logout(self, session: Session, cmd: Command) -> dict[str, object]:
         if session.token_hash is not None:
             await self.store.delete_session(session.token_hash)
-        self._go_offline(session)
+        release = self._go_offline(session)
+        if release is not None:
+            await asyncio.shield(release)
         session.user = None
         session.token_hash = None
         session.conn.deauthenticate()
@@ -582,6 +648,7 @@ class ChatService:
         await self._visible(room, user)
         now = self.wallclock()
         members = await self.store.members(room.id)
+        online = await self.presence.online([m.user_id for m in members])
         return {
             "room": room.name,
             "topic": room.topic,
@@ -589,7 +656,7 @@ class ChatService:
                 {
                     "nick": m.nick,
                     "role": m.role,
-                    "online": self.is_online(m.user_id),
+                    "online": m.user_id in online,
                     "muted": m.muted_until is not None and m.muted_until > now,
                 }
                 for m in members
@@ -655,7 +722,11 @@ class ChatService:
         user = self._user(session)
         target = await self._target(cmd.text("to"))
         file = await self._file(cmd)
-        offline = not self.is_online(target.id)
+        try:
+            offline = not await self.presence.is_online(target.id)
+        except Exception as exc:  # unknown: queue it for the next login
+            logger.warning("chat presence: lookup of %s failed: %s", target.nick, exc)
+            offline = True
         message = await self.store.add_message(
             sender=user,
             text=cmd.text("text"),

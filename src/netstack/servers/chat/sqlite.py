@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
@@ -119,6 +120,23 @@ def _message(row: Sequence[Any]) -> Message:
     return Message(row[0], row[1], row[2], row[3], room=row[4], recipient=row[5], file=file)
 
 
+def _switch_to_wal(db: sqlite3.Connection, attempts: int = 50) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection switches it too.
+
+    Two connections switching a new file at the same moment can deadlock on the lock
+    upgrade; SQLite then fails one of them at once ("database is locked") without waiting
+    for the busy timeout. The switch is done once per file, so a short retry settles it.
+    """
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+
+
 class SQLiteStore:
     """:class:`~netstack.servers.chat.store.Store` on a SQLite file.
 
@@ -147,11 +165,11 @@ class SQLiteStore:
     def _open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; BEGIN explicitly
-        db.execute("PRAGMA journal_mode=WAL")
+        # autocommit (BEGIN explicitly); wait up to 5 s for other connections' locks.
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+        _switch_to_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")  # durable across app crashes in WAL mode
         db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=5000")
         db.executescript(SCHEMA)
         self._db = db
 

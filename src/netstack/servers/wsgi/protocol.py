@@ -667,6 +667,7 @@ class Exchange:
                 raise ValueError
             encoded = []
             has_length = False
+            declared = None
             for name, value in headers:
                 raw = _NAMES.get(name)
                 if raw is None:
@@ -677,7 +678,7 @@ class Exchange:
                 if raw == b"content-length":
                     has_length = True
                     if encoded_value.isdigit():
-                        self.declared_length = int(encoded_value)
+                        declared = int(encoded_value)
                 encoded.append((raw, encoded_value))
         except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
             raise ValueError(
@@ -686,6 +687,7 @@ class Exchange:
         self.status_code = code
         self.response_headers = encoded
         self.has_length = has_length
+        self.declared_length = declared  # (a replacing call with exc_info resets it)
         return self.write_callable
 
     def write_callable(self, data: bytes) -> None:
@@ -897,7 +899,7 @@ class Exchange:
         try:
             result = self.server.app(self.environ, self.start_response)
             if type(result) is list and len(result) <= 1:
-                loop.call_soon_threadsafe(self.complete, result[0] if result else b"")
+                self.server.to_loop(self.complete, result[0] if result else b"")
                 return
             if type(result) is FileWrapper:
                 loop.call_soon_threadsafe(self.start_file, result)
@@ -907,7 +909,7 @@ class Exchange:
             if first is not None and len(first) == self.declared_length:
                 # The whole declared body in one chunk (Flask, Django...): one write.
                 self._close_in_thread(result)
-                loop.call_soon_threadsafe(self.complete, first)
+                self.server.to_loop(self.complete, first)
                 return
             if first:
                 self.send_threaded(first)

@@ -161,16 +161,19 @@ async function enter(ack) {
   const lastKey = `netstack.chat.last.${ack.nick}`;
   const dmKey = `netstack.chat.dms.${ack.nick}`;
   for (const nick of JSON.parse(localStorage.getItem(dmKey) || "[]")) state.dms.add(nick);
+  // Reconnect: everything since the last message seen, page by page. Taken now: live
+  // messages arriving during the calls below raise state.lastId, and backfilling from
+  // there would skip what was said in between.
+  let since = state.lastId || Number(localStorage.getItem(lastKey) || ack.last_id);
+  if (state.lastId === 0) state.lastId = since;
   try {
     const list = await call("rooms");
     state.rooms.clear();
     for (const r of list.rooms) if (r.joined) state.rooms.set(r.name, r);
-    // Reconnect: everything since the last message seen, page by page.
-    if (state.lastId === 0) state.lastId = Number(localStorage.getItem(lastKey) || ack.last_id);
     let more = true;
     while (more) {
-      const page = await call("backfill", { since: state.lastId, limit: 200 });
-      for (const m of page.messages) addMessage(m, true);
+      const page = await call("backfill", { since, limit: 200 });
+      for (const m of page.messages) { addMessage(m, true); since = Math.max(since, m.id); }
       more = page.more && page.messages.length > 0;
     }
   } catch (err) {

@@ -1,0 +1,361 @@
+"""Several chat instances behind one redis-server and one PostgreSQL: real servers only.
+
+Clients connect to each instance directly, and through ``netstack balance`` in TCP mode
+(WebSocket is relayed as bytes). The L7 (HTTP) balancer mode, with WebSocket upgrades,
+is not tested here yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netstack.config import ChatTimeouts
+from netstack.servers.chat import ChatServer
+from netstack.servers.chat.scaleout import (
+    RedisFanout,
+    RedisPresence,
+    RedisThrottle,
+    ScaleOutUnavailable,
+)
+from tests.helpers import TIMEOUT, apoll_until, free_port
+from tests.helpers.services import RedisServer, redis_server
+from tests.servers.chat.support import PASSWORD, Client, WSClient, chat_config, tcp, ws
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Channels and keys of this test only (the redis-server is shared by the run)."""
+    return f"test:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def pair(pg_url: str, redis: RedisServer, prefix: str) -> AsyncIterator[list[ChatServer]]:
+    """Two chat instances sharing one database and one Redis."""
+    async with AsyncExitStack() as stack:
+        servers = [
+            await stack.enter_async_context(
+                ChatServer(chat_config(pg_url, redis=redis.url, redis_prefix=prefix))
+            )
+            for _ in range(2)
+        ]
+        yield servers
+
+
+async def closing(*clients: Client) -> None:
+    for client in clients:
+        await client.close()
+
+
+async def test_users_on_different_instances_talk(pair: list[ChatServer]) -> None:
+    one, two = pair
+    alice, bob = await tcp(one), await ws(two)
+    await alice.register("alice")
+    await bob.register("bob")
+    await alice.ok("create", room="general")
+    await bob.ok("join", room="general")
+    await alice.expect("presence", room="general", nick="bob", state="join")
+
+    first = await alice.ok("say", room="general", text="hello from one")
+    assert (await bob.expect("message"))["message"] == first["message"]
+    second = await bob.ok("say", room="general", text="hello from two")
+    assert (await alice.expect("message", message=second["message"]))["message"]["from"] == "bob"
+    # Each side gets its own message once (locally), not a second time through Redis.
+    await alice.ok("ping")
+    await bob.ok("ping")
+    assert [e["message"]["id"] for e in alice.events if e["type"] == "message"] == [1]
+    assert [e["message"]["id"] for e in bob.events if e["type"] == "message"] == [2]
+
+    # Shared presence: one sees who is connected to two.
+    who = await alice.ok("who", room="general")
+    assert {m["nick"]: m["online"] for m in who["members"]} == {"alice": True, "bob": True}
+    dm = await alice.ok("dm", to="bob", text="psst")
+    assert dm["delivered"] is True
+    assert (await bob.expect("dm"))["message"]["text"] == "psst"
+    await closing(alice, bob)
+
+
+async def test_two_instances_behind_the_tcp_balancer(pair: list[ChatServer]) -> None:
+    from netstack.config import BalancerQuickConfig, HealthConfig
+    from netstack.servers.lb.server import Balancer
+
+    cfg = BalancerQuickConfig(
+        listen="127.0.0.1:0",
+        backend=tuple(f"127.0.0.1:{srv.ws_address[1]}" for srv in pair),
+        mode="tcp",
+        algorithm="round_robin",
+        health=HealthConfig(check_interval=None),
+    ).to_balancer()
+    async with Balancer(cfg) as lb:
+        front = lb.address()
+        alice = await WSClient.open(front)
+        bob = await WSClient.open(front)
+        await alice.register("alice")
+        await bob.register("bob")
+        # Round robin: one user per instance.
+        homes = [{s.nick for s in srv.service.sessions} for srv in pair]
+        assert sorted(homes, key=sorted) == [{"alice"}, {"bob"}]
+        await alice.ok("create", room="general")
+        await bob.ok("join", room="general")
+        said = await bob.ok("say", room="general", text="through the balancer")
+        assert (await alice.expect("message", message=said["message"]))["message"]["from"] == "bob"
+        assert (await alice.ok("dm", to="bob", text="hi"))["delivered"] is True
+        assert (await bob.expect("dm"))["message"]["text"] == "hi"
+        await closing(alice, bob)
+
+
+async def test_offline_dm_is_delivered_at_login_on_the_other_instance(
+    pair: list[ChatServer],
+) -> None:
+    one, two = pair
+    alice, bob = await tcp(one), await tcp(two)
+    await alice.register("alice")
+    await bob.register("bob")
+    await alice.ok("create", room="general")
+    await bob.ok("join", room="general")
+    await bob.close()
+    # Bob's last connection (on two) closed: one hears it and knows he is offline.
+    await alice.expect("presence", room="general", nick="bob", state="offline")
+    who = await alice.ok("who", room="general")
+    assert {m["nick"]: m["online"] for m in who["members"]} == {"alice": True, "bob": False}
+    dm = await alice.ok("dm", to="bob", text="while you were out")
+    assert dm["delivered"] is False
+
+    bob = await ws(one)  # back, on the other instance
+    await bob.login("bob")
+    pending = await bob.expect("dm", pending=True)
+    assert pending["message"]["text"] == "while you were out"
+    await alice.expect("presence", room="general", nick="bob", state="online")
+    await closing(alice, bob)
+
+
+async def test_subscriptions_follow_a_user_across_instances(pair: list[ChatServer]) -> None:
+    one, two = pair
+    alice = await tcp(one)
+    await alice.register("alice")
+    await alice.ok("create", room="general")
+    bob_one, bob_two = await tcp(one), await ws(two)  # bob is connected to both
+    await bob_one.register("bob")
+    await bob_two.login("bob")
+    await bob_one.ok("join", room="general")  # joined through one...
+    said = await alice.ok("say", room="general", text="both of you")
+    # ...and his session on two hears the room too.
+    assert (await bob_two.expect("message"))["message"] == said["message"]
+    assert (await bob_one.expect("message"))["message"] == said["message"]
+
+    await alice.ok("kick", room="general", nick="bob", reason="out")
+    await bob_two.expect("kicked", room="general", nick="bob")
+    await bob_one.expect("kicked", room="general", nick="bob")
+    await alice.ok("say", room="general", text="not for bob")
+    marker = await bob_two.ok("ping")  # replies come in order: anything sent before is here
+    assert marker["type"] == "ack"
+    assert [e for e in bob_two.events if e["type"] == "message"] == []
+    await closing(alice, bob_one, bob_two)
+
+
+async def test_failed_logins_count_on_every_instance(pair: list[ChatServer]) -> None:
+    one, two = pair
+    alice = await tcp(one)
+    await alice.register("alice")
+    guesser = await tcp(one)
+    for _ in range(10):
+        await guesser.fails("login", "auth_failed", nick="alice", password="wrong guess")
+    elsewhere = await ws(two)  # the other instance knows: no fresh budget there
+    refused = await elsewhere.fails("login", "too_many_attempts", nick="alice", password=PASSWORD)
+    assert "retry in" in refused["message"]
+    await closing(alice, guesser, elsewhere)
+
+
+async def test_redis_throttle(redis: RedisServer, prefix: str) -> None:
+    a = RedisThrottle(redis.url, prefix=prefix, max_failures=2, window=TIMEOUT)
+    b = RedisThrottle(redis.url, prefix=prefix, max_failures=2, window=0.2)
+    await a.start()
+    await b.start()
+    assert await b.blocked("alice") is None
+    await a.failed("alice")
+    await b.failed("alice")
+    wait = await b.blocked("alice")
+    assert wait is not None
+    assert 0 < wait <= TIMEOUT  # the window started at the first failure (a's)
+    assert await a.blocked("bob") is None
+    await a.succeeded("alice")
+    assert await b.blocked("alice") is None
+    await b.failed("carol")  # b's window is 0.2 s: it passes by itself
+    await b.failed("carol")
+    assert await b.blocked("carol") is not None
+    await apoll_until(unblocked(b, "carol"))
+    await a.close()
+    await b.close()
+
+
+async def test_redis_throttle_fails_open(
+    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with redis_server(tmp_path / "r") as private:
+        throttle = RedisThrottle(private.url, prefix=prefix, max_failures=1)
+        await throttle.start()
+        await throttle.failed("alice")
+        assert await throttle.blocked("alice") is not None
+    # Redis is gone: nobody is locked out, and it is logged.
+    with caplog.at_level(logging.WARNING, logger="netstack"):
+        assert await throttle.blocked("alice") is None
+        await throttle.failed("alice")
+        await throttle.succeeded("alice")
+    assert "not throttling" in caplog.text
+    await throttle.close()
+
+
+def unblocked(throttle: RedisThrottle, key: str) -> Any:
+    async def check() -> bool:
+        return await throttle.blocked(key) is None
+
+    return check
+
+
+async def test_redis_fanout_between_two_instances(redis: RedisServer, prefix: str) -> None:
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    class Sub:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def deliver(self, text: str) -> None:
+            got[self.name].append(text)
+
+    a, b = RedisFanout(redis.url, prefix=prefix), RedisFanout(redis.url, prefix=prefix)
+    await a.start()
+    await b.start()
+    a.subscribe("room:x", Sub("a"))
+    b.subscribe("room:x", Sub("b"))
+    for i in range(50):  # order is kept
+        a.publish("room:x", f'{{"n":{i}}}')
+    b.publish("room:y", "nobody listens")
+    await a.flush()
+    await apoll_until(lambda: len(got["b"]) == 50)
+    assert got["a"] == got["b"] == [f'{{"n":{i}}}' for i in range(50)]
+    # Garbage on the channel is ignored; the reader goes on.
+    redis.cli("publish", f"{prefix}:events", "no newline here")
+    a.publish("room:x", "after")
+    await apoll_until(lambda: got["b"][-1:] == ["after"])
+    await a.close()
+    await b.close()
+    assert a.dropped == b.dropped == 0
+
+
+async def test_fanout_survives_a_redis_restart(
+    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    got: list[str] = []
+
+    class Sub:
+        def deliver(self, text: str) -> None:
+            got.append(text)
+
+    port = free_port()
+    with redis_server(tmp_path / "r1", port) as private:
+        a = RedisFanout(private.url, prefix=prefix)
+        b = RedisFanout(private.url, prefix=prefix)
+        await a.start()
+        await b.start()
+        b.subscribe("room:x", Sub())
+        a.publish("room:x", "before")
+        await apoll_until(lambda: got == ["before"])
+    # Redis is gone: local delivery goes on, publishing waits and retries.
+    with caplog.at_level(logging.WARNING, logger="netstack"):
+        a.publish("room:x", "during")
+        await apoll_until(lambda: "Redis publish failed" in caplog.text)
+    with redis_server(tmp_path / "r2", port):
+        # Back on the same address: b re-subscribes by itself; what a keeps publishing
+        # reaches it (events published while nobody could subscribe may be lost).
+        async def delivered() -> bool:
+            a.publish("room:x", "after")
+            await a.flush()
+            return "after" in got
+
+        await apoll_until(delivered, timeout=TIMEOUT * 3, interval=0.2)
+        await a.close()
+        await b.close()
+    assert got[0] == "before"
+
+
+async def test_presence_of_a_crashed_instance_expires(redis: RedisServer, prefix: str) -> None:
+    crashed = RedisPresence(redis.url, prefix=prefix, ttl=0.3)
+    alive = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT)
+    await crashed.start()
+    await alive.start()
+    assert await crashed.connect(5) is True
+    assert await alive.connect(5) is False  # connected to both: not the first
+    assert await crashed.connect(6) is True
+    assert await alive.online([5, 6, 7]) == {5, 6}
+    assert await alive.disconnect(5) is False  # still on the other instance
+    assert await alive.disconnect(5) is False  # never counted here twice: not the last
+    crashed.stop_heartbeat()  # what a crash looks like from outside
+    await apoll_until(alive_is_offline(alive, 6), timeout=TIMEOUT)
+    assert await alive.online([5, 6]) == set()
+    assert await alive.connect(6) is True  # first again
+    await alive.close()  # a clean stop forgets its users at once
+    other = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT)
+    await other.start()
+    assert not await other.is_online(6)
+    await other.close()
+    await crashed.close()
+
+
+async def test_presence_heals_after_redis_loses_it(redis: RedisServer, prefix: str) -> None:
+    here = RedisPresence(redis.url, prefix=prefix, ttl=0.3)  # heartbeat every 0.1 s
+    there = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT)
+    await here.start()
+    await there.start()
+    assert await here.connect(5) is True
+    assert await here.connect(5) is False
+    redis.cli("del", f"{prefix}:instances", f"{prefix}:presence:{here.instance}")
+    assert not await there.is_online(5)  # lost, as after a Redis restart
+    await apoll_until(online_again(there, 5))  # the next heartbeat rewrites the counts
+    assert await here.disconnect(5) is False  # two connections were restored, not one
+    assert await here.disconnect(5) is True
+    assert not await there.is_online(5)
+    await here.close()
+    await there.close()
+
+
+def online_again(presence: RedisPresence, user_id: int) -> Any:
+    async def check() -> bool:
+        return await presence.is_online(user_id)
+
+    return check
+
+
+def alive_is_offline(presence: RedisPresence, user_id: int) -> Any:
+    async def check() -> bool:
+        return not await presence.is_online(user_id)
+
+    return check
+
+
+async def test_unreachable_redis_is_a_startup_error(pg_url: str, prefix: str) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(ScaleOutUnavailable, match="cannot reach Redis"):
+        await RedisFanout(url, prefix=prefix).start()
+    with pytest.raises(ScaleOutUnavailable, match="cannot reach Redis"):
+        await RedisPresence(url, prefix=prefix).start()
+    with pytest.raises(ScaleOutUnavailable, match="cannot reach Redis"):
+        await RedisThrottle(url, prefix=prefix).start()
+    server = ChatServer(chat_config(pg_url, redis=url))
+    with pytest.raises(ScaleOutUnavailable):
+        await server.start()
+    assert server.ws is None  # nothing left listening
+
+
+async def test_presence_ttl_reaches_the_server(pg_url: str, redis: RedisServer) -> None:
+    cfg = chat_config(pg_url, redis=redis.url, chat_timeouts=ChatTimeouts(presence_ttl=7.5))
+    async with ChatServer(cfg) as srv:
+        assert isinstance(srv.presence, RedisPresence)
+        assert srv.presence.ttl_ms == 7500
+        assert isinstance(srv.fanout, RedisFanout)
+        assert srv.fanout.instance == srv.presence.instance
