@@ -844,3 +844,56 @@ async def test_frontend_header_rules() -> None:
             assert got["extra"] == "yes"  # replaced, not appended
             assert got["rid"] == "-"  # request ids turned off
             assert "x-internal" not in reply.headers
+
+
+async def test_early_answer_drops_the_rest_of_the_body_and_keeps_the_connection() -> None:
+    from tests.servers.lb.support import TCPBackend
+
+    def early(sock, backend):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        if data.startswith(b"POST"):  # refuse at once, read nothing of the body
+            sock.sendall(
+                b"HTTP/1.1 413 Too Big\r\ncontent-length: 4\r\nconnection: close\r\n\r\nnope"
+            )
+            while sock.recv(65536):
+                pass
+            return
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+
+    with TCPBackend(early) as backend:
+        async with Balancer(http_config(backend.port)) as lb, Client(lb.address()[1]) as client:
+            reply = await client.request("POST", "/upload", body=os.urandom(3 << 20))
+            assert (reply.status, reply.body) == (413, b"nope")
+            reply = await client.request("GET", "/after")  # same client connection
+            assert (reply.status, reply.body) == (200, b"ok")
+
+
+async def test_connect_method_is_refused() -> None:
+    with http_backend(name_and_path) as backend:
+        async with Balancer(http_config(backend.port)) as lb:
+            out = await raw(lb.address()[1], b"CONNECT example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 405 ")
+            assert backend.requests == 0  # type: ignore[attr-defined]
+
+
+async def test_consistent_hash_on_a_cookie() -> None:
+    with http_backend(counting, "b0") as b0, http_backend(counting, "b1") as b1:
+        cfg = http_config(b0.port, b1.port)
+        pool = dataclasses.replace(
+            cfg.pools[0], algorithm="consistent_hash", hash_key="cookie:session"
+        )
+        cfg = dataclasses.replace(cfg, pools=(pool,))
+        async with Balancer(cfg) as lb:
+            for session in ("s1", "s2", "s3", "s4", "s5"):
+                names = {
+                    (
+                        await get(lb.address()[1], headers=[("cookie", f"session={session}")])
+                    ).body.split()[0]
+                    for _ in range(3)
+                }
+                assert len(names) == 1

@@ -760,7 +760,8 @@ class ProxyConnection(asyncio.Protocol):
                 self.reply(429, "rate limit exceeded", [(b"retry-after", b"%d" % wait)])
                 return
         if request.method == b"CONNECT":
-            self.reply(405, "CONNECT is not supported", [(b"allow", b"GET, HEAD, POST")])
+            allow = [(b"allow", b"GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH")]
+            self.reply(405, "CONNECT is not supported", allow, close=True)
             return
         headers = request.headers
         host = None
