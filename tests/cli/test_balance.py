@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 from netstack.cli import main
 from tests.helpers import TIMEOUT, poll_until
@@ -74,31 +76,39 @@ def test_subprocess_smoke_with_reload_and_stop(tmp_path) -> None:
     config = tmp_path / "lb.toml"
     with TCPBackend(reply_line, name="one") as one, TCPBackend(reply_line, name="two") as two:
         write_config(config, one.port)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "netstack", "balance", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            assert line.startswith("listening on tcp 127.0.0.1:"), line
-            port = int(line.rsplit(":", 1)[1])
+        with balance_process(config) as (proc, port, stderr):
             assert request(port, b"a\n") == b"one a\n"
             write_config(config, two.port)
             proc.send_signal(signal.SIGHUP)
             poll_until(lambda: request(port, b"b\n") == b"two b\n")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(TIMEOUT) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(TIMEOUT)
-            proc.stdout.close()  # type: ignore[union-attr]
-            stderr = proc.stderr.read()  # type: ignore[union-attr]
-            proc.stderr.close()  # type: ignore[union-attr]
-    assert "reloaded: 1 frontend(s), 1 pool(s)" in stderr
+    assert "reloaded: 1 frontend(s), 1 pool(s)" in stderr[0]
+
+
+@contextlib.contextmanager
+def balance_process(config) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+    """``netstack balance --config FILE`` in a subprocess; yields it, its port and a list
+    that holds its stderr once it has ended."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netstack", "balance", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    stderr: list[str] = []
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("listening on tcp 127.0.0.1:"), line
+        yield proc, int(line.rsplit(":", 1)[1]), stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        stderr.append(proc.stderr.read())  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_raise_nofile_goes_up_to_the_hard_limit(caplog) -> None:
@@ -166,17 +176,7 @@ def test_subprocess_http_mode_sighup_under_load(tmp_path) -> None:
     config = tmp_path / "lb.toml"
     with http_backend(name_and_path, "one") as one, http_backend(name_and_path, "two") as two:
         http_config_file(config, one.port)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "netstack", "balance", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            assert line.startswith("listening on tcp 127.0.0.1:"), line
-            port = int(line.rsplit(":", 1)[1])
+        with balance_process(config) as (proc, port, stderr):
             results: list[tuple[int, bytes]] = []
             errors: list[BaseException] = []
             stop = threading.Event()
@@ -213,11 +213,4 @@ def test_subprocess_http_mode_sighup_under_load(tmp_path) -> None:
             assert {status for status, _ in results} == {200}
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(TIMEOUT) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(TIMEOUT)
-            proc.stdout.close()  # type: ignore[union-attr]
-            stderr = proc.stderr.read()  # type: ignore[union-attr]
-            proc.stderr.close()  # type: ignore[union-attr]
-    assert stderr.count("reloaded: 1 frontend(s), 1 pool(s)") == 2
+    assert stderr[0].count("reloaded: 1 frontend(s), 1 pool(s)") == 2
