@@ -1064,9 +1064,13 @@ class BalancerTimeouts:
     keepalive_timeout: float | None = field(
         default=15.0, metadata=_help("http: close a client keep-alive connection idle this long")
     )
+    # nginx's client_body_timeout is 60 s (between two reads); netstack serve's is 30 s.
+    body_timeout: float | None = field(
+        default=30.0, metadata=_help("http: a request body stalled this long gets a 408")
+    )
 
     def __post_init__(self) -> None:
-        for name in ("request_timeout", "header_timeout", "keepalive_timeout"):
+        for name in ("request_timeout", "header_timeout", "keepalive_timeout", "body_timeout"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         _positive("backend_idle_timeout", self.backend_idle_timeout)

@@ -897,3 +897,28 @@ async def test_consistent_hash_on_a_cookie() -> None:
                     for _ in range(3)
                 }
                 assert len(names) == 1
+
+
+async def test_stalled_request_body_gets_408() -> None:
+    with http_backend(name_and_path) as backend:
+        timeouts = BalancerTimeouts(body_timeout=0.25)
+        async with Balancer(http_config(backend.port, timeouts=timeouts)) as lb:
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.address()[1])
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            async with asyncio.timeout(TIMEOUT):
+                out = await reader.read()
+            writer.close()
+            assert out.startswith(b"HTTP/1.1 408 ")
+            assert backend.requests == 0  # type: ignore[attr-defined]
+            # A body that keeps coming, slowly (0.4 s in all, no gap of 0.25 s), is not cut.
+            reader, writer = await asyncio.open_connection("127.0.0.1", lb.address()[1])
+            writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+            for part in (b"a", b"b", b"c", b"d"):
+                await asyncio.sleep(0.1)  # pacing a slow uploader, not synchronisation
+                writer.write(part)
+            async with asyncio.timeout(TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = await reader.readexactly(7)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert body == b"b /slow"

@@ -79,7 +79,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INF: Final = float("inf")
-NO_TIMER, HEADER, KEEPALIVE, RESPONSE, LINGER = range(5)
+NO_TIMER, HEADER, KEEPALIVE, RESPONSE, LINGER, BODY = range(6)
 # Pipelined events parsed ahead of the exchange in progress before we stop reading.
 MAX_PENDING_EVENTS: Final = 64
 # Client reading paused because: the backend is not reading; connecting with the replay
@@ -317,7 +317,7 @@ class HTTPListener(Listener):
 
     def tick_interval(self) -> float:
         t = self.balancer.cfg.timeouts
-        values = [t.header_timeout, t.keepalive_timeout]
+        values = [t.header_timeout, t.keepalive_timeout, t.body_timeout]
         for p in self.balancer.cfg.pools:
             values += [p.timeouts.request_timeout, p.timeouts.backend_idle_timeout]
         active = [v for v in values if v is not None]
@@ -523,6 +523,7 @@ class ProxyConnection(asyncio.Protocol):
     retry_ok = False  # idempotent method: 502/503 and early closes may be retried
     reused = False  # the current upstream came from the idle pool
     up_rx = False
+    body_rx = False  # request body bytes arrived since the last BODY deadline check
     tunnel = False
     tunnel_eofs = 0
 
@@ -744,6 +745,9 @@ class ProxyConnection(asyncio.Protocol):
         self.busy = True
         self.request = request
         self.body_open = bool(request.chunked or request.content_length)
+        if self.body_open:
+            self.body_rx = False
+            self._arm(BODY, self.balancer.cfg.timeouts.body_timeout)
         listener.count_request()
         rules = listener.rules
         self.state = rules.state
@@ -966,6 +970,7 @@ class ProxyConnection(asyncio.Protocol):
         self._arm(RESPONSE, route.pool_cfg.timeouts.request_timeout)
 
     def _body_data(self, event: Data) -> None:
+        self.body_rx = True
         if not self.streamed:
             self.kept.append(event)
             self.kept_bytes += len(event.data)
@@ -1230,6 +1235,8 @@ class ProxyConnection(asyncio.Protocol):
         if self.body_open and not self.discarding:
             self.discarding = True  # answered before the body ended: drop the rest
             self.kept = []
+            self.body_rx = False
+            self._arm(BODY, self.balancer.cfg.timeouts.body_timeout)
         self._after_exchange()
 
     def _after_exchange(self) -> None:
@@ -1296,6 +1303,17 @@ class ProxyConnection(asyncio.Protocol):
                 return
             self._backend_timeout()
             return
+        if kind == BODY:
+            timeout = self.balancer.cfg.timeouts.body_timeout
+            if not self.body_open:
+                self.timer = NO_TIMER  # the body ended; the next timer was armed, or none
+                self.deadline = INF
+            elif self.body_rx or self.pauses:  # arriving, or we are the ones not reading
+                self.body_rx = False
+                self.deadline = INF if timeout is None else now + timeout
+            else:
+                self._body_stalled()
+            return
         self.timer = NO_TIMER
         self.deadline = INF
         if kind == HEADER:
@@ -1306,6 +1324,26 @@ class ProxyConnection(asyncio.Protocol):
                 self._close_lingering()
         elif kind in (KEEPALIVE, LINGER):
             self._close()
+
+    def _body_stalled(self) -> None:
+        """The client stopped sending its request body: 408 (unless answered), then close."""
+        logger.debug("x %s: request body stalled", self.peer)
+        self.timer = NO_TIMER
+        self.deadline = INF
+        up = self.upstream
+        if up is not None:
+            self._drop_upstream(up)  # it waits for the rest of the body: not reusable
+        task = self.connect_task
+        if task is not None and not task.done():
+            task.cancel()
+        self._release_backend()
+        if self.busy and not self.head_sent:
+            self.transport.write(error_response(408, "request body not received in time"))
+        elif self.busy:
+            self.abort()  # a response is under way and cannot be finished
+            return
+        self.conn.close()
+        self._close()
 
     def _backend_timeout(self) -> None:
         up = self.upstream
