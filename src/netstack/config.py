@@ -14,6 +14,7 @@ and never read the environment themselves.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -949,8 +950,25 @@ class HealthConfig:
     slow_start: float = field(
         default=0.0, metadata=_help("ramp a recovered backend's weight over this many seconds")
     )
+    # HAProxy's `option httpchk GET /path` with `http-check expect status`; its default
+    # expectation is any 2xx or 3xx.
+    check_path: str | None = field(
+        default=None,
+        metadata=_help("http pools: GET this path as the active check (none: TCP connect)"),
+    )
+    check_status: int | None = field(
+        default=None, metadata=_help("status the HTTP check expects (none: any 2xx or 3xx)")
+    )
 
     def __post_init__(self) -> None:
+        if self.check_path is not None and not self.check_path.startswith("/"):
+            raise ConfigError(
+                f"check_path must start with '/', got {self.check_path!r}", field="check_path"
+            )
+        if self.check_status is not None and not 100 <= self.check_status <= 599:
+            raise ConfigError(
+                f"check_status must be 100-599, got {self.check_status!r}", field="check_status"
+            )
         if self.check_interval is not None:
             _positive("check_interval", self.check_interval)
         _positive("check_timeout", self.check_timeout)
@@ -984,6 +1002,14 @@ class BalancerLimits:
     max_udp_sessions: int = field(
         default=10_000, metadata=_help("UDP client sessions; datagrams of new ones are dropped")
     )
+    # nginx's upstream `keepalive 32` example; HAProxy keeps idle server connections too.
+    max_idle_backend_connections: int = field(
+        default=32, metadata=_help("http: idle keep-alive connections kept per backend")
+    )
+    # Envoy's retry budget: retries at most 20 % of requests (plus a small floor).
+    retry_budget: float = field(
+        default=0.2, metadata=_help("http: retries as a fraction of requests (0: no retries)")
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -993,6 +1019,11 @@ class BalancerLimits:
             "max_udp_sessions",
         ):
             _positive(name, getattr(self, name))
+        _non_negative("max_idle_backend_connections", self.max_idle_backend_connections)
+        if not 0.0 <= self.retry_budget <= 1.0:
+            raise ConfigError(
+                f"retry_budget must be 0-1, got {self.retry_budget!r}", field="retry_budget"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1015,8 +1046,34 @@ class BalancerTimeouts:
     drain_timeout: float = field(
         default=30.0, metadata=_help("on shutdown, wait this long for relays to finish")
     )
+    # nginx's proxy_read_timeout is 60 s: between two reads from the backend.
+    request_timeout: float | None = field(
+        default=60.0,
+        metadata=_help("http: a backend silent this long while answering gets a 504"),
+    )
+    # Shorter than the keep-alive timeout of common backends (netstack serve and uvicorn
+    # 5 s), so that we rarely reuse a connection the backend is closing.
+    backend_idle_timeout: float = field(
+        default=4.0, metadata=_help("http: close a pooled backend connection idle this long")
+    )
+    # nginx's client_header_timeout is 60 s, keepalive_timeout 75 s; less invites fewer
+    # idle sockets.
+    header_timeout: float | None = field(
+        default=10.0, metadata=_help("http: a request head must arrive within this; 408")
+    )
+    keepalive_timeout: float | None = field(
+        default=15.0, metadata=_help("http: close a client keep-alive connection idle this long")
+    )
+    # nginx's client_body_timeout is 60 s (between two reads); netstack serve's is 30 s.
+    body_timeout: float | None = field(
+        default=30.0, metadata=_help("http: a request body stalled this long gets a 408")
+    )
 
     def __post_init__(self) -> None:
+        for name in ("request_timeout", "header_timeout", "keepalive_timeout", "body_timeout"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        _positive("backend_idle_timeout", self.backend_idle_timeout)
         _positive("connect_timeout", self.connect_timeout)
         if self.idle_timeout is not None:
             _positive("idle_timeout", self.idle_timeout)
@@ -1059,6 +1116,10 @@ class PoolConfig:
     send_proxy: ProxyVersion = field(
         default="none", metadata=_help("send a PROXY protocol header to backends (TCP)")
     )
+    # HAProxy's `cookie NAME insert`: the balancer sets the cookie to name the backend.
+    sticky_cookie: str | None = field(
+        default=None, metadata=_help("http: keep a client on one backend with this cookie")
+    )
     backends: tuple[BackendConfig, ...] = ()
     health: HealthConfig = field(default_factory=HealthConfig)
     timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
@@ -1066,6 +1127,11 @@ class PoolConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("name must not be empty", field="name")
+        if self.sticky_cookie is not None and not _TOKEN_RE.fullmatch(self.sticky_cookie):
+            raise ConfigError(
+                f"sticky_cookie must be a cookie name, got {self.sticky_cookie!r}",
+                field="sticky_cookie",
+            )
         if not self.backends:
             raise ConfigError("a pool needs at least one backend", field="backends")
         names = [b.name for b in self.backends]
@@ -1084,18 +1150,81 @@ class PoolConfig:
             )
 
 
+_TOKEN_RE = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+
+
+def parse_header_rule(rule: str, *, field: str) -> tuple[bytes, bytes]:
+    """``"Name: value"`` -> ``(b"name", b"value")``.
+
+    Raises:
+        ConfigError: not a header name, a colon and a value without control characters.
+    """
+    name, sep, value = rule.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not _TOKEN_RE.fullmatch(name) or any(ord(c) < 32 for c in value):
+        raise ConfigError(f"{field}: expected 'NAME: VALUE', got {rule!r}", field=field)
+    try:
+        return name.lower().encode("ascii"), value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{field}: {rule!r} is not Latin-1", field=field) from None
+
+
+def _check_header_rules(cfg: Any) -> None:
+    for name in ("add_request_headers", "add_response_headers"):
+        for rule in getattr(cfg, name):
+            parse_header_rule(rule, field=name)
+    for name in ("remove_request_headers", "remove_response_headers"):
+        for header in getattr(cfg, name):
+            if not _TOKEN_RE.fullmatch(header):
+                raise ConfigError(f"{name}: {header!r} is not a header name", field=name)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RouteConfig:
+class HeaderRules:
+    """Header add/remove rules of an http frontend (and of a route, applied on top)."""
+
+    add_request_headers: tuple[str, ...] = field(
+        default=(), metadata=_help("'NAME: VALUE' headers set on requests to the backend")
+    )
+    remove_request_headers: tuple[str, ...] = field(
+        default=(), metadata=_help("header names removed from requests to the backend")
+    )
+    add_response_headers: tuple[str, ...] = field(
+        default=(), metadata=_help("'NAME: VALUE' headers set on responses to the client")
+    )
+    remove_response_headers: tuple[str, ...] = field(
+        default=(), metadata=_help("header names removed from responses to the client")
+    )
+
+    def __post_init__(self) -> None:
+        _check_header_rules(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig(HeaderRules):
     """An L7 rule: requests matching every given condition go to ``pool``."""
 
     pool: str = field(metadata=_help("target pool"))
     host: str | None = field(default=None, metadata=_help("Host header, without port"))
     path_prefix: str | None = field(default=None, metadata=_help("request path prefix"))
     header: str | None = field(default=None, metadata=_help("NAME or NAME=VALUE"))
+    # nginx `location /api/ { proxy_pass http://app/; }` replaces the prefix.
+    rewrite_prefix: str | None = field(
+        default=None, metadata=_help("replace the matched path_prefix with this")
+    )
 
     def __post_init__(self) -> None:
         if self.host is None and self.path_prefix is None and self.header is None:
             raise ConfigError("a route needs host, path_prefix or header", field="pool")
+        if self.rewrite_prefix is not None:
+            if self.path_prefix is None:
+                raise ConfigError("rewrite_prefix needs path_prefix", field="rewrite_prefix")
+            if not self.rewrite_prefix.startswith("/"):
+                raise ConfigError(
+                    f"rewrite_prefix must start with '/', got {self.rewrite_prefix!r}",
+                    field="rewrite_prefix",
+                )
+        _check_header_rules(self)
         if self.path_prefix is not None and not self.path_prefix.startswith("/"):
             raise ConfigError(
                 f"path_prefix must start with '/', got {self.path_prefix!r}", field="path_prefix"
@@ -1105,7 +1234,46 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class FrontendConfig:
+class HTTPFrontendOptions(HeaderRules):
+    """What an http frontend does to every request (flags of the quick form too)."""
+
+    # http mode. No peer is trusted by default: an edge proxy overwrites what clients claim.
+    forwarded_allow_ips: str = field(
+        default="",
+        metadata=_help("http: peers whose X-Forwarded-*/Forwarded/X-Request-Id are kept"),
+    )
+    request_id_header: str = field(
+        default="x-request-id", metadata=_help("http: request id header added ('' : none)")
+    )
+    allow_ips: str = field(
+        default="", metadata=_help("http: only these IPs/CIDRs may connect ('': everyone); 403")
+    )
+    deny_ips: str = field(default="", metadata=_help("http: IPs/CIDRs refused with 403"))
+    rate_limit: float | None = field(
+        default=None, metadata=_help("http: requests per second per client IP (none: off); 429")
+    )
+    # nginx limit_req's burst; a browser opens ~6 connections and loads a page at once.
+    rate_burst: int = field(default=20, metadata=_help("http: requests a client may burst"))
+
+    def __post_init__(self) -> None:
+        if self.rate_limit is not None:
+            _positive("rate_limit", self.rate_limit)
+        _positive("rate_burst", self.rate_burst)
+        if self.request_id_header and not _TOKEN_RE.fullmatch(self.request_id_header):
+            raise ConfigError(
+                f"request_id_header must be a header name, got {self.request_id_header!r}",
+                field="request_id_header",
+            )
+        _check_header_rules(self)
+
+    def http_options(self) -> dict[str, Any]:
+        """These settings by name (to copy them from the quick form to its frontend)."""
+        names = [f.name for f in dataclasses.fields(HTTPFrontendOptions)]
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrontendConfig(HTTPFrontendOptions):
     """A listening address, its mode, default pool and (L7) routes."""
 
     name: str = field(default="default", metadata=_help("frontend name"))
@@ -1126,6 +1294,7 @@ class FrontendConfig:
         parse_hostport(self.listen, field="listen")
         if self.routes and self.mode != "http":
             raise ConfigError("routes need mode = 'http'", field="routes")
+        HTTPFrontendOptions.__post_init__(self)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1170,7 +1339,7 @@ class BalancerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BalancerQuickConfig:
+class BalancerQuickConfig(HTTPFrontendOptions):
     """``netstack balance`` quick form: one frontend, one pool, from flags/env/flat TOML."""
 
     listen: str = field(default="127.0.0.1:8080", metadata=_help("HOST:PORT to accept on"))
@@ -1191,6 +1360,9 @@ class BalancerQuickConfig:
         default="127.0.0.1,::1",
         metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
     )
+    sticky_cookie: str | None = field(
+        default=None, metadata=_help("http: keep a client on one backend with this cookie")
+    )
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: BalancerLimits = field(default_factory=BalancerLimits)
     timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
@@ -1199,6 +1371,7 @@ class BalancerQuickConfig:
         parse_hostport(self.listen, field="listen")
         for address in self.backend:
             parse_hostport(address, field="backend")
+        HTTPFrontendOptions.__post_init__(self)
 
     def to_balancer(self) -> BalancerConfig:
         """The equivalent full config: frontend ``default`` -> pool ``default``.
@@ -1215,6 +1388,7 @@ class BalancerQuickConfig:
             algorithm=self.algorithm,
             hash_key=self.hash_key,
             send_proxy=self.send_proxy,
+            sticky_cookie=self.sticky_cookie,
             backends=tuple(BackendConfig(address=a) for a in self.backend),
             health=self.health,
             timeouts=self.timeouts,
@@ -1226,6 +1400,7 @@ class BalancerQuickConfig:
                     mode=self.mode,
                     accept_proxy=self.accept_proxy,
                     proxy_allow_ips=self.proxy_allow_ips,
+                    **self.http_options(),
                 ),
             ),
             pools=(pool,),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 from netstack.cli import main
 from tests.helpers import TIMEOUT, poll_until
@@ -21,11 +23,11 @@ def test_help_has_examples(capsys) -> None:
     assert "  netstack balance --config lb.toml\n" in out
 
 
-def test_http_mode_not_yet_available(capsys) -> None:
-    argv = ["balance", "--mode", "http", "--backend", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
+def test_http_flags_are_checked(capsys) -> None:
+    argv = ["balance", "--mode", "http", "--backend", "127.0.0.1:1", "--rate-burst", "0"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "mode 'http' is not yet available" in err
+    assert "rate_burst" in err
     assert err.count("\n") == 1
 
 
@@ -74,31 +76,39 @@ def test_subprocess_smoke_with_reload_and_stop(tmp_path) -> None:
     config = tmp_path / "lb.toml"
     with TCPBackend(reply_line, name="one") as one, TCPBackend(reply_line, name="two") as two:
         write_config(config, one.port)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "netstack", "balance", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            assert line.startswith("listening on tcp 127.0.0.1:"), line
-            port = int(line.rsplit(":", 1)[1])
+        with balance_process(config) as (proc, port, stderr):
             assert request(port, b"a\n") == b"one a\n"
             write_config(config, two.port)
             proc.send_signal(signal.SIGHUP)
             poll_until(lambda: request(port, b"b\n") == b"two b\n")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(TIMEOUT) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(TIMEOUT)
-            proc.stdout.close()  # type: ignore[union-attr]
-            stderr = proc.stderr.read()  # type: ignore[union-attr]
-            proc.stderr.close()  # type: ignore[union-attr]
-    assert "reloaded: 1 frontend(s), 1 pool(s)" in stderr
+    assert "reloaded: 1 frontend(s), 1 pool(s)" in stderr[0]
+
+
+@contextlib.contextmanager
+def balance_process(config) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+    """``netstack balance --config FILE`` in a subprocess; yields it, its port and a list
+    that holds its stderr once it has ended."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netstack", "balance", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    stderr: list[str] = []
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("listening on tcp 127.0.0.1:"), line
+        yield proc, int(line.rsplit(":", 1)[1]), stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        proc.stdout.close()  # type: ignore[union-attr]
+        stderr.append(proc.stderr.read())  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_raise_nofile_goes_up_to_the_hard_limit(caplog) -> None:
@@ -147,3 +157,60 @@ async def test_reload_keeps_running_config_on_errors(tmp_path, caplog) -> None:
             assert lb.stats.reloads == 1
             assert lb.address("main")[1] == port
             assert await asyncio.to_thread(request, port, b"r\n") == b"two r\n"
+
+
+def http_config_file(path, backend_port: int) -> None:
+    path.write_text(
+        '[frontends.web]\nlisten = "127.0.0.1:0"\nmode = "http"\npool = "app"\n'
+        f'[pools.app]\nbackends = ["127.0.0.1:{backend_port}"]\n'
+    )
+
+
+def test_subprocess_http_mode_sighup_under_load(tmp_path) -> None:
+    """Keep-alive clients keep going through two SIGHUP reloads: no request fails."""
+    import http.client
+    import threading
+
+    from tests.servers.lb.http_support import http_backend, name_and_path
+
+    config = tmp_path / "lb.toml"
+    with http_backend(name_and_path, "one") as one, http_backend(name_and_path, "two") as two:
+        http_config_file(config, one.port)
+        with balance_process(config) as (proc, port, stderr):
+            results: list[tuple[int, bytes]] = []
+            errors: list[BaseException] = []
+            stop = threading.Event()
+
+            def client() -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+                try:
+                    for i in range(5000):  # bounded; stopped once both reloads were seen
+                        if stop.is_set():
+                            break
+                        conn.request("GET", f"/{i}")
+                        reply = conn.getresponse()
+                        results.append((reply.status, reply.read()))
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+                finally:
+                    conn.close()
+
+            threads = [threading.Thread(target=client) for _ in range(3)]
+            for t in threads:
+                t.start()
+            poll_until(lambda: len(results) >= 60)
+            http_config_file(config, two.port)
+            proc.send_signal(signal.SIGHUP)
+            poll_until(lambda: any(body.startswith(b"two ") for _, body in results[-3:]))
+            http_config_file(config, one.port)
+            proc.send_signal(signal.SIGHUP)
+            poll_until(lambda: all(body.startswith(b"one ") for _, body in results[-3:]))
+            stop.set()
+            for t in threads:
+                t.join(TIMEOUT * 2)
+            assert not errors
+            assert len(results) > 60
+            assert {status for status, _ in results} == {200}
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(TIMEOUT) == 0
+    assert stderr[0].count("reloaded: 1 frontend(s), 1 pool(s)") == 2

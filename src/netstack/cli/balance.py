@@ -38,18 +38,22 @@ def load(config_file: str | None, flags: Mapping[str, Any]) -> BalancerConfig:
 @click.command(name="balance")
 @config_options(BalancerQuickConfig)
 def balance(config_file: str | None, **flags: Any) -> None:
-    """Load balancer: relay TCP connections or UDP sessions to a pool of backends.
+    """Load balancer: relay TCP connections, UDP sessions or HTTP requests to backends.
 
     Prints "listening on PROTO HOST:PORT" per frontend once bound. SIGHUP reloads the config
-    (new connections use it, established ones finish on the old); SIGINT/SIGTERM drain
-    connections for up to --drain-timeout, then stop.
+    (new connections and requests use it, established ones finish on the old); SIGINT/SIGTERM
+    drain connections for up to --drain-timeout, then stop.
 
-    The full form (--config FILE with [frontends.NAME] and [pools.NAME] tables) runs several
-    frontends and pools. --mode http is not available yet (L7 comes with the HTTP core).
+    --mode http is a reverse proxy: keep-alive both ways, pooled backend connections,
+    X-Forwarded-*/Forwarded and X-Request-Id, retries, 502/503/504 answers, WebSocket
+    tunnels, routes by host/path/header (full form). The full form (--config FILE with
+    [frontends.NAME] and [pools.NAME] tables) runs several frontends and pools.
 
     \b
     Examples:
       netstack balance --listen 127.0.0.1:8080 --backend 127.0.0.1:9001 --backend 127.0.0.1:9002
+      netstack balance --mode http --listen 0.0.0.0:80 --backend 10.0.0.1:80 --backend h2:80
+      netstack balance --mode http --backend 127.0.0.1:8000 --check-path /health --rate-limit 50
       netstack balance --listen 0.0.0.0:5353 --mode udp --backend 10.0.0.1:53 --backend 10.0.0.2:53
       netstack balance --backend h1:80 --backend h2:80 --algorithm least_connections
       netstack balance --config lb.toml

@@ -29,6 +29,7 @@ def test_lb_exports() -> None:
         "Connection",
         "FrontendState",
         "HealthCheck",
+        "HTTPListener",
         "HealthChecker",
         "Listener",
         "check_for",
@@ -37,4 +38,4 @@ def test_lb_exports() -> None:
     }
     for name in lb.__all__:
         assert hasattr(lb, name)
-    assert set(lb.FRONTEND_FACTORIES) == {"tcp", "udp"}  # "http" arrives with L7
+    assert set(lb.FRONTEND_FACTORIES) == {"tcp", "udp", "http"}

@@ -16,7 +16,6 @@ import time
 import pytest
 
 from netstack.config import BalancerLimits, BalancerTimeouts, HealthConfig
-from netstack.errors import ConfigError
 from netstack.servers.lb import Balancer
 from netstack.servers.lb.relay import REPLAY_MAX_BYTES
 from tests.helpers import TIMEOUT, apoll_until, free_port
@@ -348,9 +347,11 @@ async def test_reload_bind_failure_keeps_the_old_config() -> None:
             assert lb.stats.reloads == 0
 
 
-async def test_http_mode_is_not_yet_available() -> None:
-    with pytest.raises(ConfigError, match="not yet available"):
-        Balancer(lb_config(1, mode="http"))
+async def test_http_mode_is_served_by_the_l7_listener() -> None:
+    from netstack.servers.lb import HTTPListener
+
+    async with Balancer(lb_config(1, mode="http")) as lb:
+        assert isinstance(next(iter(lb.listeners.values())), HTTPListener)
 
 
 def read_then_close(conn: socket.socket, backend: TCPBackend) -> None:

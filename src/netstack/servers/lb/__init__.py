@@ -10,6 +10,7 @@
 
 from netstack.servers.lb.config import load as load_config
 from netstack.servers.lb.health import HealthCheck, HealthChecker, check_for, tcp_connect_check
+from netstack.servers.lb.http import HTTPListener
 from netstack.servers.lb.server import (
     FRONTEND_FACTORIES,
     Balancer,
@@ -19,12 +20,15 @@ from netstack.servers.lb.server import (
     Listener,
 )
 
+FRONTEND_FACTORIES["http"] = HTTPListener
+
 __all__ = [
     "FRONTEND_FACTORIES",
     "Balancer",
     "BalancerStats",
     "Connection",
     "FrontendState",
+    "HTTPListener",
     "HealthCheck",
     "HealthChecker",
     "Listener",

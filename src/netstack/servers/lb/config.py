@@ -41,6 +41,7 @@ from netstack.config import (
     FieldSpec,
     FrontendConfig,
     HealthConfig,
+    HTTPFrontendOptions,
     PoolConfig,
     RouteConfig,
     build,
@@ -61,6 +62,8 @@ QUICK_ONLY = (
     "send_proxy",
     "accept_proxy",
     "proxy_allow_ips",
+    "sticky_cookie",
+    *(f.name for f in dataclasses.fields(HTTPFrontendOptions)),
 )
 
 

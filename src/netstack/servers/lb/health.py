@@ -1,9 +1,10 @@
 """Active health checks: one task per pool probes every backend each ``check_interval``.
 
-The probe is a seam (:class:`HealthCheck`): :func:`tcp_connect_check` today; an HTTP GET
-check (path, expected status) plugs in here once the HTTP/1.1 core exists, chosen by
-:func:`check_for`. The same task applies the pool's timed transitions (an ejection ending)
-at :attr:`Pool.next_wakeup`, so state changes are reported even without traffic.
+The probe is a seam (:class:`HealthCheck`): :func:`tcp_connect_check`, or the HTTP GET
+check (path, expected status) of ``httpcheck.py`` for pools of ``http`` frontends with a
+``check_path``, chosen by :func:`check_for`. The same task applies the pool's timed
+transitions (an ejection ending) at :attr:`Pool.next_wakeup`, so state changes are reported
+even without traffic.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def check_for(pool_cfg: PoolConfig, modes: set[str]) -> HealthCheck | None:
     """
     if pool_cfg.health.check_interval is None or modes <= {"udp"}:
         return None
+    if pool_cfg.health.check_path is not None and "http" in modes:
+        from netstack.servers.lb.httpcheck import http_check
+
+        return http_check(pool_cfg.health.check_path, pool_cfg.health.check_status)
     return tcp_connect_check
 
 

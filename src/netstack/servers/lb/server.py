@@ -380,6 +380,11 @@ class Balancer:
             for fe in cfg.frontends:
                 state = FrontendState.make(self, fe, pools, cfg)
                 listener = current.get(listener_key(fe))
+                if listener is not None and type(listener) is not FRONTEND_FACTORIES[fe.mode]:
+                    # tcp <-> http on the same address: the socket cannot be shared between
+                    # the two kinds of listener; rebind (refusals possible for a moment).
+                    listener.close()
+                    listener = None
                 if listener is not None:
                     listener.state = state
                 else:
@@ -623,6 +628,8 @@ def metrics_text(balancer: Balancer) -> str:
         "UDP client sessions open.",
         [("", sum(len(u.sessions) for u in udp))],
     )
+    for name, kind, help_, samples in http_metrics(balancer):
+        metric(name, kind, help_, samples)
     per_backend: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
     for pool in balancer.pools.values():
         for b in pool.backends:
@@ -654,6 +661,36 @@ def metrics_text(balancer: Balancer) -> str:
     return "\n".join(lines) + "\n"
 
 
+def http_metrics(balancer: Balancer) -> list[tuple[str, str, str, list[tuple[str, float]]]]:
+    """The L7 listeners' counters (none without http frontends)."""
+    http = [lst for lst in balancer.listeners.values() if hasattr(lst, "responses")]
+    if not http:
+        return []
+    by_class: collections.Counter[int] = collections.Counter()
+    for lst in http:
+        by_class.update(lst.responses)
+    return [
+        (
+            "http_requests_total",
+            "counter",
+            "HTTP requests received by http frontends.",
+            [("", sum(lst.requests for lst in http))],  # type: ignore[attr-defined]
+        ),
+        (
+            "http_retries_total",
+            "counter",
+            "HTTP requests retried on another backend (under the retry budget).",
+            [("", sum(lst.retries for lst in http))],  # type: ignore[attr-defined]
+        ),
+        (
+            "http_responses_total",
+            "counter",
+            "HTTP responses sent, by status class.",
+            [(f'{{code="{c}xx"}}', n) for c, n in sorted(by_class.items())],
+        ),
+    ]
+
+
 def _check_modes(cfg: BalancerConfig) -> None:
     for fe in cfg.frontends:
         if fe.mode not in FRONTEND_FACTORIES:
@@ -662,12 +699,11 @@ def _check_modes(cfg: BalancerConfig) -> None:
                 "(L7 comes with the HTTP/1.1 core); use tcp or udp",
                 field="mode",
             )
-        try:
-            TrustedPeers(fe.proxy_allow_ips)
-        except ConfigError as exc:
-            raise ConfigError(
-                f"frontend {fe.name!r}: proxy_allow_ips: {exc}", field="proxy_allow_ips"
-            ) from None
+        for name in ("proxy_allow_ips", "forwarded_allow_ips", "allow_ips", "deny_ips"):
+            try:
+                TrustedPeers(getattr(fe, name))
+            except ConfigError as exc:
+                raise ConfigError(f"frontend {fe.name!r}: {name}: {exc}", field=name) from None
 
 
 def _log_event(event: BackendEvent) -> None:
