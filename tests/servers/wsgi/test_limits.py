@@ -225,3 +225,18 @@ async def test_a_client_that_does_not_read_pauses_a_streaming_response(threads: 
         await asyncio.sleep(0.2)  # not synchronisation: checks that nothing moves meanwhile
         assert produced == at_pause < 200  # bounded by the socket buffers, not the body
         writer.close()
+
+
+async def test_a_client_that_half_closes_mid_body_is_no_app_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serve(echo, threads=2) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+        writer.write_eof()
+        async with asyncio.timeout(TIMEOUT):
+            await reader.read()  # the server closes; nothing is owed to a broken request
+        writer.close()
+        await apoll_until(lambda: not server.connections)
+        assert server.app_errors == 0
+    assert "ERROR" not in caplog.text

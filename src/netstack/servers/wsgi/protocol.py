@@ -294,6 +294,8 @@ class WSGIProtocol(asyncio.Protocol):
                 self.body.fail(str(exc))
             if self.exchange is None:
                 self._close()
+            else:
+                self.exchange.must_close = True  # the client cut its request short
             return True
         self._handle(conn.events_received())
         return True  # keep our side open to finish answering, then close
@@ -712,7 +714,7 @@ class Exchange:
         if not self.status_code:
             self.app_error(AssertionError("the app returned without calling start_response()"))
             return
-        if self.must_close or protocol.closed:
+        if self.must_close or protocol.closed or conn.our_state is State.CLOSED:
             conn.close()
             protocol.response_done()
             return
@@ -747,7 +749,7 @@ class Exchange:
 
     def send_data(self, data: bytes) -> None:
         protocol = self.protocol
-        if protocol.closed or self.must_close:
+        if protocol.closed or self.must_close or protocol.conn.our_state is State.CLOSED:  # type: ignore[union-attr]  # set in connection_made
             return
         if not self.headers_sent:
             self.send_head()
@@ -762,7 +764,7 @@ class Exchange:
         protocol = self.protocol
         conn = protocol.conn
         assert conn is not None
-        if not protocol.closed and not self.must_close:
+        if not protocol.closed and not self.must_close and conn.our_state is not State.CLOSED:
             try:
                 if not self.headers_sent:
                     if not self.status_code:
