@@ -227,15 +227,31 @@ async def test_a_client_that_does_not_read_pauses_a_streaming_response(threads: 
         writer.close()
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["list", "generator"])
 async def test_a_client_that_half_closes_mid_body_is_no_app_error(
-    caplog: pytest.LogCaptureFixture,
+    streamed: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with serve(echo, threads=2) as server:
+    """The app answers without reading the body, but only after the client has cut its
+    request short (EOF mid-body): nothing is owed, and it is not the app's error."""
+    import threading
+
+    go = threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        go.wait(TIMEOUT)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b for b in [b"late"]) if streamed else [b"late"]
+
+    async with serve(app, validate=False, threads=2) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
         writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
         writer.write_eof()
+        await apoll_until(
+            lambda: any(c.conn is not None and c.conn.their_eof for c in server.connections)
+        )
+        go.set()
         async with asyncio.timeout(TIMEOUT):
-            await reader.read()  # the server closes; nothing is owed to a broken request
+            await reader.read()
         writer.close()
         await apoll_until(lambda: not server.connections)
         assert server.app_errors == 0
