@@ -1298,6 +1298,30 @@ class FrontendConfig(HTTPFrontendOptions):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    """The balancer's admin HTTP API: its own port, a bearer token."""
+
+    admin_bind: str | None = field(
+        default=None, metadata=_help("HOST:PORT of the admin API and /metrics (none: off)")
+    )
+    # Bearer token for /api/*; /metrics and /healthz stay open for scrapers and probes.
+    admin_token: str | None = field(
+        default=None, metadata=_help("token the admin API requires (Authorization: Bearer)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.admin_bind is None:
+            return
+        parse_hostport(self.admin_bind, field="admin_bind")
+        if not self.admin_token or len(self.admin_token) < 16:
+            raise ConfigError(
+                "admin_token: the admin API needs a token of 16 characters or more "
+                "(NETSTACK_ADMIN_TOKEN keeps it out of the process list)",
+                field="admin_token",
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BalancerConfig:
     """Everything ``netstack balance`` runs: frontends, the pools they use, limits."""
 
@@ -1305,6 +1329,7 @@ class BalancerConfig:
     pools: tuple[PoolConfig, ...]
     limits: BalancerLimits = field(default_factory=BalancerLimits)
     timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def __post_init__(self) -> None:
         if not self.frontends:
@@ -1366,6 +1391,7 @@ class BalancerQuickConfig(HTTPFrontendOptions):
     health: HealthConfig = field(default_factory=HealthConfig)
     limits: BalancerLimits = field(default_factory=BalancerLimits)
     timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
+    admin: AdminConfig = field(default_factory=AdminConfig)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, field="listen")
@@ -1406,6 +1432,7 @@ class BalancerQuickConfig(HTTPFrontendOptions):
             pools=(pool,),
             limits=self.limits,
             timeouts=self.timeouts,
+            admin=self.admin,
         )
 
 

@@ -100,7 +100,9 @@ def balance_process(config) -> Iterator[tuple[subprocess.Popen[str], int, list[s
     stderr: list[str] = []
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith("listening on tcp 127.0.0.1:"), line
+        assert line.startswith(("listening on tcp 127.0.0.1:", "listening on http 127.0.0.1:")), (
+            line
+        )
         yield proc, int(line.rsplit(":", 1)[1]), stderr
     finally:
         if proc.poll() is None:
@@ -214,3 +216,67 @@ def test_subprocess_http_mode_sighup_under_load(tmp_path) -> None:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(TIMEOUT) == 0
     assert stderr[0].count("reloaded: 1 frontend(s), 1 pool(s)") == 2
+
+
+def test_admin_api_from_the_command_line() -> None:
+    """--admin-bind with the token from the environment: the API answers on its port."""
+    import json
+    import urllib.request
+
+    from tests.servers.lb.support import TCPBackend, reply_line
+
+    token = "cli-admin-token-0123456789"
+    with TCPBackend(reply_line) as backend:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "netstack",
+                "balance",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                f"127.0.0.1:{backend.port}",
+                "--admin-bind",
+                "127.0.0.1:0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "NETSTACK_ADMIN_TOKEN": token},
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith("listening on tcp 127.0.0.1:")
+            line = proc.stdout.readline()
+            assert line.startswith("admin API on http://127.0.0.1:"), line
+            url = line.split(" on ", 1)[1].strip()
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+                listing = json.loads(resp.read())
+            assert [b["address"] for b in listing["default"]] == [f"127.0.0.1:{backend.port}"]
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=TIMEOUT)  # reaps it and closes the pipes
+    assert proc.returncode == 0
+
+
+def test_admin_bind_without_a_token_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "netstack",
+            "balance",
+            "--backend",
+            "127.0.0.1:9",
+            "--admin-bind",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 4,
+        env={k: v for k, v in os.environ.items() if k != "NETSTACK_ADMIN_TOKEN"},
+    )
+    assert result.returncode == 2
+    assert "admin_token" in result.stderr

@@ -57,6 +57,7 @@ def balance(config_file: str | None, **flags: Any) -> None:
       netstack balance --listen 0.0.0.0:5353 --mode udp --backend 10.0.0.1:53 --backend 10.0.0.2:53
       netstack balance --backend h1:80 --backend h2:80 --algorithm least_connections
       netstack balance --config lb.toml
+      NETSTACK_ADMIN_TOKEN=... netstack balance --backend h1:80 --admin-bind 127.0.0.1:9900
     """
     cfg = load(config_file, flags)
     Balancer(cfg)  # refuses modes this build cannot serve, before anything binds
@@ -97,6 +98,19 @@ async def _serve(cfg: BalancerConfig, config_file: str | None, flags: Mapping[st
     raise_nofile(cfg)  # after binding, so that a failed start prints one line only
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[None]] = set()
+    admin = None
+    if cfg.admin.admin_bind is not None:
+        from netstack.servers.lb.admin import admin_server
+
+        admin = admin_server(balancer, cfg.admin, lambda: _reload(balancer, config_file, flags))
+        try:
+            await admin.start()
+        except OSError as exc:
+            balancer.close()
+            await balancer.wait_closed()
+            raise StartupFailure(
+                f"cannot bind the admin API on {cfg.admin.admin_bind}: {exc.strerror or exc}"
+            ) from None
 
     def on_hup() -> None:
         task = loop.create_task(_reload(balancer, config_file, flags))
@@ -107,12 +121,19 @@ async def _serve(cfg: BalancerConfig, config_file: str | None, flags: Mapping[st
         loop.add_signal_handler(sig, balancer.request_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        for _name, proto, addr in balancer.addresses:
-            click.echo(f"listening on {proto} {format_address(addr)}")
+        modes = {f.name: f.mode for f in cfg.frontends}
+        for name, proto, addr in balancer.addresses:
+            shown = "http" if modes.get(name) == "http" else proto  # L7 says so, not "tcp"
+            click.echo(f"listening on {shown} {format_address(addr)}")
+        if admin is not None:
+            click.echo(f"admin API on http://{format_address(admin.addresses[0])}/api/backends")
         await balancer.serve_forever()
     finally:
         for sig in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if admin is not None:
+            admin.close()
+            await admin.wait_closed()
         balancer.close()
         await balancer.wait_closed()
 

@@ -52,7 +52,7 @@ from netstack.errors import ConfigError
 
 T = TypeVar("T")
 
-GROUPS = ("limits", "timeouts", "health")
+GROUPS = ("limits", "timeouts", "health", "admin")
 QUICK_ONLY = (
     "listen",
     "backend",
@@ -109,7 +109,8 @@ def load(
     if extra:
         key = sorted(extra)[0]
         raise ConfigError(
-            f"{source}: {key}: unknown key (expected frontends, pools, limits, timeouts, health)",
+            f"{source}: {key}: unknown key "
+            "(expected frontends, pools, limits, timeouts, health, admin)",
             field=key,
         )
     top = {g: doc[g] for g in GROUPS if g in doc}
@@ -140,7 +141,11 @@ def load(
                 )
     try:
         return BalancerConfig(
-            frontends=frontends, pools=pools, limits=base.limits, timeouts=base.timeouts
+            frontends=frontends,
+            pools=pools,
+            limits=base.limits,
+            timeouts=base.timeouts,
+            admin=base.admin,
         )
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}", field=exc.field) from None
