@@ -47,3 +47,27 @@ def test_head_has_no_body_to_send() -> None:
     conn = connection(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
     conn.send_head(200, [(b"content-length", b"10")])
     assert not conn.sending_body
+
+
+def test_eof_mid_body_after_an_early_closing_response_reports_nothing() -> None:
+    """Found by the Hypothesis machine: a PUT whose body never came, answered early with
+    Connection: close, then EOF. We are closing; no ConnectionClosed mid-message."""
+    for parser in ("httptools", "h11"):
+        conn = HTTPConnection(HTTPLimits(), parser)
+        conn.receive_data(
+            b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        )
+        conn.events_received()
+        conn.send_response(200, [(b"content-length", b"2"), (b"connection", b"close")], b"ok")
+        assert conn.our_state is State.MUST_CLOSE
+        conn.receive_eof()
+        assert conn.events_received() == []
+
+
+def test_eof_between_messages_after_a_closing_response_is_reported() -> None:
+    from netstack.proto.http11 import ConnectionClosed
+
+    conn = connection(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    conn.send_response(200, [(b"content-length", b"0")])
+    conn.receive_eof()
+    assert conn.events_received() == [ConnectionClosed()]

@@ -194,12 +194,16 @@ class HTTPConnection:
         state = self.our_state
         if state is State.CLOSED:
             return
-        if state is not State.MUST_CLOSE:  # else what follows the last request is ignored
+        if state is not State.MUST_CLOSE:
             try:
                 self._parser.feed_eof()
             except RemoteProtocolError:
                 self.close()
                 raise
+        elif self._parser.in_message:
+            # We are closing and the peer gave up on a request we had already answered
+            # (an early response to an unread body): no ConnectionClosed mid-message.
+            return
         self._events.append(ConnectionClosed())
 
     def events_received(self) -> list[Event]:

@@ -57,6 +57,10 @@ class RequestParser(Protocol):
 
     paused: bool
 
+    @property
+    def in_message(self) -> bool:
+        """A ``Request`` was reported and its ``EndOfMessage`` not yet (body pending)."""
+
     def feed(self, data: bytes) -> None:
         """Parse ``data``, appending events. Raises RemoteProtocolError."""
 
@@ -318,6 +322,10 @@ class LLHTTPRequestParser:
 
     # ----------------------------------------------------------------- interface
 
+    @property
+    def in_message(self) -> bool:
+        return self._started and not self._in_head  # (a partial head is not reported)
+
     def feed(self, data: bytes) -> None:
         if self._closed:
             return  # after a request that ends the connection, or EOF, nothing is read
@@ -503,6 +511,10 @@ class H11RequestParser:
     def _unread(self) -> int:
         # h11 has no public way to get this without copying the buffer (trailing_data).
         return len(self._conn._receive_buffer)
+
+    @property
+    def in_message(self) -> bool:
+        return self._started
 
     def feed(self, data: bytes) -> None:
         if self._closed or not data:

@@ -115,6 +115,9 @@ class _ThreadPool:
         for _ in self._threads:
             self._queue.put(None)
 
+    def alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
 
 class WSGIServer(Lifecycle):
     """Serve a WSGI app on the configured listeners.
@@ -260,7 +263,13 @@ class WSGIServer(Lifecycle):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tick_task
         if self._pool is not None:
+            # Wait (bounded) for the app threads to finish, so that none of them hands a
+            # callback to this loop after the server is closed and the loop goes away.
             self._pool.shutdown()
+            deadline = self.loop.time() + self.cfg.timeouts.graceful_timeout
+            while self._pool.alive() and self.loop.time() < deadline:  # noqa: ASYNC110 - a thread setting an Event would need the loop we are protecting
+                await asyncio.sleep(0.01)
+            self._drain_from_threads()
         for sock in self._sockets:
             sock.close()
         for path in self._unix_paths:
