@@ -279,15 +279,19 @@ class WSGIServer(Lifecycle):
     # ------------------------------------------------------------------ connections
 
     def admit(self, conn: WSGIProtocol) -> bool:
-        if self.closing or len(self.connections) >= self.limits.max_connections:
+        # A connection accepted while shutting down (it was in the backlog when the
+        # listener closed) is served once, with Connection: close, like one still waiting
+        # for its first request: a 503 would fail a request no client may retry.
+        if len(self.connections) >= self.limits.max_connections:
             self.refused += 1
-            if not self.closing:
-                logger.warning(
-                    "refusing a connection: max_connections=%d reached",
-                    self.limits.max_connections,
-                )
+            logger.warning(
+                "refusing a connection: max_connections=%d reached",
+                self.limits.max_connections,
+            )
             return False
         self.connections.add(conn)
+        if self.closing:
+            self._all_closed.clear()  # one more to wait for
         return True
 
     def release(self, conn: WSGIProtocol) -> None:
