@@ -21,8 +21,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from netstack.config import (
     BackendConfig,
@@ -37,7 +36,7 @@ from netstack.proto.forwarded import TrustedPeers
 from netstack.servers.lb.health import HealthCheck, HealthChecker, check_for
 from netstack.servers.lb.relay import ClientConnection
 from netstack.servers.lb.udp import UDPFrontend
-from netstack.transport.listener import format_address
+from netstack.transport.listener import Lifecycle, format_address
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ FrontendFactory = Callable[["Balancer", FrontendState], Listener]
 FRONTEND_FACTORIES: dict[str, FrontendFactory] = {"tcp": Listener, "udp": Listener}
 
 
-class Balancer:
+class Balancer(Lifecycle):
     """A load balancer serving a :class:`BalancerConfig`.
 
     Args:
@@ -193,6 +192,7 @@ class Balancer:
         check_factory: Callable[[PoolConfig, set[str]], HealthCheck | None] = check_for,
     ) -> None:
         _check_modes(cfg)
+        super().__init__()  # stop event and close task: serve_forever, close, async with
         self.cfg = cfg
         self.check_factory = check_factory
         self.stats = BalancerStats()
@@ -201,10 +201,8 @@ class Balancer:
         self.pools: dict[str, Pool] = {}
         self.checkers: dict[str, HealthChecker] = {}
         self._checker_tasks: list[asyncio.Task[None]] = []
-        self._stop = asyncio.Event()
         self._closing = False
         self._all_closed = asyncio.Event()
-        self._close_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._tick = 0.0
         self._last_warn: dict[str, float] = {}
@@ -235,7 +233,13 @@ class Balancer:
                 )
 
     @property
-    def addresses(self) -> list[tuple[str, str, tuple[str, int]]]:
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(sock for listener in self.listeners.values() for sock in listener.sockets)
+
+    @property
+    def addresses(  # type: ignore[override]  # named by frontend and protocol, not bare pairs
+        self,
+    ) -> list[tuple[str, str, tuple[str, int]]]:
         """``(frontend name, proto, (host, port))`` per bound socket; ports read back."""
         out = []
         for listener in self.listeners.values():
@@ -246,38 +250,6 @@ class Balancer:
     def address(self, frontend: str = "default") -> tuple[str, int]:
         """The first bound ``(host, port)`` of a frontend."""
         return next(a for name, _, a in self.addresses if name == frontend)
-
-    def request_stop(self) -> None:
-        """Make :meth:`serve_forever` return after a graceful close (signal-safe)."""
-        self._stop.set()
-
-    async def serve_forever(self) -> None:
-        await self._stop.wait()
-        self.close()
-        await self.wait_closed()
-
-    def close(self) -> None:
-        """Start a graceful close: stop accepting, let relays finish within drain_timeout."""
-        if self._close_task is None:
-            self._stop.set()
-            self._close_task = asyncio.get_running_loop().create_task(self._shutdown())
-
-    async def wait_closed(self) -> None:
-        if self._close_task is not None:
-            await asyncio.shield(self._close_task)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-        await self.wait_closed()
 
     async def _shutdown(self) -> None:
         self._closing = True
