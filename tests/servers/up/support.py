@@ -90,6 +90,10 @@ class Balancer:
             f"127.0.0.1:{self.admin_port}",
             "--check-interval",
             "0.5",
+            # A killed backend is ejected after failed connects; the default 10 s ejection
+            # would make the restore half of a test wait that long.
+            "--ejection-time",
+            "1",
         ]
         env = {**os.environ, "NETSTACK_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(

@@ -140,7 +140,8 @@ def test_rates_quantiles_resets_and_restarts(exporters):
     ctl = MemoryController(
         [Component("web-1", Kind.WEB, "127.0.0.1:1", metrics_url=web.url(), pid=10)]
     )
-    dash = Dashboard(ctl, interval=3600)  # the test drives collect() itself
+    # The test drives collect() itself; a tiny window: each rate is over one step.
+    dash = Dashboard(ctl, interval=3600, window=1e-6)
     try:
         wait_first(dash)
         first = dash.snapshot()
@@ -191,6 +192,27 @@ def test_rates_quantiles_resets_and_restarts(exporters):
         dash.close()
 
 
+def test_rates_cover_the_window_not_just_the_last_step(exporters):
+    web = exporters()
+    web.set(web_text(0, 0, 0))
+    ctl = MemoryController(
+        [Component("web-1", Kind.WEB, "127.0.0.1:1", metrics_url=web.url(), pid=10)]
+    )
+    dash = Dashboard(ctl, interval=3600, window=3600)
+    try:
+        wait_first(dash)
+        t0 = dash.snapshot()["time"]
+        web.set(web_text(100, 100, 0))
+        dash.collect()
+        # Nothing new in the last step, but the window still holds the 100 requests: a
+        # one-second scrape of a counter pushed once a second does not read zero.
+        snap = dash.collect()
+        assert row(snap, "web-1")["rps"] == pytest.approx(100 / (snap["time"] - t0), rel=0.05)
+        assert row(snap, "web-1")["p50_ms"] is not None
+    finally:
+        dash.close()
+
+
 def test_a_failing_source_shows_no_data_and_recovers(exporters):
     web = exporters()
     web.set(web_text(10, 10, 0))
@@ -207,7 +229,7 @@ def test_a_failing_source_shows_no_data_and_recovers(exporters):
             ),
         ]
     )
-    dash = Dashboard(ctl, interval=3600)
+    dash = Dashboard(ctl, interval=3600, window=1e-6)
     try:
         wait_first(dash)
         snap = dash.snapshot()
@@ -279,7 +301,7 @@ def test_balancer_health_rpc_and_chat(exporters):
             Component("chat", Kind.CHAT, "127.0.0.1:7000", metrics_url=chat.url(), pid=6),
         ]
     )
-    dash = Dashboard(ctl, interval=3600)
+    dash = Dashboard(ctl, interval=3600, window=1e-6)
     try:
         wait_first(dash)
         t0 = dash.snapshot()["time"]
@@ -335,6 +357,7 @@ def test_constructor_rejects_bad_settings():
         {"interval": float("nan")},
         {"history": 1},
         {"max_streams": -1},
+        {"window": 0},
         {"timeout": 0},
         {"stream_seconds": 0},
     ):

@@ -4,15 +4,20 @@ Theory of operation
 -------------------
 :class:`Dashboard` owns one background thread. Every ``interval`` it asks the controller
 for the components, scrapes every metrics endpoint (and the balancer's admin API) in
-parallel with short timeouts, and turns the difference between this scrape and the last
-successful one of the same process into rates and latency quantiles
-(:mod:`.scrape`). The result is a *snapshot*: a JSON-ready dict, numbered by ``seq``. The
-last :data:`HISTORY` points of the charted series stay in a ring.
+parallel with short timeouts, and turns the difference between this scrape and an
+earlier good one of the same process into rates and latency quantiles (:mod:`.scrape`).
+The result is a *snapshot*: a JSON-ready dict, numbered by ``seq``. The last
+:data:`HISTORY` points of the charted series stay in a ring.
+
+Rates are taken over a sliding ``window`` (default :data:`WINDOW` seconds, as PromQL's
+``rate(x[5s])``), not between two consecutive scrapes: ``netstack serve`` workers push
+their counters to the master once a second, so a one-second scrape would alias between
+zero and twice the true rate. The baseline is the newest scrape at least ``window`` old.
 
 A failed scrape never raises out of the collector: the component is shown with
-``data: false`` and the error, and its baseline is dropped so the next good scrape starts
-a fresh one. A new pid (the supervisor restarted the process) also starts a fresh
-baseline, with the new process's counters counted from zero.
+``data: false`` and the error, and its baselines are dropped so the next good scrape
+starts afresh. A new pid (the supervisor restarted the process) also restarts them, with
+the new process's counters counted from zero.
 
 The WSGI app (``dash.app``) is mounted under a ``SCRIPT_NAME`` (``/_dashboard`` behind the
 balancer), so the page uses relative URLs only:
@@ -69,6 +74,8 @@ StartResponse = Callable[..., Any]
 
 # 300 points at the default 1 s interval: the charts show the last five minutes.
 HISTORY: Final = 300
+# Rates and quantiles cover this many seconds (at least three scrape intervals).
+WINDOW: Final = 5.0
 # Each open event stream holds a server thread; the page polls when refused.
 MAX_STREAMS: Final = 8
 # EventSource reconnects by itself; ending streams now and then frees their threads and
@@ -179,6 +186,7 @@ class Dashboard:
     Args:
         controller: the supervisor (thread-safe methods).
         interval: seconds between scrapes (and between events on the page).
+        window: seconds the rates and quantiles cover; default ``max(WINDOW, 3 * interval)``.
         history: points kept for the charts.
         timeout: per-scrape timeout; default ``min(1, 0.8 * interval)``.
         max_streams: event streams served at once (each holds a server thread).
@@ -199,6 +207,7 @@ class Dashboard:
         max_streams: int = MAX_STREAMS,
         stream_seconds: float = STREAM_SECONDS,
         control: bool = True,
+        window: float | None = None,
     ) -> None:
         if not interval > 0 or not math.isfinite(interval):
             raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
@@ -213,13 +222,16 @@ class Dashboard:
         self.timeout = min(1.0, 0.8 * self.interval) if timeout is None else float(timeout)
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0, not {timeout!r}")
+        self.window = max(WINDOW, 3 * self.interval) if window is None else float(window)
+        if not self.window > 0:
+            raise ValueError(f"window must be > 0, not {window!r}")
         self.max_streams = max_streams
         self.stream_seconds = stream_seconds
         self.control = control
         self.static = load_static()
         self.app = DashboardApp(self)
 
-        self._baselines: dict[str, _Baseline] = {}
+        self._baselines: dict[str, deque[_Baseline]] = {}
         self._history: deque[dict[str, Any]] = deque(maxlen=history)
         self._latest: dict[str, Any] = {
             "seq": 0,
@@ -405,8 +417,13 @@ class Dashboard:
             self._baselines.pop(comp.name, None)
             row["error"] = "stopped" if comp.state is State.STOPPED else str(exc)
             return {**row, **_figures(comp.kind, None)}
-        diff = _Diff(samples, self._baselines.get(comp.name), comp.pid, now)
-        self._baselines[comp.name] = _Baseline(comp.pid, now, samples)
+        ring = self._baselines.setdefault(comp.name, deque())
+        while len(ring) > 1 and now - ring[1].at >= self.window:
+            ring.popleft()  # ring[0]: the newest scrape at least `window` old, or the oldest
+        diff = _Diff(samples, ring[0] if ring else None, comp.pid, now)
+        if ring and ring[-1].pid != comp.pid:
+            ring.clear()  # a restarted process: older scrapes count another one
+        ring.append(_Baseline(comp.pid, now, samples))
         row["data"] = True
         return {**row, **_figures(comp.kind, diff)}
 
