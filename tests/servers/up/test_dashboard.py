@@ -14,53 +14,10 @@ import pytest
 
 from netstack.servers.up.dashboard import Dashboard
 from tests.helpers import TIMEOUT, poll_until
-from tests.servers.up.support import DashServer, ProcController, get, post
+from tests.servers.up.support import DashServer, ProcController, Traffic, get, post
 from tests.servers.wsgi.procs import alive
 
 pytestmark = pytest.mark.slow
-
-
-class Traffic:
-    """Keep-alive GETs through the balancer from one thread, bounded in count and time."""
-
-    def __init__(self, port: int, max_requests: int = 20_000) -> None:
-        self.port = port
-        self.max_requests = max_requests
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failed = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 20 * TIMEOUT
-        conn = None
-        for _ in range(self.max_requests):
-            if self.stop.is_set() or time.monotonic() > deadline:
-                break
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
-                conn.request("GET", "/")
-                resp = conn.getresponse()
-                resp.read()
-                if resp.status == 200:
-                    self.ok += 1
-                else:
-                    self.failed += 1
-            except OSError:
-                self.failed += 1
-                if conn is not None:
-                    conn.close()
-                conn = None
-            # Pace it a little: the 2-core machine is shared, and figures need no flood.
-            self.stop.wait(0.002)
-        if conn is not None:
-            conn.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(2 * TIMEOUT)
 
 
 def snapshot(srv: DashServer) -> dict:

@@ -63,8 +63,9 @@
 
   function pill(node, text, cls) {
     setText(node, text);
-    const want = "pill " + cls;
-    if (node.className !== want) node.className = want;
+    node.classList.add("pill");
+    for (const c of [...node.classList]) if (c.startsWith("pill-") && c !== cls) node.classList.remove(c);
+    node.classList.add(cls);
   }
 
   function toast(message, kind) {
@@ -339,7 +340,11 @@
     return new uPlot({
       width, height: 240, series,
       scales: {x: {time: true}, y: {range: (u, min, max) => [0, Math.max(1, max * 1.15)]}},
-      axes: [axis(), Object.assign(axis(), {size: 56})],
+      axes: [
+        Object.assign(axis(), {space: 70, incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600],
+          values: (u, splits) => splits.map((t) => new Date(t * 1000).toLocaleTimeString([], {hour12: false}))}),
+        Object.assign(axis(), {size: 56}),
+      ],
       legend: {live: true},
       cursor: {drag: {x: false, y: false}},
     }, [[]], node);
