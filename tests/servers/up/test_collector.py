@@ -502,3 +502,18 @@ def test_event_stream_delivers_snapshots_and_is_capped(served):
     poll_until(lambda: dash.streams == 0)
     streams[0].close()
     assert post(srv.port, "/_dashboard/api/events")[0] == 405
+
+
+def test_importing_the_dashboard_and_the_load_stays_light():
+    """The supervisor imports these at start: prometheus_client (and the WSGI server) load
+    lazily, only when a scrape parses text."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, netstack.servers.up.dashboard, netstack.servers.up.load;"
+        "print(sorted({'prometheus_client', 'netstack.servers.wsgi', 'websockets', 'grpc'}"
+        " & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
