@@ -379,6 +379,7 @@ def served(exporters):
         ]
     )
     dash = Dashboard(ctl, interval=0.1, max_streams=2, stream_seconds=60)
+    wait_first(dash)
     server = DashServer(dash.app)
     yield ctl, dash, server
     dash.close()  # first: it ends the event streams that hold server threads

@@ -29,8 +29,8 @@ def rows(snap: dict) -> dict[str, dict]:
     return {r["name"]: r for r in snap["components"]}
 
 
-def busy(r: dict) -> bool:
-    return bool(r["data"] and r["rps"] and r["p99_ms"])
+def busy(r: dict | None) -> bool:
+    return r is not None and bool(r["data"] and r["rps"] and r["p99_ms"])
 
 
 def test_dashboard_watches_real_processes_through_a_kill_and_a_restore(tmp_path):
@@ -43,7 +43,9 @@ def test_dashboard_watches_real_processes_through_a_kill_and_a_restore(tmp_path)
             # Both backends serve, the balancer counts, and each figure is non-zero.
             def all_busy() -> bool:
                 r = rows(snapshot(srv))
-                return busy(r["web-1"]) and busy(r["web-2"]) and bool(r["balancer"]["rps"])
+                # (.get: the snapshot before the first collection has no components)
+                lb = r.get("balancer")
+                return busy(r.get("web-1")) and busy(r.get("web-2")) and bool(lb and lb["rps"])
 
             poll_until(all_busy, timeout=6 * TIMEOUT, interval=0.2)
             snap = snapshot(srv)
