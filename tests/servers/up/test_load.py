@@ -61,8 +61,10 @@ class NotesApp:
         return [body]
 
 
-def serve(app, threads: int = 0) -> WSGIServer:
-    cfg = WSGIServerConfig(app="x:app", bind=("127.0.0.1:0",), threads=threads, access_log=False)
+def serve(app, threads: int = 0, **cfg) -> WSGIServer:
+    cfg = WSGIServerConfig(
+        app="x:app", bind=("127.0.0.1:0",), threads=threads, access_log=False, **cfg
+    )
     return WSGIServer(cfg, app)
 
 
@@ -141,6 +143,20 @@ async def test_the_server_going_away_mid_run():
     assert stats.ok >= 10
     assert stats.errors > 0
     assert stats.ok + stats.errors == stats.sent == 60
+
+
+async def test_idle_connections_the_server_closed_are_retried_on_a_new_one():
+    from netstack.config import HTTPTimeouts
+
+    app = NotesApp()
+    # The server closes idle keep-alive connections after 20 ms; requests leave every
+    # 100 ms, so each one after the first finds its pooled connection closed.
+    async with serve(app, http_timeouts=HTTPTimeouts(keepalive_timeout=0.02)) as server:
+        url = f"http://127.0.0.1:{server.addresses[0][1]}"
+        stats = LoadStats()
+        await run_demo_load(url, stop=asyncio.Event(), rate=10, duration=0.5, stats=stats)
+    assert (stats.sent, stats.ok, stats.errors) == (5, 5, 0)
+    assert len(app.requests) == 5
 
 
 async def test_requests_beyond_max_in_flight_are_dropped_not_queued():
