@@ -74,7 +74,7 @@ class Web:
 class Balancer:
     """``netstack balance --mode http`` over the web servers, admin API on its own port."""
 
-    def __init__(self, backends: list[Web]) -> None:
+    def __init__(self, ports: list[int]) -> None:
         self.port = free_port()
         self.admin_port = free_port()
         cmd = [
@@ -86,7 +86,7 @@ class Balancer:
             "http",
             "--listen",
             f"127.0.0.1:{self.port}",
-            *[arg for b in backends for arg in ("--backend", f"127.0.0.1:{b.port}")],
+            *[arg for port in ports for arg in ("--backend", f"127.0.0.1:{port}")],
             "--admin-bind",
             f"127.0.0.1:{self.admin_port}",
             "--check-interval",
@@ -159,7 +159,7 @@ class ProcController:
         try:
             for w in self.web:
                 w.start()
-            self.balancer = Balancer(self.web)
+            self.balancer = Balancer([w.port for w in self.web])
         except BaseException:
             self.close()
             raise

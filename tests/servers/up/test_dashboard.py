@@ -136,3 +136,50 @@ def test_event_stream_over_real_processes(tmp_path):
         finally:
             dash.close()
             srv.close()
+
+
+def test_page_and_event_stream_through_the_balancer(tmp_path):
+    """As ``netstack up`` mounts it: the balancer relays the page and the event stream
+    (chunked, never-ending) without buffering, and the kill endpoint's same-origin check
+    passes with the Host the browser sent to the balancer."""
+    from netstack.servers.up.topology import Component, Kind, State
+    from tests.servers.up.support import Balancer
+    from tests.servers.up.test_collector import MemoryController
+
+    ctl = MemoryController(
+        [Component("web-1", Kind.WEB, "127.0.0.1:1", pid=7, state=State.RUNNING)]
+    )
+    dash = Dashboard(ctl, interval=0.2)
+    srv = DashServer(dash.app)
+    lb = Balancer([srv.port])
+    try:
+        status, _, body = get(lb.port, "/_dashboard/")
+        assert status == 200
+        assert b"netstack" in body
+        conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=TIMEOUT)
+        conn.request("GET", "/_dashboard/api/events")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        seqs = []
+        deadline = time.monotonic() + 3 * TIMEOUT
+        while len(seqs) < 3 and time.monotonic() < deadline:
+            line = resp.readline().decode()
+            assert line, "the stream ended early"
+            if line.startswith("data: "):
+                seqs.append(json.loads(line[6:])["seq"])
+        assert seqs == sorted(set(seqs))
+        assert len(seqs) == 3
+        conn.close()
+        origin = f"http://127.0.0.1:{lb.port}"
+        status, doc = post(
+            lb.port,
+            "/_dashboard/api/components/web-1/kill",
+            Origin=origin,
+            **{"X-Netstack-Dashboard": "1"},
+        )
+        assert (status, doc["ok"]) == (200, True)
+        assert ctl.calls == [("kill", "web-1")]
+    finally:
+        lb.close()
+        dash.close()
+        srv.close()
