@@ -104,11 +104,12 @@ def loopback_target(base_url: str) -> Target:
 
 
 class _Conn:
-    __slots__ = ("h11", "reader", "writer")
+    __slots__ = ("h11", "reader", "received", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.received = False  # a byte of the current response arrived
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
 
     def close(self) -> None:
@@ -125,14 +126,15 @@ class _Client:
         self.max_idle = max_idle
 
     async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """One exchange; a reused connection that fails is retried once on a new one."""
+        """One exchange. A reused connection that fails before any byte of the response is
+        retried once on a new one (the server closed it while idle, as browsers assume)."""
         reused = bool(self.idle)
         conn = self.idle.pop() if reused else await self._open()
         try:
             status, data = await self._exchange(conn, method, path, body)
         except (OSError, h11.ProtocolError, asyncio.IncompleteReadError, EOFError):
             conn.close()
-            if not reused:
+            if not reused or conn.received:
                 raise
             conn = await self._open()  # the server closed an idle keep-alive connection
             try:
@@ -149,6 +151,7 @@ class _Client:
             and len(self.idle) < self.max_idle
         ):
             conn.h11.start_next_cycle()
+            conn.received = False
             self.idle.append(conn)
         else:
             conn.close()
@@ -180,6 +183,7 @@ class _Client:
             event = h.next_event()
             if event is h11.NEED_DATA:
                 data = await conn.reader.read(65536)
+                conn.received = conn.received or bool(data)
                 h.receive_data(data)  # b"" is EOF: h11 raises if the response is incomplete
                 continue
             if isinstance(event, h11.Response):
