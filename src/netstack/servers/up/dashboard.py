@@ -194,7 +194,8 @@ class Dashboard:
         control: serve the kill/restore endpoints (False: 403 and no buttons).
 
     Raises:
-        ValueError: a non-positive interval, history, timeout or max_streams.
+        ValueError: a setting out of range: interval, timeout, window or stream_seconds
+            not > 0, history < 2, max_streams < 0.
     """
 
     def __init__(
