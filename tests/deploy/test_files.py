@@ -1,0 +1,43 @@
+"""deploy/: every file parses, the balancer TOMLs load with netstack's own loader."""
+
+from __future__ import annotations
+
+import pytest
+
+from netstack.config import BalancerConfig
+from netstack.servers.lb import load_config
+from tests.deploy.support import DEPLOY, toml, yaml_docs
+
+YAML = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+BALANCER_TOMLS = sorted(DEPLOY.rglob("balancer.toml"))
+
+
+def test_there_is_something_to_check():
+    assert len(YAML) >= 9
+    assert [p.parent.name for p in BALANCER_TOMLS] == ["compose", "k8s", "systemd"]
+
+
+@pytest.mark.parametrize("path", YAML, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_yaml_parses(path):
+    for doc in yaml_docs(path):
+        assert isinstance(doc, dict), path
+
+
+@pytest.mark.parametrize("path", BALANCER_TOMLS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_balancer_toml_loads_with_the_balancers_own_loader(path):
+    cfg = load_config(toml(path), source=str(path), env={})
+    assert isinstance(cfg, BalancerConfig)
+    (frontend,) = cfg.frontends
+    assert frontend.mode == "http"
+    assert frontend.pool == "web"
+    (route,) = frontend.routes
+    assert (route.path_prefix, route.rewrite_prefix, route.pool) == ("/chat/", "/", "chat")
+    for pool in cfg.pools:
+        assert pool.health.check_path == "/healthz", pool.name  # HTTP checks, not TCP
+
+
+def test_readme_explains_every_file():
+    readme = (DEPLOY / "README.md").read_text()
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file() and path.name != "README.md":
+            assert str(path.relative_to(DEPLOY)) in readme, path
