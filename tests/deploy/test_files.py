@@ -41,3 +41,16 @@ def test_readme_explains_every_file():
     for path in sorted(DEPLOY.rglob("*")):
         if path.is_file() and path.name != "README.md":
             assert str(path.relative_to(DEPLOY)) in readme, path
+
+
+def test_the_image_user_is_the_one_compose_and_kubernetes_run_as():
+    lines = (DEPLOY / "Dockerfile").read_text().splitlines()
+    (user,) = [line.split()[1] for line in lines if line.startswith("USER ")]
+    uid, gid = user.split(":")
+    assert int(uid) != 0
+    (compose,) = yaml_docs(DEPLOY / "compose" / "compose.yaml")
+    assert compose["services"]["rpc"]["user"] == user
+    for tier in ("balancer", "web", "rpc", "chat"):
+        (workload, _service) = yaml_docs(DEPLOY / "k8s" / f"{tier}.yaml")
+        context = workload["spec"]["template"]["spec"]["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"]) == (int(uid), int(gid)), tier

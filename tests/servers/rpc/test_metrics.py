@@ -180,3 +180,43 @@ def test_sync_behaviours_are_left_alone():
 
     handler = grpc.unary_unary_rpc_method_handler(sync)
     assert RPCMetrics()._wrap(handler, "/s.S/M") is handler
+
+
+async def test_streaming_shapes_are_counted_on_a_real_server():
+    """Async-generator and client-streaming handlers (the notes service has neither)."""
+
+    async def numbers(request: bytes, context):
+        for i in range(int(request)):
+            yield str(i).encode()
+        if request == b"0":
+            raise RuntimeError("a bug in a generator")
+
+    async def total(requests, context):
+        return str(sum([int(r) async for r in requests])).encode()
+
+    handlers = {
+        "Numbers": grpc.unary_stream_rpc_method_handler(numbers),
+        "Total": grpc.stream_unary_rpc_method_handler(total),
+    }
+    metrics = RPCMetrics()
+    server = grpc.aio.server(interceptors=[metrics])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = channel.unary_stream("/t.T/Numbers")(b"3")
+            assert [r async for r in stream] == [b"0", b"1", b"2"]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                _ = [r async for r in channel.unary_stream("/t.T/Numbers")(b"0")]
+            assert info.value.code() == grpc.StatusCode.UNKNOWN
+            assert await channel.stream_unary("/t.T/Total")(iter([b"1", b"2", b"3"])) == b"6"
+    finally:
+        await server.stop(None)
+    assert metrics.calls == {
+        ("/t.T/Numbers", "OK"): 1,
+        ("/t.T/Numbers", "UNKNOWN"): 1,
+        ("/t.T/Total", "OK"): 1,
+    }
+    assert metrics.duration.count == 1  # the client-streaming call; server streams are not
+    assert metrics.in_flight == 0
