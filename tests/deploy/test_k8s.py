@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.deploy.support import (
     DEPLOY,
@@ -17,6 +20,7 @@ from tests.deploy.support import (
     toml,
     yaml_docs,
 )
+from tests.helpers import TIMEOUT
 
 K8S = DEPLOY / "k8s"
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
@@ -228,3 +232,24 @@ def test_web_and_rpc_agree_on_address_and_token(objects):
     assert web_env["NETSTACK_NOTES_TOKEN"] == rpc_env["NETSTACK_TOKEN"]
     assert rpc_env["NETSTACK_DB"].startswith("postgresql://netstack:")
     assert rpc_env["NETSTACK_DB"].endswith("@postgres:5432/netstack")
+
+
+def test_kustomize_renders_the_config_map_from_the_toml(tmp_path):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=TIMEOUT * 4
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
+    (config_map,) = [d for d in rendered if d["kind"] == "ConfigMap"]
+    assert config_map["data"]["balancer.toml"] == (K8S / "balancer.toml").read_text()
+    assert {d["metadata"].get("namespace") for d in rendered if d["kind"] != "Namespace"} == {
+        "netstack"
+    }
+    balancer = next(
+        d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "balancer"
+    )
+    (volume,) = balancer["spec"]["template"]["spec"]["volumes"]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]  # hash suffix followed
