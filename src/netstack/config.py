@@ -839,6 +839,11 @@ class ChatServerConfig:
         default="netstack:chat",
         metadata=_help("Redis channel and key prefix (deployments sharing a Redis differ)"),
     )
+    # A port of its own, as `netstack serve` and `netstack rpc serve` do: the chat port is
+    # public, the metrics port need not be.
+    metrics_bind: str | None = field(
+        default=None, metadata=_help("HOST:PORT for Prometheus /metrics (none: off)")
+    )
     chat_limits: ChatLimits = field(default_factory=ChatLimits)
     chat_timeouts: ChatTimeouts = field(default_factory=ChatTimeouts)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -864,6 +869,8 @@ class ChatServerConfig:
             )
         if not self.redis_prefix or any(c.isspace() for c in self.redis_prefix):
             raise ConfigError("redis_prefix: a non-empty name without spaces", field="redis_prefix")
+        if self.metrics_bind is not None:
+            parse_hostport(self.metrics_bind, field="metrics_bind")
         for origin in self.allowed_origins:
             if "://" not in origin:
                 raise ConfigError(
@@ -1523,6 +1530,10 @@ class RPCServerConfig:
     grace_period: float = field(
         default=10.0, metadata=_help("on shutdown, wait this long for in-flight calls")
     )
+    # Off by default, like `netstack serve`: an open port is something to opt into.
+    metrics_bind: str | None = field(
+        default=None, metadata=_help("HOST:PORT for Prometheus /metrics (none: off)")
+    )
     rpc_limits: RPCLimits = field(default_factory=RPCLimits)
     tls: TLS = field(default_factory=TLS)
 
@@ -1540,6 +1551,8 @@ class RPCServerConfig:
         _check_token(self.token)
         _positive("store_timeout", self.store_timeout)
         _non_negative("grace_period", self.grace_period)
+        if self.metrics_bind is not None:
+            parse_hostport(self.metrics_bind, field="metrics_bind")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

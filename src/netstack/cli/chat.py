@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from netstack.cli.exits import RuntimeFailure, StartupFailure
-from netstack.cli.options import config_options, load_config
+from netstack.cli.options import check_prometheus, config_options, load_config
 from netstack.config import ChatClientConfig, ChatServerConfig
 from netstack.errors import ConfigError
 
@@ -39,7 +39,9 @@ def serve(config_file: str | None, **flags: Any) -> None:
 
     The --bind port serves the WebSocket endpoint /ws, the browser page at / and shared
     files at /files/HASH; --tcp-bind serves newline-delimited JSON. Prints
-    "listening on ws|wss|tcp|tls HOST:PORT" once bound (useful with port 0).
+    "listening on ws|wss|tcp|tls HOST:PORT" once bound (useful with port 0). With
+    --metrics-bind, GET /metrics on that address serves Prometheus text (users online,
+    connections by transport, messages accepted, rooms in use).
 
     \b
     Examples:
@@ -49,6 +51,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
       netstack chat serve --db postgresql://chat:pw@db/chat --redis redis://cache:6379/0
       netstack chat serve --certfile cert.pem --keyfile key.pem --max-message-bytes 65536 \\
           --max-file-bytes 32768
+      netstack chat serve --metrics-bind 127.0.0.1:9102
     """
     cfg = load_config(ChatServerConfig, flags, config_file=config_file)
     try:
@@ -57,6 +60,8 @@ def serve(config_file: str | None, **flags: Any) -> None:
         raise StartupFailure(
             "the chat server needs the websockets package: pip install 'netstack[chat]'"
         ) from None
+    if cfg.metrics_bind is not None:
+        check_prometheus()
     from netstack.transport import loop as loops
 
     loops.run(_serve(cfg))
@@ -93,6 +98,8 @@ async def _serve(cfg: ChatServerConfig) -> None:
         kind, addr = server.listening()[0]
         scheme = "https" if kind == "wss" else "http"
         click.echo(f"browser page {scheme}://{format_address(addr)}/")
+        if server.metrics_address is not None:
+            click.echo(f"metrics on http://{format_address(server.metrics_address)}/metrics")
         await server.serve_forever()
     finally:
         for sig in STOP_SIGNALS:

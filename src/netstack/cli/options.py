@@ -114,3 +114,18 @@ def load_config(
         env=os.environ if env is None else env,
         flags=flags,
     )
+
+
+def check_prometheus() -> None:
+    """``--metrics-bind`` needs the ``metrics`` extra: a usage error without it.
+
+    Raises:
+        ConfigError: prometheus_client cannot be imported.
+    """
+    try:
+        import prometheus_client  # noqa: F401  # the `metrics` extra
+    except ImportError:
+        raise ConfigError(
+            "metrics_bind: needs prometheus-client (pip install 'netstack[metrics]')",
+            field="metrics_bind",
+        ) from None

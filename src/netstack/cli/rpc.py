@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from netstack.cli.exits import RuntimeFailure, StartupFailure
-from netstack.cli.options import config_options, load_config
+from netstack.cli.options import check_prometheus, config_options, load_config
 from netstack.config import RPCClientConfig, RPCServerConfig
 from netstack.errors import ConfigError
 
@@ -49,6 +49,8 @@ def serve(config_file: str | None, **flags: Any) -> None:
     "authorization: Bearer TOKEN" (health and reflection stay open). Prints
     "listening on grpc HOST:PORT" (grpcs with TLS) once bound (useful with port 0). On
     SIGTERM it stops accepting calls and lets in-flight ones finish within --grace-period.
+    With --metrics-bind, GET /metrics on that address serves Prometheus text (calls by
+    method and status code, latency, in-flight calls, open watchers).
 
     \b
     Examples:
@@ -57,9 +59,12 @@ def serve(config_file: str | None, **flags: Any) -> None:
       netstack rpc serve --bind 0.0.0.0:50051 --db postgresql://netstack:pw@db/netstack
       NETSTACK_TOKEN=s3cret netstack rpc serve --db /var/lib/netstack/notes.sqlite3
       netstack rpc serve --certfile cert.pem --keyfile key.pem --bind 0.0.0.0:50051
+      netstack rpc serve --metrics-bind 127.0.0.1:9101
     """
     cfg = load_config(RPCServerConfig, flags, config_file=config_file)
     _need_grpc()
+    if cfg.metrics_bind is not None:
+        check_prometheus()
     from netstack.transport import loop as loops
 
     loops.run(_serve(cfg))
@@ -68,6 +73,7 @@ def serve(config_file: str | None, **flags: Any) -> None:
 async def _serve(cfg: RPCServerConfig) -> None:
     from netstack.servers.rpc import RPCServer, database_location
     from netstack.servers.rpc.store import StoreUnavailable
+    from netstack.transport.listener import format_address
 
     server = RPCServer(cfg)
     try:
@@ -86,6 +92,8 @@ async def _serve(cfg: RPCServerConfig) -> None:
         click.echo(f"database {location}")
         host, port = server.address
         click.echo(f"listening on {server.scheme} {f'[{host}]' if ':' in host else host}:{port}")
+        if server.metrics_address is not None:
+            click.echo(f"metrics on http://{format_address(server.metrics_address)}/metrics")
         if cfg.token is None:
             click.echo("auth off: anyone who can connect may call (set --token)")
         await server.serve_forever()

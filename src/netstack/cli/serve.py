@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from netstack.cli.exits import StartupFailure
-from netstack.cli.options import config_options, load_config
+from netstack.cli.options import check_prometheus, config_options, load_config
 from netstack.config import WSGIServerConfig, parse_hostport
 from netstack.errors import ConfigError
 
@@ -88,7 +88,7 @@ def command(app: str | None, config_file: str | None, **flags: Any) -> None:
         for address in cfg.bind:
             sockets.append(_bind(address, functools.partial(bind_socket, address, cfg.backlog)))
         if cfg.metrics_bind is not None:
-            _check_prometheus()
+            check_prometheus()
             host, port = parse_hostport(cfg.metrics_bind, field="metrics_bind")
             metrics_socket = _bind(
                 cfg.metrics_bind,
@@ -126,16 +126,6 @@ def _bind(address: str, bind: Callable[[], socket.socket]) -> socket.socket:
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise StartupFailure(f"cannot bind {address}: {reason}") from None
-
-
-def _check_prometheus() -> None:
-    try:
-        import prometheus_client  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            "metrics_bind: needs prometheus-client (pip install 'netstack[metrics]')",
-            field="metrics_bind",
-        ) from None
 
 
 def _describe(sock: socket.socket, scheme: str) -> str:

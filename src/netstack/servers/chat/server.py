@@ -35,6 +35,7 @@ from netstack.transport.tls import server_context
 
 if TYPE_CHECKING:
     from netstack.servers.chat.ws import WSTransport
+    from netstack.servers.wsgi import WSGIServer
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class ChatServer:
         self.ssl = server_context(cfg.tls)
         self.tcp: Server | None = None
         self.ws: WSTransport | None = None
+        self.metrics_server: WSGIServer | None = None
         self._stop = asyncio.Event()
         self._closed = False
         self._started = False
@@ -183,6 +185,8 @@ class ChatServer:
                     ssl=self.ssl,
                 )
                 await self.tcp.start()
+            if self.cfg.metrics_bind is not None:
+                await self._start_metrics(self.cfg.metrics_bind)
         except BaseException:
             await self.close()
             raise
@@ -190,6 +194,26 @@ class ChatServer:
         for name, addr in self.listening():
             if name in ("ws", "wss"):  # the TCP listener logs its own line
                 logger.info("listening on %s %s", name, format_address(addr))
+
+    async def _start_metrics(self, bind: str) -> None:
+        from netstack.servers.chat.metrics import ChatMetrics
+        from netstack.servers.metrics import metrics_server
+
+        server = metrics_server(bind, ChatMetrics(self))
+        try:
+            await server.start()
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise OSError(f"cannot bind metrics_bind {bind}: {reason}") from None
+        self.metrics_server = server
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of ``GET /metrics``, or None without ``metrics_bind``."""
+        if self.metrics_server is None:
+            return None
+        host, port = self.metrics_server.addresses[0]
+        return host, port
 
     def listening(self) -> list[tuple[str, tuple[str, int]]]:
         """``(kind, (host, port))`` for each bound socket: ``ws``/``wss`` and ``tcp``/``tls``."""
@@ -233,6 +257,9 @@ class ChatServer:
         await self.service.throttle.close()
         self.service.close()
         await self.store.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            await self.metrics_server.wait_closed()
         if self._started:
             logger.info("chat server closed")
 

@@ -275,6 +275,7 @@ class ChatService:
         self.idle_timeout = idle_timeout
         self.sessions: set[Session] = set()
         self.online: dict[int, set[Session]] = {}  # this instance's logged-in sessions
+        self.messages_accepted = 0  # say + dm stored (the metrics endpoint reads it)
         self._hasher = concurrent.futures.ThreadPoolExecutor(
             max_workers=HASH_WORKERS, thread_name_prefix="chat-scrypt"
         )
@@ -714,6 +715,7 @@ class ChatService:
         message = await self.store.add_message(
             sender=user, text=cmd.text("text"), now=now, room=room, file=file
         )
+        self.messages_accepted += 1
         body = message.to_json()
         self._publish(room_topic(room.name), {"type": "message", "message": body})
         return {"message": body}
@@ -735,6 +737,7 @@ class ChatService:
             file=file,
             pending=offline,
         )
+        self.messages_accepted += 1
         event = encode({"type": "dm", "message": message.to_json()})
         if not offline:
             self.fanout.publish(user_topic(target.id), event)

@@ -15,7 +15,7 @@ import os
 import socket
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,9 +26,13 @@ from netstack.config import RPCServerConfig, parse_hostport
 from netstack.errors import ConfigError
 from netstack.servers.rpc._pb import notes_pb2_grpc
 from netstack.servers.rpc.auth import TokenAuth
+from netstack.servers.rpc.metrics import RPCMetrics
 from netstack.servers.rpc.service import SERVICE_NAME, NotesService
 from netstack.servers.rpc.sqlite import SQLiteNoteStore
 from netstack.servers.rpc.store import NoteStore
+
+if TYPE_CHECKING:
+    from netstack.servers.wsgi import WSGIServer
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,9 @@ class RPCServer:
             self.store, limits=cfg.rpc_limits, store_timeout=cfg.store_timeout
         )
         self.health = HealthServicer()
+        # Counted only with --metrics-bind: otherwise no handler is wrapped.
+        self.metrics = RPCMetrics(lambda: len(self.service.hub))
+        self.metrics_server: WSGIServer | None = None
         self._server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
         self._closed = False
@@ -103,17 +110,55 @@ class RPCServer:
         host, _ = parse_hostport(self.cfg.bind)
         return host, self.port
 
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) of ``GET /metrics``, or None without ``metrics_bind``."""
+        if self.metrics_server is None:
+            return None
+        host, port = self.metrics_server.addresses[0]
+        return host, port
+
     async def start(self) -> None:
-        """Open the store, bind and start serving.
+        """Open the store, bind and start serving (and ``/metrics`` with ``metrics_bind``).
 
         Raises:
             StoreUnavailable: the database cannot be opened.
-            OSError: the address cannot be bound.
+            OSError: an address cannot be bound.
         """
+        if self.cfg.metrics_bind is not None:
+            await self._start_metrics(self.cfg.metrics_bind)
+        try:
+            await self._start()
+        except BaseException:
+            await self._stop_metrics()
+            raise
+
+    async def _start_metrics(self, bind: str) -> None:
+        from netstack.servers.metrics import metrics_server
+
+        server = metrics_server(bind, self.metrics)
+        try:
+            await server.start()
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise OSError(f"cannot bind metrics_bind {bind}: {reason}") from None
+        self.metrics_server = server
+
+    async def _stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            await self.metrics_server.wait_closed()
+
+    async def _start(self) -> None:
         await self.store.open()
         limits = self.cfg.rpc_limits
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.metrics_server is not None:  # outermost: it sees UNAUTHENTICATED calls too
+            interceptors.append(self.metrics)
+        if self.cfg.token:
+            interceptors.append(TokenAuth(self.cfg.token))
         server = grpc.aio.server(
-            interceptors=[TokenAuth(self.cfg.token)] if self.cfg.token else None,
+            interceptors=interceptors or None,
             options=[
                 # Without this, two servers silently share a port (gRPC's default is on).
                 ("grpc.so_reuseport", 0),
@@ -186,6 +231,7 @@ class RPCServer:
             self.service.hub.close()
             await self._server.stop(self.cfg.grace_period)
         await self.store.close()
+        await self._stop_metrics()
         logger.info("notes service stopped")
 
     async def wait_closed(self) -> None:

@@ -36,6 +36,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
+from netstack.servers.metrics import LATENCY_BUCKETS, cumulative, render
+
 if TYPE_CHECKING:
     from netstack.servers.wsgi.protocol import Exchange
     from netstack.servers.wsgi.server import WSGIServer
@@ -44,23 +46,6 @@ logger = logging.getLogger(__name__)
 
 # How often a worker sends its counters to the master (a scrape sees data this old).
 SNAPSHOT_INTERVAL: Final = 1.0
-# prometheus_client's default latency buckets, in seconds.
-LATENCY_BUCKETS: Final = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.25,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5.0,
-    7.5,
-    10.0,
-)
 # Methods get their own label value; anything else (a client may send any token) is
 # "OTHER", so a hostile client cannot grow the number of series.
 KNOWN_METHODS: Final = {
@@ -186,14 +171,10 @@ class Aggregate:
         for (method, status), n in sorted(total["requests"].items()):
             requests.add_metric([method, str(status) if status else "other"], n)
         yield requests
-        cumulative, running = [], 0
-        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), total["buckets"], strict=True):
-            running += n
-            cumulative.append((_bucket_label(bound), running))
         yield HistogramMetricFamily(
             "netstack_http_request_duration_seconds",
             "Time from a complete request head to the end of the response",
-            buckets=cumulative,
+            buckets=cumulative(total["buckets"]),
             sum_value=total["sum"],
         )
         yield GaugeMetricFamily(
@@ -218,16 +199,7 @@ class Aggregate:
 
     def render(self) -> bytes:
         """The Prometheus text exposition of everything above."""
-        from prometheus_client import generate_latest
-        from prometheus_client.registry import CollectorRegistry
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(self)
-        return generate_latest(registry)
-
-
-def _bucket_label(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(bound)
+        return render(self)
 
 
 def _add(into: dict[str, Any], snap: dict[str, Any]) -> None:

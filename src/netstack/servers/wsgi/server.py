@@ -169,7 +169,12 @@ class WSGIServer(Lifecycle):
             collections.deque()
         )
         self._drain_scheduled = False
-        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop_policy().get_event_loop()
+        # The running loop when built inside one (the admin and metrics endpoints): the
+        # policy's "current" loop may be unset there (asyncio.Runner with a loop factory).
+        try:
+            self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = asyncio.get_event_loop_policy().get_event_loop()
         # Counters (the metrics endpoint and tests read them).
         self.requests = 0
         self.refused = 0
