@@ -471,6 +471,9 @@ class Supervisor:
         self.dashboard: Any = None
         self.dashboard_server: WSGIServer | None = None
         self.urls: dict[str, str] = {}
+        self.public: tuple[str, int] = (HOST, 0)  # the balancer's address, once planned
+        self._config_path = self.data_dir / "up-balancer.toml"
+        self._balancer_toml = ""
         self.started_in: float | None = None
         self._load_task: asyncio.Task[None] | None = None
 
@@ -610,7 +613,7 @@ class Supervisor:
         if port == 0:
             port = next(ports)
         listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        config_path = self.data_dir / "up-balancer.toml"
+        config_path = self._config_path
         balancer = ChildSpec(
             name="balancer",
             kind=Kind.BALANCER,
@@ -629,7 +632,6 @@ class Supervisor:
             chat=f"{HOST}:{chat_port}",
             dashboard=f"{HOST}:{dashboard_port}",
         )
-        self._config_path = config_path
         display = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1") else host
         base = f"http://{display}:{port}"
         self.urls = {
