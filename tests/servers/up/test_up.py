@@ -36,6 +36,7 @@ from tests.servers.up.stack import Up, processes_in_sessions
 pytestmark = pytest.mark.slow
 
 RUN_UP = Path(__file__).with_name("run_up.py")
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -412,3 +413,47 @@ def test_port_in_use_exits_3_with_one_line(tmp_path: Path) -> None:
         f"netstack: error: cannot bind 127.0.0.1:{port}: Address already in use"
     ]
     assert "pid" not in out  # nothing was started
+
+
+@pytest.mark.single_loop
+async def test_chat_page_and_notes_app_in_chromium_through_the_balancer(healthy: Up) -> None:
+    """The page at /chat/ loads its files and opens its WebSocket at /chat/ws (relative
+    URLs); the notes form works in a real browser (CSP, same-origin POST)."""
+    from playwright.async_api import expect
+
+    from tests.helpers.services import chromium
+
+    host, port = healthy.address
+    nick = f"carol{str(time.monotonic_ns())[-5:]}"
+    async with chromium() as browser:
+        page = await browser.new_page()
+        page.set_default_timeout(TIMEOUT * 1000)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on(
+            "response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None
+        )
+
+        await page.goto(f"http://{host}:{port}/chat")  # redirected to /chat/
+        await expect(page.locator("#login")).to_be_visible()
+        await page.fill("#nick", nick)
+        await page.fill("#password", PASSWORD)
+        await page.click("#register-btn")
+        await expect(page.locator("#me-nick")).to_have_text(nick)
+        await expect(page.locator("#conn-state")).to_have_text("connected")
+        assert page.url == f"http://{host}:{port}/chat/"
+
+        await page.goto(f"http://{host}:{port}/notes/new")
+        await page.fill("input[name=title]", "From Chromium")
+        await page.fill("textarea[name=body]", "typed in a real browser")
+        await page.click("button[type=submit]")
+        await expect(page.locator("article h1")).to_have_text("From Chromium")
+        assert re.search(r"/notes/\d+$", page.url)
+        assert await page.locator(".top").evaluate("e => getComputedStyle(e).display") == "flex"
+        await page.goto(f"http://{host}:{port}/")
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "up-notes.png"
+        await page.screenshot(path=str(shot))
+        print(f"screenshot: {shot}")
+    assert errors == []
