@@ -275,7 +275,7 @@ class Child:
             if self.sup.stopping:
                 return
             if self.stopped_on_request():
-                self.sup.say(f"{self.name} killed on request (status {code}); stays stopped")
+                self.sup.say(f"{self.name} exited ({_describe_exit(code)}); stopped until restored")
                 continue
             why = _describe_exit(code)
             if not self.first_start.done():
