@@ -7,6 +7,7 @@ port-in-use tests run ``netstack up`` as a process of its own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,12 +25,14 @@ from pathlib import Path
 import grpc
 import pytest
 from websockets.asyncio.client import connect
+from websockets.typing import Origin
 
 from netstack.config import UpConfig
 from netstack.servers.rpc._pb import notes_pb2 as pb
 from netstack.servers.rpc._pb import notes_pb2_grpc as pb_grpc
 from netstack.servers.up.topology import Kind, State
 from tests.helpers import TIMEOUT, free_port, poll_until
+from tests.helpers.services import RedisServer
 from tests.servers.chat.support import PASSWORD, WSClient
 from tests.servers.up.stack import Up, processes_in_sessions
 
@@ -320,7 +323,7 @@ async def test_chat_over_websocket_through_the_balancer(healthy: Up) -> None:
     origin = f"http://{host}:{port}"
 
     async def open_client() -> WSClient:
-        ws = await connect(f"ws://{host}:{port}/chat/ws", origin=origin, max_size=None)  # type: ignore[arg-type]
+        ws = await connect(f"ws://{host}:{port}/chat/ws", origin=Origin(origin), max_size=None)
         client = WSClient(ws)
         client.hello = await client.expect("hello")
         return client
@@ -341,7 +344,7 @@ async def test_chat_over_websocket_through_the_balancer(healthy: Up) -> None:
     assert PASSWORD  # the shared test password was used by register()
 
     with pytest.raises(Exception, match="403"):  # the chat origin check still applies
-        await connect(f"ws://{host}:{port}/chat/ws", origin="http://evil.example")  # type: ignore[arg-type]
+        await connect(f"ws://{host}:{port}/chat/ws", origin=Origin("http://evil.example"))
 
 
 def test_dashboard_is_routed_with_its_prefix(healthy: Up) -> None:
@@ -457,3 +460,42 @@ async def test_chat_page_and_notes_app_in_chromium_through_the_balancer(healthy:
         await page.screenshot(path=str(shot))
         print(f"screenshot: {shot}")
     assert errors == []
+
+
+@pytest.mark.single_loop
+async def test_postgres_and_redis_back_the_services(
+    tmp_path: Path, pg_url: str, redis: RedisServer
+) -> None:
+    """--db: notes (and chat) live in PostgreSQL; --redis: chat instances meet in Redis."""
+    import psycopg
+
+    cfg = UpConfig(
+        listen=f"127.0.0.1:{free_port()}",
+        data_dir=str(tmp_path),
+        web_servers=1,
+        db=pg_url,
+        redis=redis.url,
+    )
+    running = await asyncio.to_thread(Up(cfg).start)
+    try:
+        created = running.post_json("/api/notes", {"title": "in postgres", "body": "yes"})
+        assert created.status == 201, created.body
+        with psycopg.connect(pg_url, connect_timeout=int(TIMEOUT)) as conn:
+            row = conn.execute(
+                "SELECT title FROM notes WHERE id = %s", (created.json()["id"],)
+            ).fetchone()
+        assert row == ("in postgres",)
+        assert not (tmp_path / "notes.sqlite3").exists()
+
+        host, port = running.address
+        ws = await connect(f"ws://{host}:{port}/chat/ws", origin=Origin(f"http://{host}:{port}"))
+        client = WSClient(ws)
+        client.hello = await client.expect("hello")
+        try:
+            await client.register("pgredis")
+            # The chat instance announced itself in Redis (presence, fan-out channel).
+            assert redis.cli("ZCARD", "netstack:chat:instances") == "1"
+        finally:
+            await client.close()
+    finally:
+        await asyncio.to_thread(running.stop)
