@@ -85,11 +85,11 @@ async def _up(cfg: UpConfig) -> None:
             raise StartupFailure(str(exc)) from None
         show_urls(sup, cfg)
         await sup.wait()
-        sup.say("stopping: balancer, then web servers, then services")
+        sup.say("stopping: balancer, then web servers, then services (Ctrl-C again: kill)")
     finally:
+        await sup.close()  # a second Ctrl-C meanwhile kills every child at once
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
-        await sup.close()
     sup.say("all stopped")
 
 

@@ -156,3 +156,33 @@ async def test_demo_load_targets_the_public_port(
     await sup._demo_load()
     assert calls == [("http://127.0.0.1:8123", sup.stop_event)]
     assert any("demo load: finished" in line for line in lines)
+
+
+async def test_second_interrupt_kills_a_child_that_ignores_sigterm(tmp_path: Path) -> None:
+    flag = tmp_path / "ignoring"
+    lines: list[str] = []
+    sup = Supervisor(UpConfig(data_dir=str(tmp_path)), write=lines.append)
+    sup.python = [
+        sys.executable,
+        "-c",
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        f"pathlib.Path({str(flag)!r}).touch(); time.sleep(60)",
+    ]
+
+    async def ignoring() -> bool:
+        return flag.exists()
+
+    spec = ChildSpec(name="rpc", kind=Kind.RPC, argv=[], env={}, address="-", probe=ignoring)
+    child = Child(sup, spec, None)
+    sup.children["rpc"] = child
+    child.task = asyncio.create_task(child.run())
+    assert await child.first_start is None
+    sup.request_stop()  # first Ctrl-C: SIGTERM, which this child ignores
+    closing = asyncio.create_task(sup.close())
+    await apoll_until(lambda: sup.stopping)
+    assert not closing.done()
+    sup.request_stop()  # second Ctrl-C: SIGKILL now, not after STOP_TIMEOUT
+    async with asyncio.timeout(sv.STOP_TIMEOUT / 2):
+        await closing
+    assert sup.components()[0].pid is None
+    assert any("second interrupt: killing every process now" in line for line in lines)

@@ -221,6 +221,8 @@ class Child:
         self.proc: asyncio.subprocess.Process | None = None
         self.state = State.STARTING
         self.restarts = 0
+        # Set by Supervisor.kill: the next exit was asked for, even if a restore came since.
+        self.killed = False
         self.crashes: collections.deque[float] = collections.deque(maxlen=CRASH_LIMIT)
         self.consecutive = 0
         self.tail: collections.deque[str] = collections.deque(maxlen=6)
@@ -248,9 +250,14 @@ class Child:
             restarts=self.restarts,
         )
 
-    def stopped_on_request(self) -> bool:
+    def current(self) -> State:
         with self.sup.lock:
-            return self.state == State.STOPPED
+            return self.state
+
+    def _was_killed(self) -> bool:
+        with self.sup.lock:
+            killed, self.killed = self.killed, False
+            return killed
 
     def _set(self, state: State) -> None:
         with self.sup.lock:
@@ -274,8 +281,13 @@ class Child:
             code, was_ready, ran = await self._run_once()
             if self.sup.stopping:
                 return
-            if self.stopped_on_request():
-                self.sup.say(f"{self.name} exited ({_describe_exit(code)}); stopped until restored")
+            if self._was_killed():
+                if self.current() == State.STOPPED:  # else restored already: start again
+                    self.sup.say(
+                        f"{self.name} exited ({_describe_exit(code)}); stopped until restored"
+                    )
+                if not self.first_start.done():
+                    self.first_start.set_result(f"{self.name} was stopped while starting")
                 continue
             why = _describe_exit(code)
             if not self.first_start.done():
@@ -397,13 +409,17 @@ class Child:
             except TimeoutError:
                 self.sup.say(f"{self.name} did not stop within {STOP_TIMEOUT:.0f}s: killing it")
                 _signal_group(proc.pid, signal.SIGKILL)
-        if task is not None:
+        if task is not None and not task.done():
             self.wake.set()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 async with asyncio.timeout(STOP_TIMEOUT):
                     await task
-        if proc is not None:
-            _signal_group(proc.pid, signal.SIGKILL)
+            except TimeoutError:  # its output pipes stay open (a grandchild holds them)
+                task.cancel()
+                if proc is not None:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -476,6 +492,7 @@ class Supervisor:
         self._balancer_toml = ""
         self.started_in: float | None = None
         self._load_task: asyncio.Task[None] | None = None
+        self._closed = False
 
     # ------------------------------------------------------------------ Controller
 
@@ -492,6 +509,7 @@ class Supervisor:
             child.state = State.STOPPED
             proc = child.proc
             if proc is not None and proc.returncode is None:
+                child.killed = True
                 _signal_group(proc.pid, signal.SIGKILL)
         self.loop.call_soon_threadsafe(self.say, f"{name}: killed (SIGKILL) on request")
 
@@ -742,7 +760,15 @@ class Supervisor:
             self.say("demo load: finished")
 
     def request_stop(self) -> None:
-        """Begin shutting down (signal handlers call this)."""
+        """Begin shutting down (signal handlers call this); a second call while shutting
+        down kills every child at once, as a second Ctrl-C does for docker compose."""
+        if self.stopping and self.interrupted:
+            self.say("second interrupt: killing every process now")
+            with self.lock:
+                for child in self.children.values():
+                    if child.proc is not None and child.proc.returncode is None:
+                        _signal_group(child.proc.pid, signal.SIGKILL)
+            return
         self.interrupted = True
         self.stop_event.set()
 
@@ -752,6 +778,9 @@ class Supervisor:
 
     async def close(self) -> None:
         """Stop in order: balancer, then dashboard and web servers, then services."""
+        if self._closed:
+            return
+        self._closed = True
         self.stopping = True
         self.stop_event.set()
         if self._load_task is not None:
