@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -71,7 +72,14 @@ async def _up(cfg: UpConfig) -> None:
     from netstack.servers.up.supervisor import Supervisor, UpStartupError
 
     tty = sys.stdout.isatty()
-    sup = Supervisor(cfg, write=lambda line: click.echo(line), colour=tty)
+    # `netstack --log-level debug up` applies to the children too.
+    level = logging.getLevelName(logging.getLogger("netstack").level).lower()
+    sup = Supervisor(
+        cfg,
+        write=lambda line: click.echo(line),
+        colour=tty,
+        log_level=level if level in ("debug", "info", "warning", "error") else None,
+    )
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, sup.request_stop)

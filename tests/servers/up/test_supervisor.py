@@ -186,3 +186,19 @@ async def test_second_interrupt_kills_a_child_that_ignores_sigterm(tmp_path: Pat
         await closing
     assert sup.components()[0].pid is None
     assert any("second interrupt: killing every process now" in line for line in lines)
+
+
+async def test_child_environment_drops_the_users_netstack_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NETSTACK_BIND", "0.0.0.0:1")  # meant for `up`, not for its children
+    monkeypatch.setenv("NETSTACK_LOG_FORMAT", "json")
+    monkeypatch.setenv("PATH_FOR_TEST", "kept")
+    sup = Supervisor(UpConfig(data_dir=str(tmp_path)), log_level="warning")
+    env = sup.child_env({"NETSTACK_SERVED_BY": "web-1"})
+    assert "NETSTACK_BIND" not in env
+    assert env["NETSTACK_LOG_FORMAT"] == "json"
+    assert env["NETSTACK_LOG_LEVEL"] == "warning"
+    assert env["NETSTACK_SERVED_BY"] == "web-1"
+    assert env["PATH_FOR_TEST"] == "kept"
+    assert env["PYTHONUNBUFFERED"] == "1"

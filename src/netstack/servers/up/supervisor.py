@@ -461,6 +461,7 @@ class Supervisor:
         write: where prefixed child output and supervisor notes go (one line per call).
         python: the interpreter command that runs ``-m netstack``.
         colour: colour the name prefixes (a terminal).
+        log_level: the children's ``NETSTACK_LOG_LEVEL`` (None: inherited).
     """
 
     def __init__(
@@ -470,8 +471,10 @@ class Supervisor:
         write: Callable[[str], None] | None = None,
         python: Sequence[str] = (sys.executable,),
         colour: bool = False,
+        log_level: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.log_level = log_level
         self.python = list(python)
         self._write = write or (lambda line: print(line, flush=True))
         self.colour = colour
@@ -539,6 +542,8 @@ class Supervisor:
         keep = {"NETSTACK_LOG_LEVEL", "NETSTACK_LOG_FORMAT", "NETSTACK_TRACEBACK"}
         env = {k: v for k, v in os.environ.items() if not k.startswith("NETSTACK_") or k in keep}
         env["PYTHONUNBUFFERED"] = "1"
+        if self.log_level is not None:
+            env["NETSTACK_LOG_LEVEL"] = self.log_level
         env.update(extra)
         return env
 
