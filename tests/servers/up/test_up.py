@@ -139,6 +139,20 @@ def test_json_api_lists_searches_pages_and_maps_errors(healthy: Up) -> None:
     bad_token = healthy.get("/api/notes?page_token=garbage")
     assert bad_token.status == 400
     assert bad_token.json()["code"] == "INVALID_ARGUMENT"
+    # Values protobuf itself refuses are the client's error too, never a 500.
+    huge = healthy.get(f"/api/notes?page_size={2**40}")
+    assert huge.status == 400
+    assert "page_size" in huge.json()["error"]
+    assert healthy.get(f"/api/notes/{2**70}").status == 404
+    surrogate = healthy.request(
+        "POST",
+        "/api/notes",
+        body=b'{"title": "\\ud800", "body": ""}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert surrogate.status == 400, surrogate.body
+    odd_id = healthy.request("GET", "/api/notes?page_size=1", headers={"X-Request-Id": "a b"})
+    assert odd_id.status == 200  # an id gRPC would refuse is simply not passed on
 
 
 def test_html_pages_list_view_create_and_search(healthy: Up) -> None:

@@ -27,6 +27,7 @@ reads :class:`~netstack.config.NotesWebConfig` from ``NETSTACK_*`` variables
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -46,7 +47,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 PAGE_SIZE: Final = 20
+MAX_PAGE_SIZE: Final = 1000
 MAX_JSON_BYTES: Final = 128 * 1024
+MAX_NOTE_ID: Final = 2**63 - 1  # int64 in notes.proto
+# What may travel on as x-request-id metadata (gRPC refuses control characters).
+REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
 class NotesError(Exception):
@@ -103,10 +108,19 @@ class Notes:
         self.stub: pb_grpc.NotesStub = pb_grpc.NotesStub(self.channel)
         self._auth = (("authorization", f"Bearer {cfg.notes_token}"),) if cfg.notes_token else ()
 
+    def _message(self, name: str, **fields: Any) -> Any:
+        """A request message; a value protobuf refuses (a lone surrogate, an int beyond
+        int32) is the client's error, not ours."""
+        try:
+            return getattr(self.pb, name)(**fields)
+        except (ValueError, TypeError) as exc:
+            raise NotesError(400, "INVALID_ARGUMENT", f"invalid request: {exc}") from None
+
     def _call(self, method: Callable[..., T], request: Any, request_id: str | None) -> T:
         import grpc
 
-        metadata = self._auth + ((("x-request-id", request_id),) if request_id else ())
+        passed = request_id is not None and REQUEST_ID_RE.fullmatch(request_id)
+        metadata = self._auth + ((("x-request-id", request_id),) if passed else ())
         try:
             return method(request, timeout=self.cfg.rpc_deadline, metadata=metadata)
         except grpc.RpcError as exc:
@@ -114,22 +128,26 @@ class Notes:
 
     def create(self, title: str, body: str, rid: str | None) -> pb.Note:
         return self._call(
-            self.stub.CreateNote, self.pb.CreateNoteRequest(title=title, body=body), rid
+            self.stub.CreateNote, self._message("CreateNoteRequest", title=title, body=body), rid
         )
 
     def get(self, note_id: int, rid: str | None) -> pb.Note:
-        return self._call(self.stub.GetNote, self.pb.GetNoteRequest(id=note_id), rid)
+        if not 0 < note_id <= MAX_NOTE_ID:
+            raise NotesError(404, "NOT_FOUND", f"note {note_id} does not exist")
+        return self._call(self.stub.GetNote, self._message("GetNoteRequest", id=note_id), rid)
 
     def page(self, query: str, size: int, token: str, rid: str | None) -> tuple[list[pb.Note], str]:
         if query:
             found = self._call(
                 self.stub.SearchNotes,
-                self.pb.SearchNotesRequest(query=query, page_size=size, page_token=token),
+                self._message("SearchNotesRequest", query=query, page_size=size, page_token=token),
                 rid,
             )
             return list(found.notes), found.next_page_token
         listed = self._call(
-            self.stub.ListNotes, self.pb.ListNotesRequest(page_size=size, page_token=token), rid
+            self.stub.ListNotes,
+            self._message("ListNotesRequest", page_size=size, page_token=token),
+            rid,
         )
         return list(listed.notes), listed.next_page_token
 
@@ -264,6 +282,8 @@ def make_app(cfg: NotesWebConfig) -> Flask:
             size = int(request.args.get("page_size", PAGE_SIZE))
         except ValueError:
             abort(HTTPStatus.BAD_REQUEST, "page_size: expected an integer")
+        if not 0 <= size <= MAX_PAGE_SIZE:  # the service clamps to its own maximum
+            abort(HTTPStatus.BAD_REQUEST, f"page_size: expected 0-{MAX_PAGE_SIZE}, got {size}")
         items, next_token = notes.page(
             request.args.get("q", "").strip(), size, request.args.get("page_token", ""), rid()
         )
