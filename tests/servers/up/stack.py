@@ -17,9 +17,6 @@ from netstack.servers.up.supervisor import Supervisor
 from netstack.servers.up.topology import Component, State
 from netstack.transport.loop import loop_factory
 from tests.helpers import TIMEOUT, poll_until
-from tests.servers.up import standin
-
-standin.install()  # only while the dashboard branch is not merged; see standin.py
 
 
 @dataclass

@@ -25,7 +25,6 @@ from netstack.servers.up.supervisor import (
 )
 from netstack.servers.up.topology import Kind, State
 from tests.helpers import TIMEOUT, apoll_until, free_port
-from tests.servers.up import standin
 
 pytestmark = pytest.mark.single_loop  # child processes are under test, not the loop
 
@@ -125,7 +124,6 @@ async def test_exit_status_3_after_a_restart_is_failed_at_once(tmp_path: Path) -
 
 
 async def test_a_child_that_cannot_start_is_a_startup_failure(tmp_path: Path) -> None:
-    standin.install()
     cfg = UpConfig(listen=f"127.0.0.1:{free_port()}", data_dir=str(tmp_path), web_servers=1)
     sup = Supervisor(
         cfg,
@@ -141,7 +139,6 @@ async def test_a_child_that_cannot_start_is_a_startup_failure(tmp_path: Path) ->
 async def test_demo_load_targets_the_public_port(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    standin.install()
     calls: list[tuple[str, asyncio.Event]] = []
 
     async def record(base_url: str, *, stop: asyncio.Event, **kw: object) -> None:

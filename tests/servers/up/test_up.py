@@ -38,7 +38,6 @@ from tests.servers.up.stack import Up, processes_in_sessions
 
 pytestmark = pytest.mark.slow
 
-RUN_UP = Path(__file__).with_name("run_up.py")
 ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
 
 
@@ -373,7 +372,7 @@ def test_dashboard_is_routed_with_its_prefix(healthy: Up) -> None:
 def _run_up(args: list[str], cwd: Path, *, merge: bool = False) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETSTACK_")}
     return subprocess.Popen(
-        [sys.executable, str(RUN_UP), "up", *args],
+        [sys.executable, "-m", "netstack", "up", *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
