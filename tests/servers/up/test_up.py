@@ -225,9 +225,9 @@ def test_components_name_every_process_and_its_endpoints(healthy: Up) -> None:
     assert "web-1" in text
     assert "web-2" in text
     assert healthy.get("/metrics", address=(host, int(port))).status == 200
-    for web in comps[1:3]:
-        assert web.metrics_url is not None
-        mhost, mport = web.metrics_url.removeprefix("http://").split("/")[0].rsplit(":", 1)
+    for child in comps[1:]:  # web-1, web-2, rpc, chat: each runs with --metrics-bind
+        assert child.metrics_url is not None, child.name
+        mhost, mport = child.metrics_url.removeprefix("http://").split("/")[0].rsplit(":", 1)
         metrics = healthy.get("/metrics", address=(mhost, int(mport)))
         assert metrics.status == 200
         assert b"# TYPE" in metrics.body
