@@ -14,9 +14,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Until `netstack up` exists, the main job is the concurrency-model comparison.
+# The main job: the reference architecture on this machine (`make run ARGS=--demo-load`).
 run: $(STAMP)
-	$(BIN)/netstack bench models --quick --output bench/models-quick.png
+	$(BIN)/netstack up $(ARGS)
 
 # scripts/test-deps installs the Debian packages tests start for real (PostgreSQL,
 # redis-server, Chromium) when missing; the tests start and stop them.

@@ -1579,3 +1579,93 @@ class RPCClientConfig:
         _check_token(self.token)
         if self.deadline is not None:
             _positive("deadline", self.deadline)
+
+
+# --------------------------------------------------------------------------- netstack up
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpConfig:
+    """``netstack up``: the reference architecture on one machine."""
+
+    # The port Flask's and Django's development servers use.
+    listen: str = field(
+        default="127.0.0.1:8000", metadata=_help("public HOST:PORT of the balancer")
+    )
+    # Two is the least that shows balancing and failover.
+    web_servers: int = field(default=2, metadata=_help("netstack serve processes (1-16)"))
+    data_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "SQLite databases live here (none: $XDG_DATA_HOME/netstack if set, "
+            "else ./netstack-data)"
+        ),
+    )
+    db: str | None = field(
+        default=None,
+        metadata=_help("postgresql://... shared by the notes and chat services (none: SQLite)"),
+    )
+    redis: str | None = field(
+        default=None, metadata=_help("redis://... for chat scale-out (none: no Redis)")
+    )
+    demo_load: bool = field(
+        default=False, metadata=_help("run a bounded load generator so the dashboard moves")
+    )
+    admin_token: str | None = field(
+        default=None,
+        metadata=_help("bearer token of the balancer's admin API (none: a random one)"),
+    )
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.listen, field="listen")
+        if not 1 <= self.web_servers <= 16:
+            raise ConfigError(
+                f"web_servers must be 1-16, got {self.web_servers!r}", field="web_servers"
+            )
+        if self.db is not None and not self.db.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                f"db: expected postgresql://..., got {self.db.split('://', 1)[0]!r} "
+                "(the default is SQLite in --data-dir)",
+                field="db",
+            )
+        if self.redis is not None and not self.redis.startswith(REDIS_SCHEMES):
+            raise ConfigError(
+                f"redis: expected redis://, rediss:// or unix://, got {self.redis!r}",
+                field="redis",
+            )
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ConfigError(
+                "admin_token: use 16 characters or more (or leave it out for a random one)",
+                field="admin_token",
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NotesWebConfig:
+    """The bundled notes web app (``netstack serve netstack.servers.up.web:create_app
+    --factory``), read from ``NETSTACK_*`` variables by the factory."""
+
+    notes_rpc: str = field(
+        default="127.0.0.1:50051", metadata=_help("HOST:PORT of the gRPC notes service")
+    )
+    notes_token: str | None = field(
+        default=None, metadata=_help("bearer token for the notes service (none: no auth)")
+    )
+    # Below the balancer's 60 s request_timeout, so a stuck tier answers 504 from here,
+    # with a body that says which tier.
+    rpc_deadline: float = field(
+        default=5.0, metadata=_help("deadline of each gRPC call made for a request, seconds")
+    )
+    served_by: str = field(
+        default="web", metadata=_help("X-Served-By header value: this server's name")
+    )
+
+    def __post_init__(self) -> None:
+        parse_hostport(self.notes_rpc, field="notes_rpc")
+        _check_token(self.notes_token)
+        _positive("rpc_deadline", self.rpc_deadline)
+        if not self.served_by or not _TOKEN_RE.fullmatch(self.served_by):
+            raise ConfigError(
+                f"served_by: a short name without spaces, got {self.served_by!r}",
+                field="served_by",
+            )

@@ -44,13 +44,14 @@ def main_group(log_level: str | None, log_format: str | None) -> None:
       netstack serve myapp:app --bind 127.0.0.1:8000 --workers 2
       netstack chat serve --bind 127.0.0.1:8700
       netstack rpc serve --bind 127.0.0.1:50051 --token s3cret
+      netstack up --web-servers 2 --demo-load
     """
     cfg = load_config(LogConfig, {"log_level": log_level, "log_format": log_format})
     log.configure(cfg.log_level, cfg.log_format)
 
 
 def _register() -> None:
-    from netstack.cli import balance, bench, chat, echo, rpc, serve
+    from netstack.cli import balance, bench, chat, echo, rpc, serve, up
 
     main_group.add_command(echo.group)
     main_group.add_command(bench.group)
@@ -58,6 +59,7 @@ def _register() -> None:
     main_group.add_command(chat.group)
     main_group.add_command(balance.balance)
     main_group.add_command(rpc.group)
+    main_group.add_command(up.command)
 
 
 _register()

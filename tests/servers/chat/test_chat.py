@@ -554,7 +554,7 @@ async def test_http_page_and_routes(db: Path) -> None:
         assert "default-src 'none'" in csp
         assert f"connect-src 'self' ws://{host}:{port} wss://{host}:{port};" in csp
         assert body.startswith(b"<!doctype html>")
-        assert b'<script src="/app.js"' in body
+        assert b'<script src="app.js"' in body  # relative: the page also works under /chat/
         status, headers, body = await http_get(srv.ws_address, "/app.js")
         assert (status, headers["content-type"]) == (200, "text/javascript; charset=utf-8")
         assert b"function connect()" in body

@@ -30,8 +30,17 @@ const state = {
 
 // ------------------------------------------------------------------ connection
 
+// URLs are relative to the page, so the page also works behind a proxy that mounts it
+// under a prefix (`netstack up` serves it at /chat/): /chat/ -> /chat/ws, /chat/files/...
 function wsUrl() {
-  return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+  const url = new URL("ws", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  url.search = url.hash = "";
+  return url.href;
+}
+
+function pageUrl(path) {
+  return new URL(path.replace(/^\//, ""), location.href).href;
 }
 
 function connect() {
@@ -497,7 +506,7 @@ function fileNode(file) {
 async function fileUrl(file) {
   if (state.blobUrls.has(file.hash)) return state.blobUrls.get(file.hash);
   try {
-    const res = await fetch(file.url, { headers: { Authorization: `Bearer ${state.token}` } });
+    const res = await fetch(pageUrl(file.url), { headers: { Authorization: `Bearer ${state.token}` } });
     if (!res.ok) throw new Error(`download failed (${res.status})`);
     const url = URL.createObjectURL(await res.blob());
     state.blobUrls.set(file.hash, url);
