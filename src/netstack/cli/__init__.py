@@ -17,6 +17,7 @@ from netstack.cli import exits
 from netstack.cli.options import load_config
 from netstack.config import LogConfig
 from netstack.errors import ConfigError, NetstackError
+from netstack.servers.procutil import die_with_parent_from_env
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -73,6 +74,8 @@ def _fail(code: int, message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return an exit code (never raises, except KeyboardInterrupt)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if not die_with_parent_from_env():
+        return _fail(exits.RUNTIME_FAILURE, "the supervising process is gone")
     try:
         result = main_group.main(args, prog_name="netstack", standalone_mode=False)
     except click.exceptions.Exit as exc:

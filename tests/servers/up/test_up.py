@@ -417,6 +417,35 @@ def test_sigint_stops_everything_in_order_without_orphans(tmp_path: Path) -> Non
     assert processes_in_sessions(pids) == []  # no orphan, workers included
 
 
+def test_children_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the supervisor no chance to clean up: the children must notice
+    (PR_SET_PDEATHSIG) and stop. Port 0 asks for any free public port."""
+    proc = _run_up(["--listen", "127.0.0.1:0", "--web-servers", "1"], tmp_path, merge=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    try:
+        poll_until(lambda: any("balancer pid" in line for line in lines), 12 * TIMEOUT)
+        pids = {
+            int(p) for p in re.findall(r"pid (\d+)", next(x for x in lines if "balancer pid" in x))
+        }
+        assert len(pids) == 4
+        assert processes_in_sessions(pids) != []
+        proc.kill()
+        proc.wait(TIMEOUT)
+        poll_until(lambda: processes_in_sessions(pids) == [], 8 * TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in processes_in_sessions(pids):  # only when the test failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reader.join(TIMEOUT)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
 def test_port_in_use_exits_3_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

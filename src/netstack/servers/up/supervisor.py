@@ -55,6 +55,7 @@ from netstack.config import (
     parse_hostport,
     specs,
 )
+from netstack.servers.procutil import PARENT_ENV
 from netstack.servers.up.topology import Component, Kind, State
 
 if TYPE_CHECKING:
@@ -542,6 +543,8 @@ class Supervisor:
         keep = {"NETSTACK_LOG_LEVEL", "NETSTACK_LOG_FORMAT", "NETSTACK_TRACEBACK"}
         env = {k: v for k, v in os.environ.items() if not k.startswith("NETSTACK_") or k in keep}
         env["PYTHONUNBUFFERED"] = "1"
+        # A supervisor killed with SIGKILL leaves no children serving on behind it.
+        env[PARENT_ENV] = str(os.getpid())
         if self.log_level is not None:
             env["NETSTACK_LOG_LEVEL"] = self.log_level
         env.update(extra)
@@ -552,7 +555,9 @@ class Supervisor:
     def _plan(self) -> tuple[list[ChildSpec], ChildSpec, int]:
         cfg = self.cfg
         n = cfg.web_servers
-        ports = iter(pick_ports(2 * n + 6))
+        # rpc, chat and each web server: a port and a metrics port; admin, dashboard, and
+        # the public port when --listen asks for port 0.
+        ports = iter(pick_ports(2 * n + 7))
         metrics = importlib.util.find_spec("prometheus_client") is not None
         store = ["--db", cfg.db] if cfg.db else ["--data-dir", str(self.data_dir)]
         specs_: list[ChildSpec] = []

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from netstack.config import WSGIServerConfig
+from netstack.servers.procutil import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class Master:
             for sig in HANDLED_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            _die_with_parent()
+            die_with_parent()
             # The master's own descriptors are none of the worker's business.
             os.close(status_r)
             for worker in self.workers.values():
@@ -454,18 +455,3 @@ class Master:
         assert self.aggregate is not None
         self.aggregate.workers = len(self.workers)
         return bytes(self.aggregate.render())
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: SIGTERM this worker when the master dies, even by SIGKILL.
-
-    Elsewhere the worker's orphan watch (``getppid()`` polling) does the same, later.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
