@@ -953,6 +953,12 @@ class HealthConfig:
     max_ejection_time: float = field(
         default=300.0, metadata=_help("longest ejection period, seconds")
     )
+    # Envoy's max_ejection_percent (10 %, and at least one backend); 50 % keeps half a
+    # pool serving when a fault behind all of them makes each one fail in turn.
+    max_ejection_percent: int = field(
+        default=50,
+        metadata=_help("most of a pool passive checks may eject at once, % (at least one)"),
+    )
     # HAProxy's slowstart and nginx's slow_start are off by default.
     slow_start: float = field(
         default=0.0, metadata=_help("ramp a recovered backend's weight over this many seconds")
@@ -983,6 +989,11 @@ class HealthConfig:
         _positive("fall", self.fall)
         _positive("max_fails", self.max_fails)
         _positive("ejection_time", self.ejection_time)
+        if not 0 <= self.max_ejection_percent <= 100:
+            raise ConfigError(
+                f"max_ejection_percent must be 0-100, got {self.max_ejection_percent!r}",
+                field="max_ejection_percent",
+            )
         if self.max_ejection_time < self.ejection_time:
             raise ConfigError(
                 "max_ejection_time must be >= ejection_time", field="max_ejection_time"

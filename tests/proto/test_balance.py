@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from netstack.config import ALGORITHMS, BackendConfig, HealthConfig
-from netstack.errors import NoBackendAvailable
+from netstack.errors import ConfigError, NoBackendAvailable
 from netstack.proto.balance import (
     SLOW_START_FLOOR,
     Admin,
@@ -392,8 +392,28 @@ def test_slow_start_ramps_weight() -> None:
     assert (b0.ramp_until, pool.next_wakeup) == (0.0, None)
 
 
+def test_passive_ejection_is_capped_by_max_ejection_percent() -> None:
+    """A fault behind every backend (each answers 5xx in turn) leaves part of the pool in."""
+    pool = Pool("p", backends(1, 1, 1, 1), health=HealthConfig(max_fails=1))  # 50 %: 2 of 4
+    for b in pool.backends:
+        pool.report_failure(b, 0.0)
+    assert [b.state for b in pool.backends] == [State.EJECTED] * 2 + [State.UP] * 2
+    assert [b.failures for b in pool.backends] == [1, 1, 1, 1]  # still counted
+    pool.advance(pool.next_wakeup or 0.0)  # the first two return...
+    pool.report_failure(pool.backends[3], 20.0)  # ...so the cap has room again
+    assert pool.backends[3].state is State.EJECTED
+    single = Pool("one", backends(1), health=HealthConfig(max_fails=1, max_ejection_percent=0))
+    single.report_failure(single.backends[0], 0.0)
+    assert single.backends[0].state is State.EJECTED  # at least one, as Envoy does
+
+
+def test_max_ejection_percent_is_a_percentage() -> None:
+    with pytest.raises(ConfigError, match="max_ejection_percent must be 0-100"):
+        HealthConfig(max_ejection_percent=101)
+
+
 def test_slow_start_after_ejection_keeps_the_ejection_timer() -> None:
-    health = HealthConfig(max_fails=1, ejection_time=5.0, slow_start=10.0)
+    health = HealthConfig(max_fails=1, ejection_time=5.0, slow_start=10.0, max_ejection_percent=100)
     pool = Pool("p", backends(1, 1), health=health)
     b0, b1 = pool.backends
     pool.report_failure(b1, 0.0)

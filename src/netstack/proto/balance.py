@@ -464,6 +464,11 @@ class Pool:
         backend._fails += 1
         if backend._fails < self.health.max_fails:
             return
+        ejected = sum(1 for b in self.backends if b.state is State.EJECTED)
+        if ejected >= max(1, len(self.backends) * self.health.max_ejection_percent // 100):
+            # Envoy's max_ejection_percent: a fault shared by every backend (a database
+            # behind them all answering 5xx) must not take the whole pool out.
+            return
         if now - backend.returned_at >= backend.last_ejection:
             backend._streak = 0  # in service as long as it was last out: start over
         period = min(

@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import os
 
-from netstack.config import BalancerTimeouts, RouteConfig
+from netstack.config import BalancerTimeouts, HealthConfig, RouteConfig
 from netstack.servers.lb import Balancer
 from tests.helpers import TIMEOUT, apoll_until, free_port
 from tests.servers.lb.http_support import (
@@ -132,7 +132,8 @@ async def test_malformed_request_gets_400_and_never_reaches_a_backend() -> None:
 
 
 async def test_all_backends_down_gives_503_with_retry_after() -> None:
-    cfg = http_config(free_port(), free_port())
+    # Both may be ejected at once (the default caps passive ejection at half a pool).
+    cfg = http_config(free_port(), free_port(), health=HealthConfig(max_ejection_percent=100))
     async with Balancer(cfg) as lb:
         reply = await get(lb.address()[1])
         assert reply.status == 503  # both refused the connection: tried, then none left
@@ -147,6 +148,24 @@ async def test_all_backends_down_gives_503_with_retry_after() -> None:
         assert reply.status == 503
         assert int(reply.headers["retry-after"]) >= 1
         assert b"no backend available" in reply.body
+
+
+async def test_a_fault_behind_every_backend_ejects_only_half_the_pool() -> None:
+    """Every backend answers 503 (say, the database behind them is down): passive health
+    ejects one of the two, not both, so the pool is back at once when the fault clears."""
+    down = True
+
+    def app(request, body, backend):
+        return (503, [], b"db down") if down else (200, [], b"ok")
+
+    with http_backend(app) as one, http_backend(app) as two:
+        async with Balancer(http_config(one.port, two.port)) as lb:
+            for _ in range(12):
+                assert (await get(lb.address()[1])).status == 503
+            states = sorted(b["state"] for b in lb.snapshot()["default"])
+            assert states == ["ejected", "up"]
+            down = False
+            assert (await get(lb.address()[1])).status == 200
 
 
 async def test_slow_backend_gets_504() -> None:
