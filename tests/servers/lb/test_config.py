@@ -307,3 +307,30 @@ def test_l4_frontend_needs_client_ip_hash_key() -> None:
     assert str(info.value).startswith("lb.toml: pool 'app'")
     with pytest.raises(ConfigError, match="needs HTTP"):
         load({}, flags={"backend": ("h:1",), "hash_key": "header:X-User"})
+
+
+ADMIN_FILE = """
+[frontends.web]
+listen = "127.0.0.1:0"
+mode = "http"
+pool = "web"
+[pools.web]
+backends = ["127.0.0.1:9"]
+[admin]
+admin_bind = "127.0.0.1:0"
+"""
+
+
+def test_admin_token_from_the_environment_completes_a_file_with_admin_bind() -> None:
+    """The token belongs in NETSTACK_ADMIN_TOKEN, not in the file; the file alone is
+    incomplete, not wrong."""
+    doc = tomllib.loads(ADMIN_FILE)
+    cfg = load(doc, source="lb.toml", env={"NETSTACK_ADMIN_TOKEN": "t" * 20})
+    assert (cfg.admin.admin_bind, cfg.admin.admin_token) == ("127.0.0.1:0", "t" * 20)
+    with pytest.raises(ConfigError) as missing:
+        load(doc, source="lb.toml", env={})
+    assert str(missing.value).startswith("admin_token: the admin API needs a token")
+    doc["admin"]["admin_token"] = "short"
+    with pytest.raises(ConfigError) as short:
+        load(doc, source="lb.toml", env={})
+    assert str(short.value).startswith("lb.toml: admin_token:")  # the file set it: named

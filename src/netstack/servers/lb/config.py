@@ -72,6 +72,33 @@ def is_full_form(doc: Mapping[str, object]) -> bool:
     return "frontends" in doc or "pools" in doc
 
 
+def _build_quick(
+    doc: Mapping[str, object],
+    source: str,
+    env: Mapping[str, str] | None,
+    flags: Mapping[str, object],
+) -> BalancerQuickConfig:
+    """File < env < flags; an error about a key the file sets names the file.
+
+    Built in one go, not the file first on its own: a check across settings (the admin API
+    needs a token) may be satisfied by a variable (``NETSTACK_ADMIN_TOKEN``) the file
+    rightly leaves out.
+    """
+    try:
+        return build(BalancerQuickConfig, toml=doc, env=env, flags=flags)
+    except ConfigError as exc:
+        if exc.field is not None and _sets(doc, exc.field) and flags.get(exc.field) is None:
+            raise ConfigError(f"{source}: {exc}", field=exc.field) from None
+        raise
+
+
+def _sets(doc: Mapping[str, object], key: str) -> bool:
+    """Whether the file sets ``key``, at the top or in one of its groups' tables."""
+    if key in doc:
+        return True
+    return any(isinstance(table, Mapping) and key in table for table in doc.values())
+
+
 def load(
     doc: Mapping[str, object],
     *,
@@ -93,11 +120,7 @@ def load(
     """
     flags = dict(flags or {})
     if not is_full_form(doc):
-        try:
-            build(BalancerQuickConfig, toml=doc)  # errors in the file alone name the file
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}", field=exc.field) from None
-        return build(BalancerQuickConfig, toml=doc, env=env, flags=flags).to_balancer()
+        return _build_quick(doc, source, env, flags).to_balancer()
 
     given = [name for name in QUICK_ONLY if flags.get(name) is not None]
     if given:
@@ -114,11 +137,7 @@ def load(
             field=key,
         )
     top = {g: doc[g] for g in GROUPS if g in doc}
-    try:
-        build(BalancerQuickConfig, toml=top)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}", field=exc.field) from None
-    base = build(BalancerQuickConfig, toml=top, env=env, flags=flags)
+    base = _build_quick(top, source, env, flags)
 
     pools = tuple(
         _pool(name, table, base, source)

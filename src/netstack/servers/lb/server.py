@@ -226,7 +226,7 @@ class Balancer(Lifecycle):
             for sock in listener.sockets:
                 logger.info(
                     "listening on %s %s (frontend %s -> pool %s)",
-                    listener.proto,
+                    "http" if listener.state.cfg.mode == "http" else listener.proto,
                     format_address(sock.getsockname()),
                     listener.state.cfg.name,
                     listener.state.cfg.pool,

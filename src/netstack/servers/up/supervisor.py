@@ -645,8 +645,7 @@ class Supervisor:
         balancer = ChildSpec(
             name="balancer",
             kind=Kind.BALANCER,
-            # --admin-bind as a flag, not in the file: the file is validated on its own
-            # first, without NETSTACK_ADMIN_TOKEN, and admin_bind needs the token.
+            # The token goes by NETSTACK_ADMIN_TOKEN, never into the file or argv.
             argv=["balance", "--config", str(config_path), "--admin-bind", f"{HOST}:{admin_port}"],
             env={"NETSTACK_ADMIN_TOKEN": self.admin_token},
             address=listen,
