@@ -199,3 +199,23 @@ async def test_child_environment_drops_the_users_netstack_settings(
     assert env["NETSTACK_SERVED_BY"] == "web-1"
     assert env["PATH_FOR_TEST"] == "kept"
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.0.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("example.org", False),
+    ],
+)
+def test_dashboard_controls_only_on_a_loopback_public_port(host: str, loopback: bool) -> None:
+    from netstack.servers.up.supervisor import _loopback
+
+    assert _loopback(host) is loopback

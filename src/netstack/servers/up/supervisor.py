@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -440,6 +441,16 @@ def _describe_exit(code: int) -> str:
 # --------------------------------------------------------------------------- supervisor
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is only reachable from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/netstack`` when XDG_DATA_HOME is set, else ``./netstack-data``."""
     xdg = os.environ.get("XDG_DATA_HOME")
@@ -737,7 +748,12 @@ class Supervisor:
         from netstack.servers.up.dashboard import Dashboard
         from netstack.servers.wsgi import WSGIServer
 
-        self.dashboard = Dashboard(self, interval=1.0)
+        # The dashboard has no login: its kill/restore buttons exist only when the public
+        # port is on loopback (only people on this machine reach it).
+        control = _loopback(self.public[0])
+        if not control:
+            self.say("dashboard: kill/restore off (--listen is not a loopback address)")
+        self.dashboard = Dashboard(self, interval=1.0, control=control)
         cfg = WSGIServerConfig(
             app="netstack.servers.up.dashboard",
             bind=(f"{HOST}:{port}",),
