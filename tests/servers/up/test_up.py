@@ -35,6 +35,7 @@ from tests.helpers import TIMEOUT, free_port, poll_until
 from tests.helpers.services import RedisServer
 from tests.servers.chat.support import PASSWORD, WSClient
 from tests.servers.up.stack import Up, processes_in_sessions
+from tests.servers.up.support import Traffic
 
 pytestmark = pytest.mark.slow
 
@@ -502,6 +503,42 @@ async def test_chat_page_and_notes_app_in_chromium_through_the_balancer(healthy:
         await page.screenshot(path=str(shot))
         print(f"screenshot: {shot}")
     assert errors == []
+
+
+@pytest.mark.single_loop
+async def test_dashboard_in_chromium_through_netstack_up(healthy: Up) -> None:
+    """The whole stack's dashboard, as a person opens it: both web servers with non-zero
+    requests/s, the balancer's view of them, gRPC calls/s from the notes app's traffic."""
+    from playwright.async_api import expect
+
+    from tests.helpers.services import chromium
+
+    host, port = healthy.address
+    nonzero = re.compile(r"^(0\.[1-9]|[1-9])")
+    traffic = Traffic(port)
+    try:
+        async with chromium() as browser:
+            page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT * 3000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"http://{host}:{port}/_dashboard/")
+            await expect(page.locator("#conn")).to_have_text("live")
+            for name in ("web-1", "web-2"):
+                card = page.locator(f'.server[data-name="{name}"]')
+                await expect(card.locator(".fig-rps .fig-value")).to_have_text(nonzero)
+                await expect(card.locator(".lb-state")).to_have_text("lb: up")
+            await expect(page.locator("#t-web-up")).to_have_text("2 / 2")
+            await expect(page.locator("#t-lb-rps")).to_have_text(nonzero)
+            await expect(page.locator("#t-rpc")).to_have_text(nonzero)
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "up-dashboard.png"
+            await page.screenshot(path=str(shot), full_page=True)
+            print(f"screenshot: {shot}")
+            assert errors == []
+    finally:
+        traffic.close()
+    assert traffic.ok > 0
 
 
 @pytest.mark.single_loop
