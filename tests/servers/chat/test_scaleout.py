@@ -60,7 +60,7 @@ async def test_users_on_different_instances_talk(pair: list[ChatServer]) -> None
     await bob.register("bob")
     await alice.ok("create", room="general")
     await bob.ok("join", room="general")
-    await alice.expect("presence", room="general", nick="bob", state="join")
+    await alice.presence("general", joined="bob")
 
     first = await alice.ok("say", room="general", text="hello from one")
     assert (await bob.expect("message"))["message"] == first["message"]
@@ -119,9 +119,10 @@ async def test_offline_dm_is_delivered_at_login_on_the_other_instance(
     await bob.register("bob")
     await alice.ok("create", room="general")
     await bob.ok("join", room="general")
+    await alice.ok("who", room="general")  # watch online/offline (bob is on two)
     await bob.close()
     # Bob's last connection (on two) closed: one hears it and knows he is offline.
-    await alice.expect("presence", room="general", nick="bob", state="offline")
+    await alice.presence("general", offline="bob")
     who = await alice.ok("who", room="general")
     assert {m["nick"]: m["online"] for m in who["members"]} == {"alice": True, "bob": False}
     dm = await alice.ok("dm", to="bob", text="while you were out")
@@ -131,7 +132,7 @@ async def test_offline_dm_is_delivered_at_login_on_the_other_instance(
     await bob.login("bob")
     pending = await bob.expect("dm", pending=True)
     assert pending["message"]["text"] == "while you were out"
-    await alice.expect("presence", room="general", nick="bob", state="online")
+    await alice.presence("general", online="bob")
     await closing(alice, bob)
 
 

@@ -105,12 +105,19 @@ const handlers = {
   },
   message(ev) { addMessage(ev.message); },
   dm(ev) { addMessage(ev.message); },
+  // Batched: every presence_interval at most one per room with the membership changes
+  // (to members) and one with online/offline (to sessions watching it, i.e. whose member
+  // pane asked `who` about it).
   presence(ev) {
-    if (ev.state === "online") state.online.add(ev.nick);
-    if (ev.state === "offline") state.online.delete(ev.nick);
-    if (ev.state === "join") system("#" + ev.room, `${ev.nick} joined #${ev.room}`);
-    if (ev.state === "leave") system("#" + ev.room, `${ev.nick} left #${ev.room}`);
-    if (state.current === "#" + ev.room) refreshMembers();
+    const key = "#" + ev.room;
+    for (const n of ev.online) state.online.add(n);
+    for (const n of ev.offline) state.online.delete(n);
+    if (ev.joined.length) system(key, `${nickList(ev.joined)} joined #${ev.room}`);
+    if (ev.left.length) system(key, `${nickList(ev.left)} left #${ev.room}`);
+    if (state.current === key) {
+      if (ev.joined.length || ev.left.length) refreshMembers();   // roles: ask again
+      else renderMembers();                                      // only the dots changed
+    }
     renderSidebar();
   },
   kicked(ev) { removed(ev, "removed"); },
@@ -138,6 +145,11 @@ const handlers = {
   invited(ev) { notice(`${ev.by} invited you to #${ev.room} — type /join ${ev.room}`); },
   error(ev) { notice(ev.message, true); },
 };
+
+function nickList(nicks, shown = 5) {
+  const more = nicks.length - shown;
+  return more > 0 ? `${nicks.slice(0, shown).join(", ")} and ${more} more` : nicks.join(", ");
+}
 
 function removed(ev, verb) {
   const key = "#" + ev.room;
@@ -347,7 +359,6 @@ async function loadOlder(key) {
 }
 
 async function refreshMembers() {
-  const list = $("member-list");
   const key = state.current;
   if (!key || !key.startsWith("#")) {
     $("app").classList.add("no-members");
@@ -355,23 +366,30 @@ async function refreshMembers() {
   }
   $("app").classList.remove("no-members");
   try {
+    // Asking `who` also makes the server send this room's online/offline changes.
     const who = await call("who", { room: key.slice(1) });
     if (state.current !== key) return;
     state.members = who.members;
     for (const m of who.members) (m.online ? state.online.add(m.nick) : state.online.delete(m.nick));
-    list.replaceChildren(...who.members
-      .sort((a, b) => (b.online - a.online) || a.nick.localeCompare(b.nick))
-      .map((m) => {
-        const li = el("li", {}, [el("span", { class: "dot" + (m.online ? " online" : "") }), m.nick]);
-        if (m.role !== "member" || m.muted) {
-          li.append(el("span", { class: "role" }, [m.muted ? "muted" : m.role]));
-        }
-        li.title = m.nick === state.nick ? "you" : `Message ${m.nick}`;
-        li.onclick = () => { if (m.nick !== state.nick) { rememberDm(m.nick); openConversation("@" + m.nick); } };
-        return li;
-      }));
+    renderMembers();
     renderSidebar();
   } catch { /* not allowed to see it: leave the list */ }
+}
+
+// The member pane from the last `who` and the online set kept up by presence events.
+function renderMembers() {
+  const members = (state.members || []).map((m) => ({ ...m, online: state.online.has(m.nick) }));
+  $("member-list").replaceChildren(...members
+    .sort((a, b) => (b.online - a.online) || a.nick.localeCompare(b.nick))
+    .map((m) => {
+      const li = el("li", {}, [el("span", { class: "dot" + (m.online ? " online" : "") }), m.nick]);
+      if (m.role !== "member" || m.muted) {
+        li.append(el("span", { class: "role" }, [m.muted ? "muted" : m.role]));
+      }
+      li.title = m.nick === state.nick ? "you" : `Message ${m.nick}`;
+      li.onclick = () => { if (m.nick !== state.nick) { rememberDm(m.nick); openConversation("@" + m.nick); } };
+      return li;
+    }));
 }
 
 // ------------------------------------------------------------------ rendering
