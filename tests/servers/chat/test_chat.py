@@ -730,3 +730,16 @@ async def test_garbage_never_takes_the_connection_down(db: Path, transport: str)
         assert len(answered) == sent  # one reply per message, none lost, none twice
         assert not client.closed
         await client.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_fan_out_frames_match_websockets_own(size: int) -> None:
+    from websockets.frames import Frame, Opcode
+
+    from netstack.servers.chat.ws import framed, text_frame
+
+    payload = ("é" * size).encode()[:size]
+    assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    text = "x" * size
+    assert framed(text) is framed(text)  # built once per fanned-out text
+    assert framed(text + "y") == text_frame((text + "y").encode())
