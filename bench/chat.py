@@ -18,7 +18,9 @@ Not a test (not run in CI). For each client count (default 1,000, 5,000 and 10,0
    the load generator's speed);
 5. **sustained messages/s**: ``--senders`` clients (default 100) each keep one ``say`` in
    flight in a room of their own (``load``, the senders only, so every message is also
-   delivered to the 100) for ``--duration`` seconds; accepted messages/s and deliveries/s.
+   delivered to the 100) for ``--duration`` seconds; accepted messages/s and deliveries/s;
+6. with ``--hold S``: every client stays idle S seconds (past the server's keepalive pings,
+   which the client answers) and must still be connected.
 
 Everything is bounded: client counts, runs, broadcast count and durations come from the
 command line and every wait has a deadline. Loopback only. ``--repeat`` runs every size
@@ -380,6 +382,13 @@ async def scenario(n: int, args: argparse.Namespace, workdir: Path) -> Result:
         progress(f"{n} clients: fan-out measured")
         msgs, deliveries = await sustained(clients[:senders], args.duration)
         progress(f"{n} clients: load phase done")
+        if args.hold:  # stable: still connected after keepalive pings (every 20 s) went by
+            await asyncio.sleep(args.hold)
+            pong = await clients[-1].call("ping")
+            dropped = sum(c.closed for c in clients)
+            progress(f"{n} clients: held {args.hold:g} s, {dropped} dropped, ping {pong['re']}")
+            if dropped:
+                raise RuntimeError(f"{dropped} of {n} clients were dropped while idle")
         for c in clients:
             c.close()
         return Result(
@@ -410,6 +419,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--senders", type=int, default=100, help="clients sending in the load phase")
     p.add_argument("--duration", type=float, default=5.0, help="seconds of the load phase")
     p.add_argument("--repeat", type=int, default=1, help="runs per client count (medians)")
+    p.add_argument(
+        "--hold", type=float, default=0.0, help="then keep every client idle this long (s)"
+    )
     p.add_argument("--png", default=None, help="draw latency and memory per client count here")
     p.add_argument(
         "--taskset", action="store_true", help="pin the server to CPU 0 and this client to CPU 1"
@@ -420,8 +432,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--clients: counts between 2 and 20000")
     if not 1 <= args.broadcasts <= 1000 or not 0 < args.duration <= 120:
         p.error("--broadcasts 1-1000 and --duration up to 120 s")
-    if not 1 <= args.repeat <= 5:
-        p.error("--repeat 1-5")
+    if not 1 <= args.repeat <= 5 or not 0 <= args.hold <= 300:
+        p.error("--repeat 1-5 and --hold up to 300 s")
     return args
 
 

@@ -290,8 +290,8 @@ async def test_pending_dms_survive_a_drop_during_login(service: ChatService) -> 
     dropped, d_out = open_session(service)
     real = service.store.pending
 
-    async def pending_then_drop(user_id: int) -> list[Any]:
-        found = await real(user_id)
+    async def pending_then_drop(user_id: int, limit: int) -> list[Any]:
+        found = await real(user_id, limit)
         dropped.connection_lost()  # gone before the ack and the DMs are written
         return found
 
@@ -306,7 +306,7 @@ async def test_pending_dms_survive_a_drop_during_login(service: ChatService) -> 
     await reply(g_out, 1)
     await apoll_until(lambda: "dm" in g_out.types())
     assert [e["message"]["text"] for e in g_out.sent if e["type"] == "dm"] == ["later"]
-    assert await service.store.pending(again.user.id) == []  # type: ignore[union-attr]
+    assert await service.store.pending(again.user.id, 10) == []  # type: ignore[union-attr]
 
 
 async def test_local_presence_counts_connections() -> None:

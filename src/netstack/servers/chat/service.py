@@ -44,6 +44,7 @@ from netstack.errors import LimitExceeded
 from netstack.proto.chat import (
     CLOSE_POLICY,
     DEFAULT_PAGE,
+    MAX_PAGE,
     ChatConnection,
     Code,
     Command,
@@ -559,7 +560,9 @@ class ChatService:
         result["last_id"] = await self.store.last_message_id()
         # Sent after the ack: the DMs that waited for this login. They stop being pending
         # only once written (handle() clears them), so a drop during login loses none.
-        for message in await self.store.pending(user.id):
+        # At most a page: a user back after a long time gets the rest at the next login
+        # and, like everything else, through backfill (a login costs O(page), not O(inbox)).
+        for message in await self.store.pending(user.id, MAX_PAGE):
             session.after_ack.append({"type": "dm", "message": message.to_json(), "pending": True})
             session.pending_upto = message.id
         return result
