@@ -115,8 +115,16 @@ const handlers = {
     if (ev.joined.length) system(key, `${nickList(ev.joined)} joined #${ev.room}`);
     if (ev.left.length) system(key, `${nickList(ev.left)} left #${ev.room}`);
     if (state.current === key) {
-      if (ev.joined.length || ev.left.length) refreshMembers();   // roles: ask again
-      else renderMembers();                                      // only the dots changed
+      // Applied here, not by asking `who` again: in a big room every member gets this
+      // event, and N members each fetching N members would be O(N^2) once more.
+      for (const n of ev.joined) {
+        state.online.add(n);  // joining takes a live session
+        if (!state.members.some((m) => m.nick === n)) {
+          state.members.push({ nick: n, role: "member", online: true, muted: false });
+        }
+      }
+      if (ev.left.length) state.members = state.members.filter((m) => !ev.left.includes(m.nick));
+      renderMembers();
     }
     renderSidebar();
   },
@@ -125,16 +133,16 @@ const handlers = {
   muted(ev) {
     const until = ev.until ? ` until ${new Date(ev.until).toLocaleTimeString()}` : "";
     system("#" + ev.room, `${ev.by} muted ${ev.nick}${until}${ev.reason ? ": " + ev.reason : ""}`);
-    if (state.current === "#" + ev.room) refreshMembers();
+    updateMember(ev, (m) => { m.muted = true; });
   },
   unmuted(ev) {
     system("#" + ev.room, `${ev.by} unmuted ${ev.nick}`);
-    if (state.current === "#" + ev.room) refreshMembers();
+    updateMember(ev, (m) => { m.muted = false; });
   },
   role(ev) {
     system("#" + ev.room, `${ev.by} made ${ev.nick} a ${ev.role}`);
     if (ev.nick === state.nick && state.rooms.has(ev.room)) state.rooms.get(ev.room).role = ev.role;
-    if (state.current === "#" + ev.room) refreshMembers();
+    updateMember(ev, (m) => { m.role = ev.role; });
   },
   topic(ev) {
     const room = state.rooms.get(ev.room);
@@ -145,6 +153,14 @@ const handlers = {
   invited(ev) { notice(`${ev.by} invited you to #${ev.room} — type /join ${ev.room}`); },
   error(ev) { notice(ev.message, true); },
 };
+
+// A moderation event about someone in the member pane on screen: change it in place.
+function updateMember(ev, change) {
+  if (state.current !== "#" + ev.room) return;
+  const member = state.members.find((m) => m.nick === ev.nick);
+  if (member) change(member);
+  renderMembers();
+}
 
 function nickList(nicks, shown = 5) {
   const more = nicks.length - shown;
@@ -160,7 +176,10 @@ function removed(ev, verb) {
     renderSidebar();
   } else {
     system(key, `${ev.by} ${verb} ${ev.nick}${ev.reason ? ": " + ev.reason : ""}`);
-    if (state.current === key) refreshMembers();
+    if (state.current === key) {
+      state.members = state.members.filter((m) => m.nick !== ev.nick);
+      renderMembers();
+    }
   }
 }
 
