@@ -57,6 +57,8 @@ PROTOCOL_VERSION: Final = 1
 
 MAX_PAGE: Final = 200
 """Largest ``limit`` for ``history`` and ``backfill``."""
+MAX_WHO: Final = 1000
+"""Most members one ``who`` lists (online first): a 10,000-member room is not sent whole."""
 DEFAULT_PAGE: Final = 50
 
 # WebSocket close codes (RFC 6455 §7.4.1).
@@ -340,6 +342,7 @@ def _data(value: object, limits: ChatLimits) -> bytes:
 
 _msg_id = _int_range("message id", 0, MAX_SAFE_INT)
 _limit = _int_range("limit", 1, MAX_PAGE)
+_who_limit = _int_range("limit", 1, MAX_WHO)
 _seconds = _int_range("seconds", 1, MAX_SECONDS)
 _token = _pattern("token", TOKEN_RE, "a session token from login")
 _hash = _pattern("file", HASH_RE, "a file hash (64 lower-case hex digits)")
@@ -371,7 +374,7 @@ COMMANDS: Final[Mapping[str, Spec]] = {
     "join": Spec({"room": check_room}),
     "leave": Spec({"room": check_room}),
     "rooms": Spec(),
-    "who": Spec({"room": check_room}),
+    "who": Spec({"room": check_room}, {"limit": _who_limit}),
     "invite": Spec({"room": check_room, "nick": check_nick}),
     "topic": Spec({"room": check_room, "topic": _topic}),
     # Messages.
@@ -813,6 +816,7 @@ __all__ = [
     "COMMANDS",
     "DEFAULT_PAGE",
     "MAX_PAGE",
+    "MAX_WHO",
     "PROTOCOL_VERSION",
     "ChatConnection",
     "Code",

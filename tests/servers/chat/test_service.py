@@ -437,3 +437,22 @@ async def test_unbatched_presence_goes_out_at_once(tmp_path: Path) -> None:
     assert [e["online"] for e in presence_events(a_out)] == [["u1"]]
     svc.close()
     await store.close()
+
+
+async def test_who_lists_online_members_first_up_to_the_limit(service: ChatService) -> None:
+    tokens = await seeded(service.store, 6, ("general",))  # type: ignore[arg-type]
+    sessions = [open_session(service) for _ in range(2)]
+    for (session, outlet), token in zip(sessions, (tokens[0], tokens[3]), strict=True):
+        session.receive(json.dumps({"type": "resume", "id": 1, "token": token}))
+        await reply(outlet, 1)
+    session, outlet = sessions[0]
+    session.receive(json.dumps({"type": "who", "id": 2, "room": "general", "limit": 3}))
+    who = await reply(outlet, 2)
+    assert [(m["nick"], m["online"]) for m in who["members"]] == [
+        ("u0", True),
+        ("u3", True),
+        ("u1", False),
+    ]
+    assert (who["count"], who["online_count"]) == (6, 2)
+    session.receive(json.dumps({"type": "who", "id": 3, "room": "general"}))
+    assert len((await reply(outlet, 3))["members"]) == 6  # default: up to MAX_WHO

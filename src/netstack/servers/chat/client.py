@@ -460,7 +460,8 @@ class ChatClient:
                 f"{' [online]' if m['online'] else ''}"
                 for m in ack["members"]
             )
-            self.output(f"* #{ack['room']}: {people}")
+            more = ack["count"] - len(ack["members"])
+            self.output(f"* #{ack['room']}: {people}" + (f" and {more} more" if more > 0 else ""))
         elif cmd == "/history":
             await self._history(int(args[0]) if args and args[0].isdigit() else HISTORY_DEFAULT)
         elif cmd == "/rooms":

@@ -45,6 +45,7 @@ from netstack.proto.chat import (
     CLOSE_POLICY,
     DEFAULT_PAGE,
     MAX_PAGE,
+    MAX_WHO,
     ChatConnection,
     Code,
     Command,
@@ -699,6 +700,10 @@ class ChatService:
         if not session.closed:
             self._watch(session, room.name)
         online = await self.presence.online([m.user_id for m in members])
+        # Online first (stable: by nick within each group), at most ``limit``.
+        listed = sorted(members, key=lambda m: m.user_id not in online)[
+            : cmd.number("limit") or MAX_WHO
+        ]
         return {
             "room": room.name,
             "topic": room.topic,
@@ -709,8 +714,10 @@ class ChatService:
                     "online": m.user_id in online,
                     "muted": m.muted_until is not None and m.muted_until > now,
                 }
-                for m in members
+                for m in listed
             ],
+            "count": len(members),
+            "online_count": sum(m.user_id in online for m in members),
         }
 
     async def _invite(self, session: Session, cmd: Command) -> dict[str, object]:

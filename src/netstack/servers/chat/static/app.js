@@ -24,6 +24,7 @@ const state = {
   online: new Set(),           // nicks seen online
   current: null,               // conversation key
   members: [],
+  memberCount: 0,
   loadingOlder: false,
   blobUrls: new Map(),         // file hash -> object URL
 };
@@ -121,9 +122,14 @@ const handlers = {
         state.online.add(n);  // joining takes a live session
         if (!state.members.some((m) => m.nick === n)) {
           state.members.push({ nick: n, role: "member", online: true, muted: false });
+          state.memberCount++;
         }
       }
-      if (ev.left.length) state.members = state.members.filter((m) => !ev.left.includes(m.nick));
+      if (ev.left.length) {
+        const before = state.members.length;
+        state.members = state.members.filter((m) => !ev.left.includes(m.nick));
+        state.memberCount -= before - state.members.length;
+      }
       renderMembers();
     }
     renderSidebar();
@@ -177,7 +183,9 @@ function removed(ev, verb) {
   } else {
     system(key, `${ev.by} ${verb} ${ev.nick}${ev.reason ? ": " + ev.reason : ""}`);
     if (state.current === key) {
+      const before = state.members.length;
       state.members = state.members.filter((m) => m.nick !== ev.nick);
+      state.memberCount -= before - state.members.length;
       renderMembers();
     }
   }
@@ -389,6 +397,7 @@ async function refreshMembers() {
     const who = await call("who", { room: key.slice(1) });
     if (state.current !== key) return;
     state.members = who.members;
+    state.memberCount = who.count;  // more than listed in a very big room (online first)
     for (const m of who.members) (m.online ? state.online.add(m.nick) : state.online.delete(m.nick));
     renderMembers();
     renderSidebar();
@@ -409,6 +418,8 @@ function renderMembers() {
       li.onclick = () => { if (m.nick !== state.nick) { rememberDm(m.nick); openConversation("@" + m.nick); } };
       return li;
     }));
+  const hidden = state.memberCount - members.length;
+  if (hidden > 0) $("member-list").append(el("li", { class: "more" }, [`and ${hidden} more`]));
 }
 
 // ------------------------------------------------------------------ rendering
