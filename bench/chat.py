@@ -404,8 +404,10 @@ async def scenario(n: int, args: argparse.Namespace, workdir: Path) -> Result:
         )
     finally:
         proc.send_signal(signal.SIGTERM)
+        # Wait without blocking this loop: the clients must answer the server's closing
+        # handshakes, or it waits websockets' close_timeout (10 s) for each of them.
         try:
-            proc.wait(30)
+            await asyncio.to_thread(proc.wait, 30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
