@@ -39,6 +39,7 @@ def test_serve_help_has_examples(capsys):
         (["--redis", "http://127.0.0.1:6379"], "redis"),
         (["--redis", "redis://127.0.0.1:6379", "--redis-prefix", "a b"], "redis_prefix"),
         (["--presence-ttl", "0"], "presence_ttl"),
+        (["--presence-interval", "0"], "presence_interval"),
         (["--certfile", "/nonexistent.pem", "--keyfile", "/nonexistent.pem"], "certfile"),
     ],
 )

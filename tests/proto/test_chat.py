@@ -18,6 +18,8 @@ from netstack.proto.chat import (
     Code,
     Command,
     CommandError,
+    PresenceBatcher,
+    PresenceChange,
     State,
     TokenBucket,
     ack_event,
@@ -68,6 +70,7 @@ VALID = [
     {"type": "leave", "room": "dev-ops_2"},
     {"type": "rooms"},
     {"type": "who", "room": "general"},
+    {"type": "who", "room": "general", "limit": 1000},
     {"type": "invite", "room": "general", "nick": "bob"},
     {"type": "topic", "room": "general", "topic": ""},
     {"type": "say", "room": "general", "text": "hello\n\tworld"},
@@ -151,6 +154,7 @@ INVALID = [
     ({"type": "history", "room": "a", "with": "bob"}, Code.CONFLICTING_FIELDS),
     ({"type": "history", "room": "a", "limit": 0}, Code.BAD_VALUE),
     ({"type": "history", "room": "a", "limit": 201}, Code.BAD_VALUE),
+    ({"type": "who", "room": "a", "limit": 1001}, Code.BAD_VALUE),
     ({"type": "history", "room": "a", "before": "9"}, Code.BAD_TYPE),
     ({"type": "backfill", "since": False}, Code.BAD_TYPE),
     ({"type": "backfill", "since": -1}, Code.BAD_VALUE),
@@ -450,3 +454,117 @@ def test_any_input_yields_commands_errors_or_a_clean_close(
             event = json.loads(out)
             assert event["type"] == "error"
             assert event["code"] in {str(c) for c in Code}
+
+
+# ---------------------------------------------------------------- presence batching
+
+
+def test_presence_batches_per_room_and_audience() -> None:
+    batcher = PresenceBatcher()
+    assert not batcher
+    assert batcher.flush() == []
+    batcher.add("general", "bob", "online")
+    batcher.add("general", "carol", "join")
+    batcher.add("general", "dave", "online")
+    batcher.add("random", "bob", "offline")
+    batcher.add("general", "erin", "leave")
+    assert batcher
+    batches = batcher.flush()
+    assert not batcher
+    assert [(b.room, b.membership, b.event) for b in batches] == [
+        (
+            "general",
+            False,
+            {
+                "type": "presence",
+                "room": "general",
+                "joined": [],
+                "left": [],
+                "online": ["bob", "dave"],
+                "offline": [],
+            },
+        ),
+        (
+            "general",
+            True,
+            {
+                "type": "presence",
+                "room": "general",
+                "joined": ["carol"],
+                "left": ["erin"],
+                "online": [],
+                "offline": [],
+            },
+        ),
+        (
+            "random",
+            False,
+            {
+                "type": "presence",
+                "room": "random",
+                "joined": [],
+                "left": [],
+                "online": [],
+                "offline": ["bob"],
+            },
+        ),
+    ]
+    assert batcher.flush() == []  # drained
+
+
+def test_presence_change_and_its_reversal_cancel_out() -> None:
+    batcher = PresenceBatcher()
+    batcher.add("general", "bob", "online")
+    batcher.add("general", "bob", "offline")  # reconnect blip within one interval
+    assert not batcher
+    batcher.add("general", "bob", "join")
+    batcher.add("general", "carol", "join")
+    batcher.add("general", "bob", "leave")
+    batcher.add("general", "carol", "join")  # repeated (another instance): one entry
+    (batch,) = batcher.flush()
+    assert batch.event["joined"] == ["carol"]
+    assert batch.event["left"] == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.sampled_from(["x", "y", "z"]),
+            st.sampled_from(["join", "leave", "online", "offline"]),
+        ),
+        max_size=40,
+    )
+)
+def test_presence_batch_ends_in_the_net_state(
+    changes: list[tuple[str, str, PresenceChange]],
+) -> None:
+    # Alternating changes (as the server makes them) leave exactly the net difference.
+    batcher = PresenceBatcher()
+    state: dict[tuple[str, str, bool], str] = {}
+    start: dict[tuple[str, str, bool], str] = {}
+    for room, nick, change in changes:
+        key = (room, nick, change in ("join", "leave"))
+        if state.get(key) == change:
+            continue  # the server never repeats a change from one instance
+        opposite = {"join": "leave", "leave": "join", "online": "offline", "offline": "online"}
+        start.setdefault(key, opposite[change])
+        state[key] = change
+        batcher.add(room, nick, change)
+    seen = {}
+    for batch in batcher.flush():
+        for name, change in (
+            ("joined", "join"),
+            ("left", "leave"),
+            ("online", "online"),
+            ("offline", "offline"),
+        ):
+            nicks = batch.event[name]
+            assert isinstance(nicks, list)
+            for nick in nicks:
+                seen[(batch.room, nick, batch.membership)] = change
+            if nicks:
+                assert batch.membership == (change in ("join", "leave"))
+    expected = {k: v for k, v in state.items() if v != start[k]}
+    assert seen == expected

@@ -48,7 +48,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 from netstack.config import ChatLimits
 from netstack.errors import LimitExceeded, LocalProtocolError
@@ -57,6 +57,8 @@ PROTOCOL_VERSION: Final = 1
 
 MAX_PAGE: Final = 200
 """Largest ``limit`` for ``history`` and ``backfill``."""
+MAX_WHO: Final = 1000
+"""Most members one ``who`` lists (online first): a 10,000-member room is not sent whole."""
 DEFAULT_PAGE: Final = 50
 
 # WebSocket close codes (RFC 6455 §7.4.1).
@@ -340,6 +342,7 @@ def _data(value: object, limits: ChatLimits) -> bytes:
 
 _msg_id = _int_range("message id", 0, MAX_SAFE_INT)
 _limit = _int_range("limit", 1, MAX_PAGE)
+_who_limit = _int_range("limit", 1, MAX_WHO)
 _seconds = _int_range("seconds", 1, MAX_SECONDS)
 _token = _pattern("token", TOKEN_RE, "a session token from login")
 _hash = _pattern("file", HASH_RE, "a file hash (64 lower-case hex digits)")
@@ -371,7 +374,7 @@ COMMANDS: Final[Mapping[str, Spec]] = {
     "join": Spec({"room": check_room}),
     "leave": Spec({"room": check_room}),
     "rooms": Spec(),
-    "who": Spec({"room": check_room}),
+    "who": Spec({"room": check_room}, {"limit": _who_limit}),
     "invite": Spec({"room": check_room, "nick": check_nick}),
     "topic": Spec({"room": check_room, "topic": _topic}),
     # Messages.
@@ -583,6 +586,85 @@ def hello_event(limits: ChatLimits) -> dict[str, object]:
     }
 
 
+# --------------------------------------------------------------------------- presence
+
+PresenceChange = Literal["join", "leave", "online", "offline"]
+"""One presence change of one user in one room: membership (``join``/``leave``) or
+connection (``online``/``offline``: the user's first / last connection)."""
+
+_OPPOSITE: Final[Mapping[str, str]] = {
+    "join": "leave",
+    "leave": "join",
+    "online": "offline",
+    "offline": "online",
+}
+_LISTS: Final[Mapping[str, str]] = {
+    "join": "joined",
+    "leave": "left",
+    "online": "online",
+    "offline": "offline",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceBatch:
+    """One coalesced ``presence`` event for one room and one audience.
+
+    Attributes:
+        room: the room name.
+        membership: ``True``: ``joined``/``left`` changes, for the room's members;
+            ``False``: ``online``/``offline`` changes, for the sessions watching the room.
+        event: the ``presence`` event (all four lists present, two of them empty).
+    """
+
+    room: str
+    membership: bool
+    event: dict[str, object]
+
+
+class PresenceBatcher:
+    """Coalesces presence changes per room into at most two events per flush.
+
+    Sending every join and every online change to every member of a room costs O(N) per
+    change, O(N^2) when N clients connect at once. The server instead adds each change
+    here (:meth:`add`) and flushes (:meth:`flush`) every ``presence_interval`` (it owns
+    the timer; this core has no clock). A change and its reversal within one interval
+    (``online`` then ``offline``) cancel out: nobody could have seen the difference.
+    Within a list, nicks keep the order of their first pending change.
+    """
+
+    def __init__(self) -> None:
+        # (room, membership?) -> nick -> its pending change
+        self._pending: dict[tuple[str, bool], dict[str, str]] = {}
+
+    def __bool__(self) -> bool:
+        """``True`` while some change waits for :meth:`flush`."""
+        return bool(self._pending)
+
+    def add(self, room: str, nick: str, change: PresenceChange) -> None:
+        """Note one change of ``nick`` in ``room``."""
+        key = (room, change in ("join", "leave"))
+        changes = self._pending.setdefault(key, {})
+        if changes.get(nick) == _OPPOSITE[change]:
+            del changes[nick]
+            if not changes:
+                del self._pending[key]
+        else:
+            changes[nick] = change
+
+    def flush(self) -> list[PresenceBatch]:
+        """Drain the pending changes as events, rooms in the order they first changed."""
+        batches = []
+        for (room, membership), changes in self._pending.items():
+            lists: dict[str, list[str]] = {"joined": [], "left": [], "online": [], "offline": []}
+            for nick, change in changes.items():
+                lists[_LISTS[change]].append(nick)
+            event: dict[str, object] = {"type": "presence", "room": room, **lists}
+            batches.append(PresenceBatch(room, membership, event))
+        self._pending = {}
+        return batches
+
+
 # --------------------------------------------------------------------------- connection
 
 
@@ -734,11 +816,15 @@ __all__ = [
     "COMMANDS",
     "DEFAULT_PAGE",
     "MAX_PAGE",
+    "MAX_WHO",
     "PROTOCOL_VERSION",
     "ChatConnection",
     "Code",
     "Command",
     "CommandError",
+    "PresenceBatch",
+    "PresenceBatcher",
+    "PresenceChange",
     "State",
     "TokenBucket",
     "ack_event",

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -72,9 +72,23 @@ class Client:
 
     async def expect(self, kind: str, **match: Any) -> dict[str, Any]:
         """The first event (kept or new) of type ``kind`` whose fields equal ``match``."""
+        return await self.expect_where(
+            lambda e: e.get("type") == kind and all(e.get(k) == v for k, v in match.items())
+        )
 
-        def fits(e: dict[str, Any]) -> bool:
-            return e.get("type") == kind and all(e.get(k) == v for k, v in match.items())
+    async def presence(self, room: str, **change: str) -> dict[str, Any]:
+        """The first batched ``presence`` event of ``room`` listing the nick given for each
+        list, e.g. ``presence("general", joined="bob")``."""
+        return await self.expect_where(
+            lambda e: (
+                e.get("type") == "presence"
+                and e.get("room") == room
+                and all(nick in e.get(name, ()) for name, nick in change.items())
+            )
+        )
+
+    async def expect_where(self, fits: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first event (kept or new) for which ``fits`` is true."""
 
         for i, event in enumerate(self.events):
             if fits(event):

@@ -147,7 +147,15 @@ async def test_two_users_exchange_messages_across_tcp_and_ws(db: Path) -> None:
         }
         await alice.fails("create", "room_exists", room="general")
         await bob.ok("join", room="general")
-        assert (await alice.expect("presence", nick="bob"))["state"] == "join"
+        joined = await alice.presence("general", joined="bob")
+        assert joined == {
+            "type": "presence",
+            "room": "general",
+            "joined": ["bob"],
+            "left": [],
+            "online": [],
+            "offline": [],
+        }
 
         sent = await alice.ok("say", room="general", text="hi bob")
         msg = sent["message"]
@@ -180,7 +188,7 @@ async def test_two_users_exchange_messages_across_tcp_and_ws(db: Path) -> None:
             }
         ]
         await bob.ok("leave", room="general")
-        assert (await alice.expect("presence", nick="bob", state="leave"))["room"] == "general"
+        await alice.presence("general", left="bob")
         await bob.fails("say", "not_member", room="general", text="still here?")
         await bob.fails("leave", "not_member", room="general")
         await bob.fails("join", "no_such_room", room="nowhere")
@@ -194,21 +202,27 @@ async def test_presence_online_offline(db: Path) -> None:
         await bob.register("bob")
         await alice.ok("create", room="general")
         await bob.ok("join", room="general")
-        await alice.expect("presence", nick="bob", state="join")
+        await alice.presence("general", joined="bob")
+        await alice.ok("who", room="general")  # the member pane: online/offline from now on
         await bob.close()
-        event = await alice.expect("presence", nick="bob", state="offline")
-        assert event["room"] == "general"
+        event = await alice.presence("general", offline="bob")
+        assert event["online"] == []
         bob = await tcp(srv)
         login = await bob.login("bob")
         assert login["rooms"] == ["general"]
-        await alice.expect("presence", nick="bob", state="online")
-        # A second session of the same user does not announce again.
+        await alice.presence("general", online="bob")
+        # A second session of the same user does not announce again: the next batch
+        # (carol joining, after bob2 came and went) holds nothing about bob.
         bob2 = await ws(srv)
         await bob2.login("bob")
         await bob2.close()
         await apoll_until(lambda: len(srv.service.sessions) == 2)
-        await alice.ok("ping")
+        carol = await tcp(srv)
+        await carol.register("carol")
+        await carol.ok("join", room="general")
+        await alice.presence("general", joined="carol")
         assert not [e for e in alice.events if e["type"] == "presence"]
+        await carol.close()
         await closing(alice, bob)
 
 
@@ -716,3 +730,16 @@ async def test_garbage_never_takes_the_connection_down(db: Path, transport: str)
         assert len(answered) == sent  # one reply per message, none lost, none twice
         assert not client.closed
         await client.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_fan_out_frames_match_websockets_own(size: int) -> None:
+    from websockets.frames import Frame, Opcode
+
+    from netstack.servers.chat.ws import framed, text_frame
+
+    payload = ("é" * size).encode()[:size]
+    assert text_frame(payload) == Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    text = "x" * size
+    assert framed(text) is framed(text)  # built once per fanned-out text
+    assert framed(text + "y") == text_frame((text + "y").encode())

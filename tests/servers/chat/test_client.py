@@ -65,7 +65,7 @@ async def test_commands_over_tcp(tmp_path: Path) -> None:
             invited = await bob.expect("invited")
             assert invited["room"] == "secret"
             await bob.ok("join", room="secret")
-            await screen.shows("* bob joined #secret")
+            await screen.shows("* #secret: bob joined")
             await alice.command("/mute bob 60")
             await screen.shows("* alice muted bob in #secret")
             await alice.command("/unmute bob")
@@ -154,6 +154,15 @@ def test_format_event_covers_every_kind() -> None:
     )
     assert format_event({"type": "error", "code": "x", "message": "y"}) == "! x: y"
     assert format_event({"type": "hello"}) is None
+    presence = {"type": "presence", "room": "r", "joined": [], "left": [], "offline": []}
+    assert format_event({**presence, "joined": ["a"], "left": ["b", "c"]}) == (
+        "* #r: a joined; b, c left"
+    )
+    many = [f"u{i}" for i in range(25)]
+    assert format_event({**presence, "online": many, "offline": ["z"]}) == (
+        "* #r: u0, u1, u2, u3, u4, u5, u6, u7, u8, u9 and 15 more online; z went offline"
+    )
+    assert format_event({**presence, "online": []}) is None
     line = format_event(
         {
             "type": "message",

@@ -99,7 +99,12 @@ async def test_two_users_chat_in_chromium(tmp_path: Path) -> None:
 
             # The server restarts; meanwhile bob says something through another instance
             # on the same database. Alice's page reconnects, resumes and backfills it.
+            # Alice's member pane watches #general: bob's dot goes out when he leaves
+            # (a batched online/offline event, no new `who`).
+            bob_dot = alice.locator("#member-list li", has_text="bob").locator(".dot.online")
+            await expect(bob_dot).to_have_count(1)
             await bob_ctx.close()
+            await expect(bob_dot).to_have_count(0)
             await srv.close()
             await expect(alice.locator("#conn-state")).to_contain_text("reconnecting")
             async with ChatServer(chat_config(db, tcp_bind=None)) as other:

@@ -1,13 +1,17 @@
 """Several chat instances behind one redis-server and one PostgreSQL: real servers only.
 
-Clients connect to each instance directly, and through ``netstack balance`` in TCP mode
-(WebSocket is relayed as bytes). The L7 (HTTP) balancer mode, with WebSocket upgrades,
-is not tested here yet.
+Clients connect to each instance directly, through ``netstack balance`` in TCP mode
+(WebSocket is relayed as bytes) and through ``netstack balance --mode http`` (L7: the
+balancer parses the upgrade request, then tunnels the WebSocket).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -60,7 +64,7 @@ async def test_users_on_different_instances_talk(pair: list[ChatServer]) -> None
     await bob.register("bob")
     await alice.ok("create", room="general")
     await bob.ok("join", room="general")
-    await alice.expect("presence", room="general", nick="bob", state="join")
+    await alice.presence("general", joined="bob")
 
     first = await alice.ok("say", room="general", text="hello from one")
     assert (await bob.expect("message"))["message"] == first["message"]
@@ -110,6 +114,74 @@ async def test_two_instances_behind_the_tcp_balancer(pair: list[ChatServer]) -> 
         await closing(alice, bob)
 
 
+async def test_two_instances_behind_the_http_balancer(pair: list[ChatServer]) -> None:
+    # The real CLI, L7 mode; round robin without health checks puts the first WebSocket
+    # upgrade on the first instance and the second on the second (checked below).
+    backends = [arg for srv in pair for arg in ("--backend", f"127.0.0.1:{srv.ws_address[1]}")]
+    lb = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "netstack",
+        "balance",
+        "--mode",
+        "http",
+        "--listen",
+        "127.0.0.1:0",
+        *backends,
+        "--algorithm",
+        "round_robin",
+        "--check-interval",
+        "none",
+        "--drain-timeout",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert lb.stdout is not None
+    assert lb.stderr is not None
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            line = (await lb.stdout.readline()).decode()
+        assert line.startswith("listening on http 127.0.0.1:"), line
+        front = ("127.0.0.1", int(line.rsplit(":", 1)[1]))
+        alice = await WSClient.open(front)
+        # Bob's upgrade carries the Origin a browser on the page served through the
+        # balancer sends: the Host the instance sees must still be the balancer's.
+        bob = await WSClient.open(front, origin=f"http://{front[0]}:{front[1]}")
+        await alice.register("alice")
+        await bob.register("bob")
+        homes = [{s.nick for s in srv.service.sessions} for srv in pair]
+        assert homes == [{"alice"}, {"bob"}]
+
+        await alice.ok("create", room="general")
+        await bob.ok("join", room="general")
+        await alice.presence("general", joined="bob")  # batched presence crosses instances
+        said = await bob.ok("say", room="general", text="through the L7 balancer")
+        assert (await alice.expect("message", message=said["message"]))["message"]["from"] == "bob"
+        answer = await alice.ok("say", room="general", text="heard you")
+        assert (await bob.expect("message", message=answer["message"]))["message"]["from"] == (
+            "alice"
+        )
+        dm = await alice.ok("dm", to="bob", text="psst, from instance one")
+        assert dm["delivered"] is True  # bob counts as online although he is on two
+        assert (await bob.expect("dm"))["message"]["text"] == "psst, from instance one"
+        back = await bob.ok("dm", to="alice", text="hi from two")
+        assert (await alice.expect("dm", message=back["message"]))["message"]["from"] == "bob"
+        await closing(alice, bob)
+    finally:
+        if lb.returncode is None:
+            lb.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    await lb.wait()
+            except TimeoutError:
+                lb.kill()
+                await lb.wait()
+        stderr = (await lb.stderr.read()).decode()
+    assert lb.returncode == 0, stderr
+
+
 async def test_offline_dm_is_delivered_at_login_on_the_other_instance(
     pair: list[ChatServer],
 ) -> None:
@@ -119,9 +191,10 @@ async def test_offline_dm_is_delivered_at_login_on_the_other_instance(
     await bob.register("bob")
     await alice.ok("create", room="general")
     await bob.ok("join", room="general")
+    await alice.ok("who", room="general")  # watch online/offline (bob is on two)
     await bob.close()
     # Bob's last connection (on two) closed: one hears it and knows he is offline.
-    await alice.expect("presence", room="general", nick="bob", state="offline")
+    await alice.presence("general", offline="bob")
     who = await alice.ok("who", room="general")
     assert {m["nick"]: m["online"] for m in who["members"]} == {"alice": True, "bob": False}
     dm = await alice.ok("dm", to="bob", text="while you were out")
@@ -131,7 +204,7 @@ async def test_offline_dm_is_delivered_at_login_on_the_other_instance(
     await bob.login("bob")
     pending = await bob.expect("dm", pending=True)
     assert pending["message"]["text"] == "while you were out"
-    await alice.expect("presence", room="general", nick="bob", state="online")
+    await alice.presence("general", online="bob")
     await closing(alice, bob)
 
 

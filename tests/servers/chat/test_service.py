@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from netstack.config import ChatLimits
+from netstack.config import ChatLimits, ChatTimeouts
 from netstack.servers.chat import auth
-from netstack.servers.chat.fanout import LocalFanout
+from netstack.servers.chat.fanout import LocalFanout, watch_topic
 from netstack.servers.chat.server import open_store
-from netstack.servers.chat.service import ChatService, Session
+from netstack.servers.chat.service import MAX_WATCHED, ChatService, Session
 from netstack.servers.chat.sqlite import SQLiteStore
 from netstack.servers.chat.store import Room
 from tests.helpers import apoll_until
@@ -111,6 +111,8 @@ async def test_slow_reader_is_dropped(service: ChatService) -> None:
     await reply(a_out, 2)
     bob.receive(json.dumps({"type": "join", "id": 2, "room": "general"}))
     await reply(b_out, 2)
+    alice.receive(json.dumps({"type": "who", "id": 4, "room": "general"}))  # alice watches
+    await reply(a_out, 4)
     b_out.backlog = service.limits.max_outgoing_bytes + 1  # bob stopped reading
     alice.receive(json.dumps({"type": "say", "id": 3, "room": "general", "text": "hi"}))
     await reply(a_out, 3)
@@ -119,8 +121,18 @@ async def test_slow_reader_is_dropped(service: ChatService) -> None:
     assert bob not in service.sessions
     await apoll_until(lambda: not service._background)  # presence updated after the drop
     assert not await service.is_online(bob.user.id)  # type: ignore[union-attr]
-    offline = [e for e in a_out.sent if e["type"] == "presence" and e["state"] == "offline"]
-    assert offline == [{"type": "presence", "room": "general", "nick": "bob", "state": "offline"}]
+    await apoll_until(lambda: any(e.get("offline") for e in a_out.sent))  # the next batch
+    offline = [e for e in a_out.sent if e["type"] == "presence" and e["offline"]]
+    assert offline == [
+        {
+            "type": "presence",
+            "room": "general",
+            "joined": [],
+            "left": [],
+            "online": [],
+            "offline": ["bob"],
+        }
+    ]
     bob.connection_lost()  # the transport reports it too: nothing happens twice
 
 
@@ -278,8 +290,8 @@ async def test_pending_dms_survive_a_drop_during_login(service: ChatService) -> 
     dropped, d_out = open_session(service)
     real = service.store.pending
 
-    async def pending_then_drop(user_id: int) -> list[Any]:
-        found = await real(user_id)
+    async def pending_then_drop(user_id: int, limit: int) -> list[Any]:
+        found = await real(user_id, limit)
         dropped.connection_lost()  # gone before the ack and the DMs are written
         return found
 
@@ -294,7 +306,7 @@ async def test_pending_dms_survive_a_drop_during_login(service: ChatService) -> 
     await reply(g_out, 1)
     await apoll_until(lambda: "dm" in g_out.types())
     assert [e["message"]["text"] for e in g_out.sent if e["type"] == "dm"] == ["later"]
-    assert await service.store.pending(again.user.id) == []  # type: ignore[union-attr]
+    assert await service.store.pending(again.user.id, 10) == []  # type: ignore[union-attr]
 
 
 async def test_local_presence_counts_connections() -> None:
@@ -312,3 +324,135 @@ async def test_local_presence_counts_connections() -> None:
     assert await presence.disconnect(7) is False  # never below zero
     assert await presence.connect(7) is True
     await presence.close()
+
+
+async def seeded(store: SQLiteStore, n: int, rooms: tuple[str, ...]) -> list[str]:
+    """``n`` users u0..u{n-1}, all members of ``rooms`` (u0 owns them); their tokens."""
+    tokens = []
+    room_ids = []
+    for i in range(n):
+        user = await store.create_user(f"u{i}", "not-a-hash", 1)
+        token = auth.new_token()
+        await store.create_session(auth.token_hash(token), user.id, 2**50, 1)
+        tokens.append(token)
+        if i == 0:
+            for name in rooms:
+                room_ids.append((await store.create_room(name, "public", "", user.id, 1)).id)
+        else:
+            for room_id in room_ids:
+                await store.add_member(room_id, user.id, "member", 1)
+    return tokens
+
+
+def presence_events(outlet: Outlet) -> list[dict[str, Any]]:
+    return [e for e in outlet.sent if e["type"] == "presence"]
+
+
+async def test_mass_login_is_one_presence_batch_for_watchers_only(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "chat.sqlite3")
+    await store.open()
+    # A long interval: this test flushes by hand, so the batch boundaries are exact.
+    svc = ChatService(
+        store,
+        LocalFanout(),
+        limits=ChatLimits(flood_rate=1000, flood_burst=1000),
+        timeouts=ChatTimeouts(presence_interval=3600.0),
+    )
+    tokens = await seeded(store, 30, ("general",))
+    sessions = [open_session(svc) for _ in tokens]
+    (watcher, w_out), (_, m_out) = sessions[0], sessions[1]
+    watcher.receive(json.dumps({"type": "resume", "id": 1, "token": tokens[0]}))
+    await reply(w_out, 1)
+    watcher.receive(json.dumps({"type": "who", "id": 2, "room": "general"}))
+    assert [m["online"] for m in (await reply(w_out, 2))["members"]] == [True] + [False] * 29
+    svc.flush_presence()  # u0's own online change, before it watched
+    w_out.sent.clear()
+    for (session, _), token in zip(sessions[1:], tokens[1:], strict=True):
+        session.receive(json.dumps({"type": "resume", "id": 1, "token": token}))
+    for _, outlet in sessions[1:]:
+        await reply(outlet, 1)
+    assert presence_events(w_out) == []  # nothing until the interval ends
+    svc.flush_presence()
+    assert presence_events(w_out) == [
+        {
+            "type": "presence",
+            "room": "general",
+            "joined": [],
+            "left": [],
+            "online": [f"u{i}" for i in range(1, 30)],
+            "offline": [],
+        }
+    ]
+    # A member that never asked who gets no online/offline: O(watchers), not O(members).
+    assert presence_events(m_out) == []
+    for session, _ in sessions[1:]:
+        session.connection_lost()
+    await apoll_until(lambda: not svc._background)
+    svc.flush_presence()
+    assert presence_events(w_out)[-1]["offline"] == [f"u{i}" for i in range(1, 30)]
+    assert presence_events(m_out) == []
+    svc.close()
+    await store.close()
+
+
+async def test_watching_is_bounded_and_ends_on_leave_and_logout(service: ChatService) -> None:
+    rooms = tuple(f"r{i}" for i in range(MAX_WATCHED + 1))
+    tokens = await seeded(service.store, 2, rooms)  # type: ignore[arg-type]
+    session, outlet = open_session(service)
+    session.receive(json.dumps({"type": "resume", "id": 1, "token": tokens[1]}))
+    await reply(outlet, 1)
+    fanout = service.fanout
+    assert isinstance(fanout, LocalFanout)
+    for i, room in enumerate(rooms, start=2):
+        session.receive(json.dumps({"type": "who", "id": i, "room": room}))
+        await reply(outlet, i)
+    assert session.watching == list(rooms[1:])  # the oldest watch was dropped
+    assert fanout.subscribers(watch_topic(rooms[0])) == 0
+    assert fanout.subscribers(watch_topic(rooms[1])) == 1
+    session.receive(json.dumps({"type": "who", "id": 20, "room": rooms[1]}))
+    await reply(outlet, 20)
+    assert session.watching == [*rooms[2:], rooms[1]]  # asked again: newest, not twice
+    session.receive(json.dumps({"type": "leave", "id": 21, "room": rooms[2]}))
+    await reply(outlet, 21)
+    assert rooms[2] not in session.watching
+    assert fanout.subscribers(watch_topic(rooms[2])) == 0
+    session.receive(json.dumps({"type": "logout", "id": 22}))
+    await reply(outlet, 22)
+    assert session.watching == []
+    assert all(fanout.subscribers(watch_topic(room)) == 0 for room in rooms)
+
+
+async def test_unbatched_presence_goes_out_at_once(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "chat.sqlite3")
+    await store.open()
+    svc = ChatService(store, LocalFanout(), timeouts=ChatTimeouts(presence_interval=None))
+    tokens = await seeded(store, 2, ("general",))
+    (alice, a_out), (bob, b_out) = open_session(svc), open_session(svc)
+    alice.receive(json.dumps({"type": "resume", "id": 1, "token": tokens[0]}))
+    await reply(a_out, 1)  # commands are checked against the state they arrive in
+    alice.receive(json.dumps({"type": "who", "id": 2, "room": "general"}))
+    await reply(a_out, 2)
+    bob.receive(json.dumps({"type": "resume", "id": 1, "token": tokens[1]}))
+    await reply(b_out, 1)
+    assert [e["online"] for e in presence_events(a_out)] == [["u1"]]
+    svc.close()
+    await store.close()
+
+
+async def test_who_lists_online_members_first_up_to_the_limit(service: ChatService) -> None:
+    tokens = await seeded(service.store, 6, ("general",))  # type: ignore[arg-type]
+    sessions = [open_session(service) for _ in range(2)]
+    for (session, outlet), token in zip(sessions, (tokens[0], tokens[3]), strict=True):
+        session.receive(json.dumps({"type": "resume", "id": 1, "token": token}))
+        await reply(outlet, 1)
+    session, outlet = sessions[0]
+    session.receive(json.dumps({"type": "who", "id": 2, "room": "general", "limit": 3}))
+    who = await reply(outlet, 2)
+    assert [(m["nick"], m["online"]) for m in who["members"]] == [
+        ("u0", True),
+        ("u3", True),
+        ("u1", False),
+    ]
+    assert (who["count"], who["online_count"]) == (6, 2)
+    session.receive(json.dumps({"type": "who", "id": 3, "room": "general"}))
+    assert len((await reply(outlet, 3))["members"]) == 6  # default: up to MAX_WHO

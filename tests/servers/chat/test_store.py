@@ -159,9 +159,15 @@ async def test_messages_history_backfill_pending(store: Store) -> None:
     # The sender of a DM gets it back too.
     assert [m.text for m in await store.backfill(alice.id, said[-1].id, 10)] == ["psst"]
 
-    assert [m.id for m in await store.pending(bob.id)] == [dm.id]
+    assert [m.id for m in await store.pending(bob.id, 10)] == [dm.id]
+    later = await store.add_message(
+        sender=carol, text="later", now=NOW + 11, recipient=bob, pending=True
+    )
+    assert [m.id for m in await store.pending(bob.id, 1)] == [dm.id]  # a page, oldest first
     await store.clear_pending(bob.id, dm.id)
-    assert await store.pending(bob.id) == []
+    assert [m.id for m in await store.pending(bob.id, 10)] == [later.id]
+    await store.clear_pending(bob.id, later.id)
+    assert await store.pending(bob.id, 10) == []
 
 
 async def test_files(store: Store) -> None:

@@ -33,12 +33,13 @@ logger = logging.getLogger(__name__)
 CALL_TIMEOUT: Final = 30.0
 SEEN_IDS: Final = 10_000  # remembered message ids, to drop duplicates after a backfill
 HISTORY_DEFAULT: Final = 20
+PRESENCE_NAMES: Final = 10  # nicks shown per presence line; a mass login says "and N more"
 
 HELP: Final = """commands:
   /join ROOM            join (or create) a room and talk there
   /leave [ROOM]         leave the room (default: the current one)
   /msg NICK [TEXT]      direct message; without TEXT, talk to NICK from now on
-  /who [ROOM]           members and who is online
+  /who [ROOM]           members and who is online (then online/offline changes there)
   /history [N]          the last N messages here (default 20)
   /rooms                public rooms and yours
   /topic TEXT           set the room topic (moderators)
@@ -124,19 +125,34 @@ def format_message(m: dict[str, Any]) -> str:
     return f"{clock(m['ts'])} [dm] {m['from']} -> {m['to']}: {text}"
 
 
+def _nicks(names: list[str]) -> str:
+    shown = ", ".join(names[:PRESENCE_NAMES])
+    more = len(names) - PRESENCE_NAMES
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def format_presence(ev: dict[str, Any]) -> str | None:
+    """One line for a batched ``presence`` event (``None``: it lists nobody)."""
+    parts = [
+        f"{_nicks(ev[name])} {verb}"
+        for name, verb in (
+            ("joined", "joined"),
+            ("left", "left"),
+            ("online", "online"),
+            ("offline", "went offline"),
+        )
+        if ev.get(name)
+    ]
+    return f"* #{ev['room']}: {'; '.join(parts)}" if parts else None
+
+
 def format_event(ev: dict[str, Any]) -> str | None:
     """One line for a server event (``None``: nothing to show)."""
     kind = ev.get("type")
     if kind in ("message", "dm"):
         return format_message(ev["message"])
     if kind == "presence":
-        verb = {
-            "join": "joined",
-            "leave": "left",
-            "online": "is online in",
-            "offline": "went offline in",
-        }
-        return f"* {ev['nick']} {verb.get(ev['state'], ev['state'])} #{ev['room']}"
+        return format_presence(ev)
     reason = f": {ev['reason']}" if ev.get("reason") else ""
     if kind in ("kicked", "banned"):
         done = "removed" if kind == "kicked" else "banned"
@@ -444,7 +460,8 @@ class ChatClient:
                 f"{' [online]' if m['online'] else ''}"
                 for m in ack["members"]
             )
-            self.output(f"* #{ack['room']}: {people}")
+            more = ack["count"] - len(ack["members"])
+            self.output(f"* #{ack['room']}: {people}" + (f" and {more} more" if more > 0 else ""))
         elif cmd == "/history":
             await self._history(int(args[0]) if args and args[0].isdigit() else HISTORY_DEFAULT)
         elif cmd == "/rooms":

@@ -1,6 +1,7 @@
 """Fan-out: deliver one encoded event to every subscriber of a topic.
 
-Topics are ``room:<name>`` and ``user:<id>`` (every session of one user). Events are
+Topics are ``room:<name>``, ``user:<id>`` (every session of one user) and
+``presence:<name>`` (the sessions watching a room's online/offline changes). Events are
 encoded once by the publisher and handed over as text, so a broadcast to N clients costs
 one ``json.dumps``, and a Redis implementation (several chat instances sharing rooms) can
 pass the same text through ``PUBLISH`` unchanged. :class:`LocalFanout` is the in-process
@@ -164,6 +165,11 @@ def room_topic(name: str) -> str:
 
 def user_topic(user_id: int) -> str:
     return f"user:{user_id}"
+
+
+def watch_topic(room: str) -> str:
+    """Sessions watching a room's online/offline changes (after ``who``)."""
+    return f"presence:{room}"
 
 
 class LocalFanout:

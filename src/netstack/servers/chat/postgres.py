@@ -477,11 +477,12 @@ class PostgresStore:
         assert row is not None
         return cast(int, row[0])
 
-    async def pending(self, user_id: int) -> list[Message]:
+    async def pending(self, user_id: int, limit: int) -> list[Message]:
         rows = await self._all(
             _MESSAGE_SELECT + " JOIN pending_dms p ON p.message_id=m.id WHERE p.user_id=%s"
-            " ORDER BY m.id",
+            " ORDER BY m.id LIMIT %s",
             user_id,
+            limit,
         )
         return [_message(row) for row in rows]
 

@@ -28,8 +28,9 @@ are serialised, so a heartbeat never races a count.
 Login throttle (:class:`RedisThrottle`): failed logins per nick are counted in Redis,
 so a guesser gets the same budget however many instances it spreads over. Still per
 instance: flood control (per connection anyway).
-Tested behind ``netstack balance`` in TCP mode (tests/servers/chat/test_scaleout.py);
-the L7 (HTTP) mode with WebSocket upgrades is not tested yet.
+Tested behind ``netstack balance`` in TCP mode and in HTTP (L7) mode, where the
+balancer parses the WebSocket upgrade and then tunnels it
+(tests/servers/chat/test_scaleout.py).
 """
 
 from __future__ import annotations

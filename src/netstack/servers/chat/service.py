@@ -12,8 +12,12 @@ Invariants:
 * A user's sessions are subscribed to ``user:<id>`` and to ``room:<name>`` for every room
   the user belongs to, from login (before anything is read for them, so a client that
   subscribes then backfills misses nothing) until logout or disconnect.
-* Presence is per user: ``online`` is sent to a user's rooms when the first session
-  logs in and ``offline`` when the last one goes; ``join``/``leave`` are membership.
+* Presence is per user: ``online`` when the first session logs in and ``offline`` when
+  the last one goes; ``join``/``leave`` are membership. Changes are coalesced per room
+  (``proto.chat.PresenceBatcher``) and sent every ``presence_interval``: membership to the
+  room's members, online/offline only to the sessions watching the room (the last
+  :data:`MAX_WATCHED` rooms each asked ``who`` about), so a mass connect of N members
+  costs O(N) per interval, not O(N^2).
 * A DM to a user with no live session is also queued as pending and delivered at the
   next login (and is in ``backfill`` anyway).
 * Several instances (``--redis``): events cross instances through the fan-out, and so do
@@ -40,10 +44,14 @@ from netstack.errors import LimitExceeded
 from netstack.proto.chat import (
     CLOSE_POLICY,
     DEFAULT_PAGE,
+    MAX_PAGE,
+    MAX_WHO,
     ChatConnection,
     Code,
     Command,
     CommandError,
+    PresenceBatcher,
+    PresenceChange,
     State,
     ack_event,
     encode,
@@ -60,6 +68,7 @@ from netstack.servers.chat.fanout import (
     Presence,
     room_topic,
     user_topic,
+    watch_topic,
 )
 from netstack.servers.chat.store import (
     ROLE_RANK,
@@ -87,6 +96,9 @@ LOGIN_WINDOW = 300.0
 # a burst of logins cannot take every core or a lot of memory.
 HASH_WORKERS = 2
 CLOSE_GOING_AWAY = 1001
+# Rooms whose online/offline changes one session receives (the member pane of the page
+# shows one; a terminal user may /who a few). The oldest watch is dropped beyond this.
+MAX_WATCHED = 4
 
 
 class Outlet(Protocol):
@@ -142,6 +154,7 @@ class Session:
         self.user: User | None = None
         self.token_hash: str | None = None
         self.rooms: set[str] = set()
+        self.watching: list[str] = []  # rooms whose online/offline changes it gets, oldest first
         self.closed = False
         self.after_ack: list[dict[str, object]] = []
         self.pending_upto = 0  # last pending DM sent after the login ack, to clear
@@ -285,6 +298,8 @@ class ChatService:
             else LocalThrottle(clock, max_failures=MAX_LOGIN_FAILURES, window=LOGIN_WINDOW)
         )
         self._background: set[asyncio.Task[None]] = set()  # presence updates of closed sessions
+        self._presence_batch = PresenceBatcher()
+        self._presence_timer: asyncio.TimerHandle | None = None
         self.fanout.subscribe(CONTROL_TOPIC, _Control(self))
         self._handlers: dict[str, Callable[[Session, Command], Awaitable[dict[str, object]]]] = {
             "register": self._register,
@@ -329,9 +344,11 @@ class ChatService:
         self._go_offline(session)
 
     async def drain(self) -> None:
-        """Wait for the presence updates of closed sessions (before closing the fan-out)."""
+        """Wait for the presence updates of closed sessions and send the last batch
+        (before closing the fan-out)."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        self.flush_presence()
 
     def shutdown(self) -> None:
         """Tell every client the server is going away (close code 1001)."""
@@ -396,6 +413,40 @@ class ChatService:
     def _publish(self, topic: str, event: dict[str, object]) -> None:
         self.fanout.publish(topic, encode(event))
 
+    def _presence(self, room: str, nick: str, change: PresenceChange) -> None:
+        """Queue a presence change; the batch goes out within ``presence_interval``."""
+        self._presence_batch.add(room, nick, change)
+        interval = self.timeouts.presence_interval
+        if interval is None:
+            self.flush_presence()
+        elif self._presence_timer is None:
+            self._presence_timer = asyncio.get_running_loop().call_later(
+                interval, self.flush_presence
+            )
+
+    def flush_presence(self) -> None:
+        """Publish the coalesced presence changes now (the timer's callback)."""
+        if self._presence_timer is not None:
+            self._presence_timer.cancel()
+            self._presence_timer = None
+        for batch in self._presence_batch.flush():
+            topic = room_topic(batch.room) if batch.membership else watch_topic(batch.room)
+            self._publish(topic, batch.event)
+
+    def _watch(self, session: Session, room: str) -> None:
+        """Send ``session`` the online/offline changes of ``room`` from now on."""
+        if room in session.watching:
+            session.watching.remove(room)
+        elif len(session.watching) >= MAX_WATCHED:
+            self.fanout.unsubscribe(watch_topic(session.watching.pop(0)), session)
+        session.watching.append(room)
+        self.fanout.subscribe(watch_topic(room), session)
+
+    def _unwatch(self, session: Session, room: str) -> None:
+        if room in session.watching:
+            session.watching.remove(room)
+            self.fanout.unsubscribe(watch_topic(room), session)
+
     def _user_sessions(self, user_id: int) -> set[Session]:
         return self.online.get(user_id, set())
 
@@ -415,6 +466,7 @@ class ChatService:
             else:
                 s.rooms.discard(room)
                 self.fanout.unsubscribe(room_topic(room), s)
+                self._unwatch(s, room)  # left, kicked or banned: who asks again if allowed
 
     async def is_online(self, user_id: int) -> bool:
         return await self.presence.is_online(user_id)
@@ -431,6 +483,9 @@ class ChatService:
 
     def close(self) -> None:
         """Release the hashing threads (after the listeners are closed)."""
+        if self._presence_timer is not None:  # drain() sent what was due
+            self._presence_timer.cancel()
+            self._presence_timer = None
         self._hasher.shutdown(wait=False, cancel_futures=True)
 
     async def _register(self, session: Session, cmd: Command) -> dict[str, object]:
@@ -501,15 +556,14 @@ class ChatService:
             first = False
         if first:
             for room in rooms:
-                self._publish(
-                    room_topic(room),
-                    {"type": "presence", "room": room, "nick": user.nick, "state": "online"},
-                )
+                self._presence(room, user.nick, "online")
         result["rooms"] = rooms
         result["last_id"] = await self.store.last_message_id()
         # Sent after the ack: the DMs that waited for this login. They stop being pending
         # only once written (handle() clears them), so a drop during login loses none.
-        for message in await self.store.pending(user.id):
+        # At most a page: a user back after a long time gets the rest at the next login
+        # and, like everything else, through backfill (a login costs O(page), not O(inbox)).
+        for message in await self.store.pending(user.id, MAX_PAGE):
             session.after_ack.append({"type": "dm", "message": message.to_json(), "pending": True})
             session.pending_upto = message.id
         return result
@@ -522,7 +576,9 @@ class ChatService:
         self.fanout.unsubscribe(user_topic(user.id), session)
         for room in session.rooms:
             self.fanout.unsubscribe(room_topic(room), session)
-        rooms, session.rooms = session.rooms, set()
+        for room in session.watching:
+            self.fanout.unsubscribe(watch_topic(room), session)
+        rooms, session.rooms, session.watching = session.rooms, set(), []
         sessions = self.online.get(user.id)
         if sessions is not None:
             sessions.discard(session)
@@ -549,10 +605,7 @@ class ChatService:
             return
         if last:
             for room in sorted(rooms):
-                self._publish(
-                    room_topic(room),
-                    {"type": "presence", "room": room, "nick": user.nick, "state": "offline"},
-                )
+                self._presence(room, user.nick, "offline")
 
     async def _logout(self, session: Session, cmd: Command) -> dict[str, object]:
         if session.token_hash is not None:
@@ -603,10 +656,7 @@ class ChatService:
             if room.visibility == "invite" and not await self.store.has_invite(room.id, user.id):
                 raise CommandError(Code.INVITE_ONLY, f"{room.name!r} is invite-only")
             await self.store.add_member(room.id, user.id, "member", self.wallclock())
-            self._publish(
-                room_topic(room.name),
-                {"type": "presence", "room": room.name, "nick": user.nick, "state": "join"},
-            )
+            self._presence(room.name, user.nick, "join")
         self._subscribe_room(user.id, room.name)
         return {"room": self._room_json(room, member.role if member else "member")}
 
@@ -616,10 +666,7 @@ class ChatService:
         if not await self.store.remove_member(room.id, user.id):
             raise CommandError(Code.NOT_MEMBER, f"you are not in {room.name!r}")
         self._unsubscribe_room(user.id, room.name)
-        self._publish(
-            room_topic(room.name),
-            {"type": "presence", "room": room.name, "nick": user.nick, "state": "leave"},
-        )
+        self._presence(room.name, user.nick, "leave")
         return {"room": room.name}
 
     async def _rooms(self, session: Session, cmd: Command) -> dict[str, object]:
@@ -649,7 +696,14 @@ class ChatService:
         await self._visible(room, user)
         now = self.wallclock()
         members = await self.store.members(room.id)
+        # Watch before reading presence: a change racing this reply arrives as an event.
+        if not session.closed:
+            self._watch(session, room.name)
         online = await self.presence.online([m.user_id for m in members])
+        # Online first (stable: by nick within each group), at most ``limit``.
+        listed = sorted(members, key=lambda m: m.user_id not in online)[
+            : cmd.number("limit") or MAX_WHO
+        ]
         return {
             "room": room.name,
             "topic": room.topic,
@@ -660,8 +714,10 @@ class ChatService:
                     "online": m.user_id in online,
                     "muted": m.muted_until is not None and m.muted_until > now,
                 }
-                for m in members
+                for m in listed
             ],
+            "count": len(members),
+            "online_count": sum(m.user_id in online for m in members),
         }
 
     async def _invite(self, session: Session, cmd: Command) -> dict[str, object]:

@@ -479,12 +479,13 @@ class SQLiteStore:
         row = await self._run(self._one, "SELECT COALESCE(MAX(id), 0) FROM messages")
         return cast(int, row[0])
 
-    async def pending(self, user_id: int) -> list[Message]:
+    async def pending(self, user_id: int, limit: int) -> list[Message]:
         rows = await self._run(
             self._all,
             _MESSAGE_SELECT + " JOIN pending_dms p ON p.message_id=m.id WHERE p.user_id=?"
-            " ORDER BY m.id",
+            " ORDER BY m.id LIMIT ?",
             user_id,
+            limit,
         )
         return [_message(row) for row in rows]
 

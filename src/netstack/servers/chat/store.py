@@ -190,8 +190,8 @@ class Store(Protocol):
 
     async def last_message_id(self) -> int: ...
 
-    async def pending(self, user_id: int) -> list[Message]:
-        """DMs that arrived while ``user_id`` was offline, oldest first."""
+    async def pending(self, user_id: int, limit: int) -> list[Message]:
+        """The oldest ``limit`` DMs that arrived while ``user_id`` was offline, oldest first."""
 
     async def clear_pending(self, user_id: int, up_to: int) -> None:
         """Forget the pending DMs of ``user_id`` with ids up to ``up_to`` (delivered)."""

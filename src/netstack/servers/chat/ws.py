@@ -18,12 +18,14 @@ import importlib.resources
 import logging
 import re
 import ssl
+import struct
 import urllib.parse
 
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import OPEN
 
 from netstack.config import ChatServerConfig
 from netstack.proto.chat import HASH_RE
@@ -59,6 +61,33 @@ def load_static() -> dict[str, bytes]:
     return {name: root.joinpath(name).read_bytes() for name, _ in STATIC.values()}
 
 
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented text frame (RFC 6455 §5.2), as a server sends it."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, size)
+    return header + payload
+
+
+class _LastFrame:
+    """The frame of the text being fanned out, built once for all its recipients (a
+    publish hands the same ``str`` object to every subscriber in turn)."""
+
+    text: str = ""
+    frame: bytes = b""
+
+
+def framed(text: str) -> bytes:
+    """``text`` as a server text frame, cached for the text being fanned out."""
+    if text is not _LastFrame.text:
+        _LastFrame.text, _LastFrame.frame = text, text_frame(utf8(text))
+    return _LastFrame.frame
+
+
 class WSOutlet:
     """A websockets connection as a session :class:`~.service.Outlet`."""
 
@@ -67,9 +96,16 @@ class WSOutlet:
         self._closing: asyncio.Task[None] | None = None
 
     def write(self, text: str) -> None:
-        # Synchronous and ordered: websockets' broadcast() writes straight to the transport.
-        # Bytes with text=True: a text frame without re-encoding per recipient.
-        broadcast([self.ws], utf8(text), text=True)
+        # A fan-out to N clients was N times websockets' broadcast([ws]): a Frame object,
+        # its serialisation and the protocol's output queue per recipient. Server frames
+        # are unmasked, so every recipient gets the same bytes: build them once and write
+        # them to each transport. Safe because we never compress (compression=None) nor
+        # fragment, and websockets writes each of its own frames (pings, close) whole and
+        # synchronously, so frames never interleave. Like broadcast(), skip connections
+        # that are closing.
+        ws = self.ws
+        if ws.protocol.state is OPEN:
+            ws.transport.write(framed(text))
 
     def close(self, code: int, reason: str) -> None:
         if self._closing is None:

@@ -24,6 +24,7 @@ const state = {
   online: new Set(),           // nicks seen online
   current: null,               // conversation key
   members: [],
+  memberCount: 0,
   loadingOlder: false,
   blobUrls: new Map(),         // file hash -> object URL
 };
@@ -105,12 +106,32 @@ const handlers = {
   },
   message(ev) { addMessage(ev.message); },
   dm(ev) { addMessage(ev.message); },
+  // Batched: every presence_interval at most one per room with the membership changes
+  // (to members) and one with online/offline (to sessions watching it, i.e. whose member
+  // pane asked `who` about it).
   presence(ev) {
-    if (ev.state === "online") state.online.add(ev.nick);
-    if (ev.state === "offline") state.online.delete(ev.nick);
-    if (ev.state === "join") system("#" + ev.room, `${ev.nick} joined #${ev.room}`);
-    if (ev.state === "leave") system("#" + ev.room, `${ev.nick} left #${ev.room}`);
-    if (state.current === "#" + ev.room) refreshMembers();
+    const key = "#" + ev.room;
+    for (const n of ev.online) state.online.add(n);
+    for (const n of ev.offline) state.online.delete(n);
+    if (ev.joined.length) system(key, `${nickList(ev.joined)} joined #${ev.room}`);
+    if (ev.left.length) system(key, `${nickList(ev.left)} left #${ev.room}`);
+    if (state.current === key) {
+      // Applied here, not by asking `who` again: in a big room every member gets this
+      // event, and N members each fetching N members would be O(N^2) once more.
+      for (const n of ev.joined) {
+        state.online.add(n);  // joining takes a live session
+        if (!state.members.some((m) => m.nick === n)) {
+          state.members.push({ nick: n, role: "member", online: true, muted: false });
+          state.memberCount++;
+        }
+      }
+      if (ev.left.length) {
+        const before = state.members.length;
+        state.members = state.members.filter((m) => !ev.left.includes(m.nick));
+        state.memberCount -= before - state.members.length;
+      }
+      renderMembers();
+    }
     renderSidebar();
   },
   kicked(ev) { removed(ev, "removed"); },
@@ -118,16 +139,16 @@ const handlers = {
   muted(ev) {
     const until = ev.until ? ` until ${new Date(ev.until).toLocaleTimeString()}` : "";
     system("#" + ev.room, `${ev.by} muted ${ev.nick}${until}${ev.reason ? ": " + ev.reason : ""}`);
-    if (state.current === "#" + ev.room) refreshMembers();
+    updateMember(ev, (m) => { m.muted = true; });
   },
   unmuted(ev) {
     system("#" + ev.room, `${ev.by} unmuted ${ev.nick}`);
-    if (state.current === "#" + ev.room) refreshMembers();
+    updateMember(ev, (m) => { m.muted = false; });
   },
   role(ev) {
     system("#" + ev.room, `${ev.by} made ${ev.nick} a ${ev.role}`);
     if (ev.nick === state.nick && state.rooms.has(ev.room)) state.rooms.get(ev.room).role = ev.role;
-    if (state.current === "#" + ev.room) refreshMembers();
+    updateMember(ev, (m) => { m.role = ev.role; });
   },
   topic(ev) {
     const room = state.rooms.get(ev.room);
@@ -139,6 +160,19 @@ const handlers = {
   error(ev) { notice(ev.message, true); },
 };
 
+// A moderation event about someone in the member pane on screen: change it in place.
+function updateMember(ev, change) {
+  if (state.current !== "#" + ev.room) return;
+  const member = state.members.find((m) => m.nick === ev.nick);
+  if (member) change(member);
+  renderMembers();
+}
+
+function nickList(nicks, shown = 5) {
+  const more = nicks.length - shown;
+  return more > 0 ? `${nicks.slice(0, shown).join(", ")} and ${more} more` : nicks.join(", ");
+}
+
 function removed(ev, verb) {
   const key = "#" + ev.room;
   if (ev.nick === state.nick) {
@@ -148,7 +182,12 @@ function removed(ev, verb) {
     renderSidebar();
   } else {
     system(key, `${ev.by} ${verb} ${ev.nick}${ev.reason ? ": " + ev.reason : ""}`);
-    if (state.current === key) refreshMembers();
+    if (state.current === key) {
+      const before = state.members.length;
+      state.members = state.members.filter((m) => m.nick !== ev.nick);
+      state.memberCount -= before - state.members.length;
+      renderMembers();
+    }
   }
 }
 
@@ -347,7 +386,6 @@ async function loadOlder(key) {
 }
 
 async function refreshMembers() {
-  const list = $("member-list");
   const key = state.current;
   if (!key || !key.startsWith("#")) {
     $("app").classList.add("no-members");
@@ -355,23 +393,33 @@ async function refreshMembers() {
   }
   $("app").classList.remove("no-members");
   try {
+    // Asking `who` also makes the server send this room's online/offline changes.
     const who = await call("who", { room: key.slice(1) });
     if (state.current !== key) return;
     state.members = who.members;
+    state.memberCount = who.count;  // more than listed in a very big room (online first)
     for (const m of who.members) (m.online ? state.online.add(m.nick) : state.online.delete(m.nick));
-    list.replaceChildren(...who.members
-      .sort((a, b) => (b.online - a.online) || a.nick.localeCompare(b.nick))
-      .map((m) => {
-        const li = el("li", {}, [el("span", { class: "dot" + (m.online ? " online" : "") }), m.nick]);
-        if (m.role !== "member" || m.muted) {
-          li.append(el("span", { class: "role" }, [m.muted ? "muted" : m.role]));
-        }
-        li.title = m.nick === state.nick ? "you" : `Message ${m.nick}`;
-        li.onclick = () => { if (m.nick !== state.nick) { rememberDm(m.nick); openConversation("@" + m.nick); } };
-        return li;
-      }));
+    renderMembers();
     renderSidebar();
   } catch { /* not allowed to see it: leave the list */ }
+}
+
+// The member pane from the last `who` and the online set kept up by presence events.
+function renderMembers() {
+  const members = (state.members || []).map((m) => ({ ...m, online: state.online.has(m.nick) }));
+  $("member-list").replaceChildren(...members
+    .sort((a, b) => (b.online - a.online) || a.nick.localeCompare(b.nick))
+    .map((m) => {
+      const li = el("li", {}, [el("span", { class: "dot" + (m.online ? " online" : "") }), m.nick]);
+      if (m.role !== "member" || m.muted) {
+        li.append(el("span", { class: "role" }, [m.muted ? "muted" : m.role]));
+      }
+      li.title = m.nick === state.nick ? "you" : `Message ${m.nick}`;
+      li.onclick = () => { if (m.nick !== state.nick) { rememberDm(m.nick); openConversation("@" + m.nick); } };
+      return li;
+    }));
+  const hidden = state.memberCount - members.length;
+  if (hidden > 0) $("member-list").append(el("li", { class: "more" }, [`and ${hidden} more`]));
 }
 
 // ------------------------------------------------------------------ rendering
