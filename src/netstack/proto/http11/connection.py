@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Sequence
 
 from netstack.config import HTTPLimits
 from netstack.errors import LocalProtocolError, RemoteProtocolError
@@ -93,6 +94,9 @@ class Framing(enum.Enum):
     CLOSE = "close"  # HTTP/1.0 without Content-Length: the end is the connection's end
 
 
+# Header lists as senders give them: a list, or a tuple they keep and reuse.
+HeaderSeq = Sequence[tuple[bytes, bytes]]
+
 _NO_BODY_STATUS = frozenset({204, 304})
 _FRAMING_HEADERS = frozenset({b"content-length", b"connection", b"transfer-encoding"})
 
@@ -105,7 +109,7 @@ _HEAD_CACHE_SIZE = 512
 _HEAD_CACHE_MAX_BLOCK = 2048
 
 
-def _analyse(headers: Headers) -> tuple[bytes, int | None, bool, bool]:
+def _analyse(headers: HeaderSeq) -> tuple[bytes, int | None, bool, bool]:
     """Check and serialise ``headers``; return (block, Content-Length, has Connection,
     Connection has the ``close`` token).
 
@@ -251,7 +255,7 @@ class HTTPConnection:
             raise LocalProtocolError(f"a server cannot send {kind.__name__}")
 
     def send_response(
-        self, status: int, headers: Headers, body: bytes = b"", trusted: bytes = b""
+        self, status: int, headers: HeaderSeq, body: bytes = b"", trusted: bytes = b""
     ) -> None:
         """Send a whole response at once: head, body and end, in one write.
 
@@ -276,7 +280,7 @@ class HTTPConnection:
         self._finish()
 
     def send_head(
-        self, status: int, headers: Headers, trusted: bytes = b"", reason: bytes = b""
+        self, status: int, headers: HeaderSeq, trusted: bytes = b"", reason: bytes = b""
     ) -> None:
         """``send(Response(...))`` with pre-serialised ``trusted`` header lines added."""
         self._to_send.append(self._head(status, headers, reason, trusted))
@@ -306,7 +310,7 @@ class HTTPConnection:
         return self._parser.resume(switched=True)
 
     def _head(
-        self, status: int, headers: Headers, reason: bytes, trusted: bytes, body_length: int = -1
+        self, status: int, headers: HeaderSeq, reason: bytes, trusted: bytes, body_length: int = -1
     ) -> bytes:
         """The response head; commits the framing and state only once nothing can fail."""
         if self.our_state is not State.IDLE:

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from tempfile import SpooledTemporaryFile
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -80,6 +80,51 @@ CONNECTION_CLOSE: Final = (b"connection", b"close")
 _NAMES: dict[str, bytes] = {}
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+# What start_response makes of a status and header list: (code, encoded headers, has a
+# Content-Length, its value if valid). Apps send the same few again and again; keyed by
+# (status, *headers), bounded (emptied when full), only valid ones kept.
+EncodedResponse = tuple[int, tuple[tuple[bytes, bytes], ...], bool, int | None]
+_RESPONSES: dict[tuple[Any, ...], EncodedResponse] = {}
+_RESPONSES_SIZE: Final = 256
+
+
+def _encode_response(status: str, headers: list[tuple[str, str]]) -> EncodedResponse:
+    """Check and encode what an app gave start_response (PEP 3333: latin-1 strings).
+
+    Raises:
+        ValueError: a malformed status line or header pair.
+    """
+    try:
+        code = int(status[:3])
+        if len(status) < 4 or status[3] != " " or code < 200:
+            raise ValueError
+        encoded = []
+        has_length = False
+        declared = None
+        for name, value in headers:
+            raw = _NAMES.get(name)
+            if raw is None:
+                raw = name.lower().encode("latin-1")
+                if len(_NAMES) < 1024:
+                    _NAMES[name] = raw
+            encoded_value = value.encode("latin-1")
+            if raw == b"content-length":
+                has_length = True
+                if encoded_value.isdigit():
+                    declared = int(encoded_value)
+            encoded.append((raw, encoded_value))
+    except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
+        raise ValueError(
+            f"invalid status or headers from the app: {status!r} {headers!r}"
+        ) from None
+    result = (code, tuple(encoded), has_length, declared)
+    if type(status) is str and all(type(h) is tuple for h in headers):
+        # (an equal key made of other types, say a str subclass, could encode
+        # differently: only plain str statuses in tuple pairs are remembered.)
+        if len(_RESPONSES) >= _RESPONSES_SIZE:
+            _RESPONSES.clear()
+        _RESPONSES[(status, *headers)] = result
+    return result
 
 
 def error_response(status: int, message: str, *, close: bool = True) -> bytes:
@@ -560,7 +605,7 @@ class Exchange:
         self.protocol = protocol
         self.server = server = protocol.server
         self.request = request
-        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.response_headers: Sequence[tuple[bytes, bytes]] = ()
         if server.timed:
             self.start_time = time.perf_counter()
         self.environ = environ = server.environ_for(request, protocol)
@@ -667,32 +712,12 @@ class Exchange:
         elif self.status_code:
             raise AssertionError("start_response() called twice without exc_info")
         try:
-            code = int(status[:3])
-            if len(status) < 4 or status[3] != " " or code < 200:
-                raise ValueError
-            encoded = []
-            has_length = False
-            declared = None
-            for name, value in headers:
-                raw = _NAMES.get(name)
-                if raw is None:
-                    raw = name.lower().encode("latin-1")
-                    if len(_NAMES) < 1024:
-                        _NAMES[name] = raw
-                encoded_value = value.encode("latin-1")
-                if raw == b"content-length":
-                    has_length = True
-                    if encoded_value.isdigit():
-                        declared = int(encoded_value)
-                encoded.append((raw, encoded_value))
-        except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
-            raise ValueError(
-                f"invalid status or headers from the app: {status!r} {headers!r}"
-            ) from None
-        self.status_code = code
-        self.response_headers = encoded
-        self.has_length = has_length
-        self.declared_length = declared  # (a replacing call with exc_info resets it)
+            cached = _RESPONSES.get((status, *headers))
+        except TypeError:  # an unhashable header (a list pair): checked below, not cached
+            cached = None
+        if cached is None:
+            cached = _encode_response(status, headers)
+        self.status_code, self.response_headers, self.has_length, self.declared_length = cached
         return self.write_callable
 
     def write_callable(self, data: bytes) -> None:
@@ -720,9 +745,10 @@ class Exchange:
             return
         headers = self.response_headers
         if not self.has_length:
-            headers.append((b"content-length", b"%d" % len(body)))
+            headers = self.response_headers = [*headers, (b"content-length", b"%d" % len(body))]
         if self.server.closing:
-            headers.append(CONNECTION_CLOSE)  # shutting down: no more requests here
+            # shutting down: no more requests here
+            headers = self.response_headers = [*headers, CONNECTION_CLOSE]
         try:
             conn.send_response(self.status_code, headers, body, self.server.default_block)
         except LocalProtocolError as exc:
@@ -743,7 +769,7 @@ class Exchange:
         if not self.status_code:
             raise AssertionError("the app sent body data before start_response()")
         if self.server.closing:
-            self.response_headers.append(CONNECTION_CLOSE)
+            self.response_headers = [*self.response_headers, CONNECTION_CLOSE]
         conn.send_head(self.status_code, self.response_headers, self.server.default_block)
         self.headers_sent = True
 
@@ -843,7 +869,7 @@ class Exchange:
         if declared and declared[0].isdigit():
             count = min(count, int(declared[0]))
         elif not declared:
-            self.response_headers.append((b"content-length", b"%d" % count))
+            self.response_headers = [*self.response_headers, (b"content-length", b"%d" % count)]
         try:
             self.send_head()
         except (LocalProtocolError, AssertionError) as exc:
