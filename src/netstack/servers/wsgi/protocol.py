@@ -76,6 +76,9 @@ FILE_BLOCK: Final = 256 * 1024
 THREAD_IN_FLIGHT: Final = 256 * 1024
 
 CONNECTION_CLOSE: Final = (b"connection", b"close")
+# Enum members as globals (CPython 3.11 pays a descriptor call for State.IDLE).
+IDLE: Final = State.IDLE
+CLOSED: Final = State.CLOSED
 # "Content-Type" -> b"content-type", for the header names applications send.
 _NAMES: dict[str, bytes] = {}
 
@@ -435,7 +438,7 @@ class WSGIProtocol(asyncio.Protocol):
             server.requests += 1
         conn = self.conn
         assert conn is not None
-        if conn.our_state is not State.IDLE or self.closed or server.closing:
+        if conn.our_state is not IDLE or self.closed or server.closing:
             self._close()
             return
         if self.body is not None:
@@ -739,7 +742,7 @@ class Exchange:
         if not self.status_code:
             self.app_error(AssertionError("the app returned without calling start_response()"))
             return
-        if self.must_close or protocol.closed or conn.our_state is State.CLOSED:
+        if self.must_close or protocol.closed or conn.our_state is CLOSED:
             conn.close()
             protocol.response_done()
             return
@@ -775,7 +778,7 @@ class Exchange:
 
     def send_data(self, data: bytes) -> None:
         protocol = self.protocol
-        if protocol.closed or self.must_close or protocol.conn.our_state is State.CLOSED:  # type: ignore[union-attr]  # set in connection_made
+        if protocol.closed or self.must_close or protocol.conn.our_state is CLOSED:  # type: ignore[union-attr]  # set in connection_made
             return
         if not self.headers_sent:
             self.send_head()
@@ -790,7 +793,7 @@ class Exchange:
         protocol = self.protocol
         conn = protocol.conn
         assert conn is not None
-        if not protocol.closed and not self.must_close and conn.our_state is not State.CLOSED:
+        if not protocol.closed and not self.must_close and conn.our_state is not CLOSED:
             try:
                 if not self.headers_sent:
                     if not self.status_code:
@@ -914,7 +917,7 @@ class Exchange:
             self.continue_sent = True
             conn = self.protocol.conn
             assert conn is not None
-            if conn.our_state is State.IDLE:
+            if conn.our_state is IDLE:
                 conn.send(InformationalResponse(100))
                 self.protocol.flush()
 
