@@ -120,6 +120,8 @@ _FRAMING_HEADERS = frozenset({b"content-length", b"connection", b"transfer-encod
 _HEAD_CACHE: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, int | None, bool, bool]] = {}
 _HEAD_CACHE_SIZE = 512
 _HEAD_CACHE_MAX_BLOCK = 2048
+# Status lines with the standard reason phrase, by code.
+_LINES: dict[int, bytes] = {}
 
 
 def _analyse(headers: HeaderSeq) -> tuple[bytes, int | None, bool, bool]:
@@ -279,16 +281,15 @@ class HTTPConnection:
             trusted: extra header lines, already serialised and checked by the caller
                 (a server's ``Date`` and ``Server``, rebuilt once a second).
         """
-        head = self._head(status, headers, b"", trusted, len(body))
+        line, block, extra = self._prepare(status, headers, b"", len(body))
         framing = self._framing
-        if framing is _LENGTH_FRAMING:
-            self._to_send.append(head + body)
+        if framing is _NONE_FRAMING:
+            out = b"".join((line, block, trusted, extra, b"\r\n"))
         elif framing is _CHUNKED_FRAMING:
-            self._to_send.append(head + encode_chunk(body) + LAST_CHUNK)
-        elif framing is _NONE_FRAMING:
-            self._to_send.append(head)
-        else:
-            self._to_send.append(head + body)
+            out = b"".join((line, block, trusted, extra, b"\r\n", encode_chunk(body), LAST_CHUNK))
+        else:  # Content-Length, or closing the connection ends it (HTTP/1.0)
+            out = b"".join((line, block, trusted, extra, b"\r\n", body))
+        self._to_send.append(out)
         self._remaining = 0
         self._finish()
 
@@ -326,6 +327,14 @@ class HTTPConnection:
         self, status: int, headers: HeaderSeq, reason: bytes, trusted: bytes, body_length: int = -1
     ) -> bytes:
         """The response head; commits the framing and state only once nothing can fail."""
+        line, block, extra = self._prepare(status, headers, reason, body_length)
+        return b"".join((line, block, trusted, extra, b"\r\n"))
+
+    def _prepare(
+        self, status: int, headers: HeaderSeq, reason: bytes, body_length: int
+    ) -> tuple[bytes, bytes, bytes]:
+        """Check a response head and commit its framing: (status line, header block,
+        framing header lines). Changes nothing when it raises."""
         if self.our_state is not _IDLE:
             raise LocalProtocolError(f"cannot start a response in state {self.our_state}")
         if not self._requests:
@@ -333,7 +342,11 @@ class HTTPConnection:
         request = self._requests[0]
         if status < 200:
             raise LocalProtocolError("use InformationalResponse for 1xx statuses")
-        line = status_line(status, reason)
+        line = _LINES.get(status) if not reason else None
+        if line is None:
+            line = status_line(status, reason)
+            if not reason:
+                _LINES[status] = line  # (bounded: status_line refuses all but 100-999)
         key = tuple(headers)
         info = _HEAD_CACHE.get(key)
         if info is None:
@@ -368,7 +381,7 @@ class HTTPConnection:
         self._framing = framing
         self._remaining = length or 0
         self.our_state = _SEND_BODY
-        return line + block + trusted + extra + b"\r\n"
+        return line, block, extra
 
     def _send_response(self, response: Response) -> None:
         self._to_send.append(
