@@ -291,6 +291,8 @@ class LLHTTPRequestParser:
         "_in_head",
         "_keep_alive",
         "_limits",
+        "_max_head",
+        "_max_line",
         "_measure",
         "_parser",
         "_requests",
@@ -305,6 +307,8 @@ class LLHTTPRequestParser:
         self._events = events
         self._requests = requests
         self._limits = limits
+        self._max_head = limits.max_header_bytes
+        self._max_line = limits.max_request_line_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -333,11 +337,12 @@ class LLHTTPRequestParser:
             self._held = _hold(self._held, data, self._switched, self._limits)
             return
         if self._in_head:
-            if not self._started:
+            if self._started:
+                self._head_fed += len(data)
+            else:
                 # At a message boundary: from here every byte of the head is counted.
-                self._head_fed = 0
+                self._head_fed = len(data)
                 self._measure = False
-            self._head_fed += len(data)
         else:
             self._since_body += len(data)
         try:
@@ -363,7 +368,7 @@ class LLHTTPRequestParser:
         if self._in_head:
             # A head that has not ended yet: bound what httptools may be holding. A long
             # request line was refused in on_url already, so this is the header block.
-            if self._head_fed > self._limits.max_header_bytes:
+            if self._head_fed > self._max_head:
                 raise header_limit(self._limits)
         else:
             # Bytes fed since the last body byte: chunk-size lines, extensions and
@@ -374,7 +379,7 @@ class LLHTTPRequestParser:
                 # feed, head included (so head and framing before the first body byte
                 # must fit in max_header_bytes together, when they come in one read).
                 since = self._since_body = len(data)
-            if since > self._limits.max_header_bytes:
+            if since > self._max_head:
                 raise header_limit(self._limits)
 
     def feed_eof(self) -> bool:
@@ -409,9 +414,9 @@ class LLHTTPRequestParser:
 
     def on_url(self, url: bytes) -> None:
         # Called once per feed that holds part of the target, so pieces are joined.
-        self._url += url
-        if len(self._url) > self._limits.max_request_line_bytes:
-            raise request_line_limit(self._limits, len(self._url))
+        joined = self._url = self._url + url
+        if len(joined) > self._max_line:
+            raise request_line_limit(self._limits, len(joined))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Count and size are checked once, in check_head; until then the bytes fed while
@@ -432,11 +437,10 @@ class LLHTTPRequestParser:
             parser.should_keep_alive(),
             self._limits,
             # Fewer bytes than the limit fed since the head began: it cannot exceed it.
-            self._measure or self._head_fed > self._limits.max_header_bytes,
+            self._measure or self._head_fed > self._max_head,
         )
         self._keep_alive = request.keep_alive
         self._measure = False
-        self._head_fed = 0
         self._url = b""
         self._headers = []
         self._events.append(request)
