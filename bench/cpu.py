@@ -7,6 +7,7 @@ process tree divided by the requests wrk completed is not (much). Cases: ``sketc
 them (bench/http.py installs it). Server on core 0, wrk on core 1.
 
     .venv/bin/python bench/cpu.py --duration 4 --runs 3 sketch netstack-t0 granian
+    .venv/bin/python bench/cpu.py --baseline ../main/.venv/bin/netstack baseline-t0 netstack-t0
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ sys.modules["bench_http"] = bench_http
 _spec.loader.exec_module(bench_http)
 
 
-def all_cases() -> dict[str, object]:
+def all_cases(baseline: str | None) -> dict[str, object]:
     found = {case.name: case for case in bench_http.cases()}
+    if baseline is not None:
+        # The same --threads 0 case run by another checkout's netstack (e.g. main's).
+        t0 = found["netstack-t0"]
+        found["baseline-t0"] = bench_http.Case(
+            "baseline-t0", "netstack", "hello", (baseline, *t0.cmd[1:]), note=baseline
+        )
     found["sketch"] = bench_http.Case(
         "sketch",
         "sketch",
@@ -65,8 +72,9 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=4.0)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--baseline", help="another netstack executable: adds case baseline-t0")
     args = p.parse_args()
-    cases = all_cases()
+    cases = all_cases(args.baseline)
     unknown = [name for name in args.cases if name not in cases]
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {sorted(cases)}")
