@@ -24,7 +24,8 @@ an HTTP/1.1 client otherwise; and for an HTTP/1.0 client, a body delimited by cl
 the connection. The connection is kept alive only when the request allowed it, the
 response did not say ``Connection: close`` and the body is not close-delimited.
 
-Invariants: bytes leave only through :meth:`data_to_send`; after MUST_CLOSE or CLOSED
+Invariants: bytes leave only through :meth:`data_to_send` (or as the return value of
+:meth:`respond`, which drains the same queue); after MUST_CLOSE or CLOSED
 nothing more is parsed; a request that asked to switch protocols pauses the parser
 until the response to it decides (101 switches, anything else resumes parsing). After
 a 101, bytes given to :meth:`receive_data` are held raw for
@@ -281,6 +282,17 @@ class HTTPConnection:
             trusted: extra header lines, already serialised and checked by the caller
                 (a server's ``Date`` and ``Server``, rebuilt once a second).
         """
+        out = self.respond(status, headers, body, trusted)  # (drains the queue first)
+        self._to_send.append(out)
+
+    def respond(
+        self, status: int, headers: HeaderSeq, body: bytes = b"", trusted: bytes = b""
+    ) -> bytes:
+        """:meth:`send_response`, returning the bytes to write instead of queueing them.
+
+        The return value includes whatever was queued before (and drains the queue), so
+        the caller writes it in place of :meth:`data_to_send`.
+        """
         line, block, extra = self._prepare(status, headers, b"", len(body))
         framing = self._framing
         if framing is _NONE_FRAMING:
@@ -289,9 +301,13 @@ class HTTPConnection:
             out = b"".join((line, block, trusted, extra, b"\r\n", encode_chunk(body), LAST_CHUNK))
         else:  # Content-Length, or closing the connection ends it (HTTP/1.0)
             out = b"".join((line, block, trusted, extra, b"\r\n", body))
-        self._to_send.append(out)
         self._remaining = 0
         self._finish()
+        if self._to_send:
+            self._to_send.append(out)
+            out = b"".join(self._to_send)
+            self._to_send = []
+        return out
 
     def send_head(
         self, status: int, headers: HeaderSeq, trusted: bytes = b"", reason: bytes = b""

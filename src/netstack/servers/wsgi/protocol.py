@@ -448,7 +448,7 @@ class WSGIProtocol(asyncio.Protocol):
                 self._resume_reading()
         else:
             self.timer = KEEPALIVE
-            timeout = server.http_timeouts.keepalive_timeout
+            timeout = server.keepalive_timeout
             self.deadline = INF if timeout is None else server.now + timeout
         if self.pending or self.read_paused:
             self._next()
@@ -643,9 +643,9 @@ class Exchange:
     def start(self) -> None:
         """Inline mode: the body is complete, run the app on the loop."""
         self.started = True
-        body = self.environ["wsgi.input"]
-        if isinstance(body, _BufferedBody):
-            self.environ["wsgi.input"] = body.file
+        spool = self.spool
+        if spool is not None:
+            self.environ["wsgi.input"] = spool.file
         if self.must_close:
             self.protocol.response_done()
             return
@@ -753,15 +753,14 @@ class Exchange:
             # shutting down: no more requests here
             headers = self.response_headers = [*headers, CONNECTION_CLOSE]
         try:
-            conn.send_response(self.status_code, headers, body, self.server.default_block)
+            data = conn.respond(self.status_code, headers, body, self.server.default_block)
         except LocalProtocolError as exc:
             self.app_error(exc)
             return
         self.headers_sent = True
         self.sent_bytes = len(body)
-        out = conn.data_to_send()
-        if out and not protocol.closed:
-            protocol.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if not protocol.closed:
+            protocol.transport.write(data)
         if self.result is not None:
             self.finish_close_result()
         protocol.response_done()

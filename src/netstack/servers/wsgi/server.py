@@ -144,6 +144,7 @@ class WSGIServer(Lifecycle):
         self.limits = cfg.limits
         self.http_limits = cfg.http_limits
         self.http_timeouts = cfg.http_timeouts
+        self.keepalive_timeout = cfg.http_timeouts.keepalive_timeout
         self.parser = cfg.parser
         self.threads = cfg.threads
         self.multiprocess = multiprocess
