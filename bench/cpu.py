@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import tempfile
@@ -50,20 +51,39 @@ def all_cases(baseline: str | None) -> dict[str, object]:
     return found
 
 
-def measure(case: object, duration: float, connections: int, logdir: Path) -> tuple[float, float]:
-    """(µs of server CPU per request, req/s) for one bounded wrk run."""
+def group_cpu(pgid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of every live process in group ``pgid`` (Linux /proc)."""
+    user = system = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid:
+            user += int(fields[11])
+            system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def measure(
+    case: object, duration: float, connections: int, logdir: Path
+) -> tuple[float, float, float]:
+    """(µs of server CPU per request, of which user, req/s) for one bounded wrk run."""
     running = bench_http.start(case, True, logdir)
     try:
         pgid = running.proc.pid
         bench_http.run_wrk(running.port, 1, connections, True)  # warm-up
-        before = bench_http.group_cpu_seconds(pgid)
+        user0, sys0 = group_cpu(pgid)
         result = bench_http.run_wrk(running.port, duration, connections, True)
-        after = bench_http.group_cpu_seconds(pgid)
+        user1, sys1 = group_cpu(pgid)
     finally:
         bench_http.stop(running)
     if result.socket_errors or result.non_2xx:
         print(f"  ({case.name}: {result.socket_errors} socket errors, {result.non_2xx} non-2xx)")
-    return (after - before) / result.requests * 1e6, result.rps
+    n = result.requests
+    total = (user1 - user0 + sys1 - sys0) / n * 1e6
+    return total, (user1 - user0) / n * 1e6, result.rps
 
 
 def main() -> None:
@@ -78,22 +98,27 @@ def main() -> None:
     unknown = [name for name in args.cases if name not in cases]
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {sorted(cases)}")
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in args.cases}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in args.cases}
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(args.runs):
             for name in args.cases:
-                us, rps = measure(cases[name], args.duration, args.connections, Path(tmp))
-                results[name].append((us, rps))
+                us, user, rps = measure(cases[name], args.duration, args.connections, Path(tmp))
+                results[name].append((us, user, rps))
                 print(
-                    f"run {run + 1}/{args.runs} {name:>12} {us:6.2f} us/request {rps:9,.0f} req/s"
+                    f"run {run + 1}/{args.runs} {name:>12} {us:6.2f} us/request "
+                    f"(user {user:5.2f}) {rps:9,.0f} req/s"
                 )
                 time.sleep(0.2)
     print()
     for name, rows in results.items():
         us = statistics.median(r[0] for r in rows)
-        rps = statistics.median(r[1] for r in rows)
+        user = statistics.median(r[1] for r in rows)
+        rps = statistics.median(r[2] for r in rows)
         low = min(r[0] for r in rows)
-        print(f"{name:>12}  median {us:6.2f} us/request  {rps:9,.0f} req/s  (min {low:.2f})")
+        print(
+            f"{name:>12}  median {us:6.2f} us/request (user {user:5.2f})  {rps:9,.0f} req/s"
+            f"  (min {low:.2f})"
+        )
 
 
 if __name__ == "__main__":
