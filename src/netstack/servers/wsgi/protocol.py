@@ -512,9 +512,11 @@ class WSGIProtocol(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.transport.abort()
+        """Close now, dropping unsent bytes. Also after :meth:`_close`: a graceful close
+        waits for the write buffer to drain, which never happens while the client does
+        not read; the write timeout and the shutdown deadline end it here."""
+        self.closed = True
+        self.transport.abort()  # (a no-op on a transport already gone)
 
     # ------------------------------------------------------------------ flow and timers
 
@@ -603,12 +605,14 @@ class Exchange:
     file_task: asyncio.Task[None] | None = None
     # Inline mode: the body collected before the app runs (closed after the response).
     spool: _BufferedBody | None = None
+    # Encoded by start_response (a tuple it may share with other exchanges: replaced, never
+    # mutated, when a header is added).
+    response_headers: Sequence[tuple[bytes, bytes]] = ()
 
     def __init__(self, protocol: WSGIProtocol, request: Request) -> None:
         self.protocol = protocol
         self.server = server = protocol.server
         self.request = request
-        self.response_headers: Sequence[tuple[bytes, bytes]] = ()
         if server.timed:
             self.start_time = time.perf_counter()
         self.environ = environ = server.environ_for(request, protocol)
