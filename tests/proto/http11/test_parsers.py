@@ -287,3 +287,22 @@ def test_check_head_refuses_what_no_parser_lets_through() -> None:
         assert caught.value.status_hint == 400
     request = check_head(b"GET", b"/", b"1.1", [*base, (b"expect", b"other")], True, limits)
     assert not request.expect_continue
+
+
+@pytest.mark.parametrize(
+    ("connection", "upgrade"),
+    [
+        ([b"keep-alive"], None),
+        ([b"x-upgrade-later"], None),  # the word, but not the token
+        ([b"Keep-Alive, Upgrade"], b"websocket"),
+        ([b"keep-alive", b"upgrade"], b"websocket"),  # the token in a second header
+        ([b"upgrade", b"upgrade"], b"websocket"),
+    ],
+)
+def test_check_head_finds_the_upgrade_token_in_any_connection_header(
+    connection: list[bytes], upgrade: bytes | None
+) -> None:
+    headers = [(b"host", b"h"), *((b"connection", v) for v in connection)]
+    headers.append((b"upgrade", b"WebSocket"))
+    request = check_head(b"GET", b"/", b"1.1", headers, True, HTTPLimits())
+    assert request.upgrade == upgrade

@@ -153,7 +153,9 @@ def check_head(
                 raise bad_request("Transfer-Encoding other than a single 'chunked'", 501)
             chunked = True
         elif name == b"connection":
-            connection_upgrade = connection_upgrade or b"upgrade" in connection_tokens(value)
+            # (keep-alive or close, nearly always: tokenise only a value that might say so)
+            if not connection_upgrade and b"upgrade" in value.lower():
+                connection_upgrade = b"upgrade" in connection_tokens(value)
         elif name == b"upgrade":
             upgrade = value.lower()
         elif name == b"expect" and value.lower() == b"100-continue":
