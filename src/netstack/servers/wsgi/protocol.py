@@ -121,9 +121,11 @@ def _encode_response(status: str, headers: list[tuple[str, str]]) -> EncodedResp
             f"invalid status or headers from the app: {status!r} {headers!r}"
         ) from None
     result = (code, tuple(encoded), has_length, declared)
-    if type(status) is str and all(type(h) is tuple for h in headers):
+    if type(status) is str and all(
+        type(h) is tuple and type(h[0]) is str and type(h[1]) is str for h in headers
+    ):
         # (an equal key made of other types, say a str subclass, could encode
-        # differently: only plain str statuses in tuple pairs are remembered.)
+        # differently: only plain str in tuple pairs are remembered.)
         if len(_RESPONSES) >= _RESPONSES_SIZE:
             _RESPONSES.clear()
         _RESPONSES[(status, *headers)] = result
