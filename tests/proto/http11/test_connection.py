@@ -190,6 +190,21 @@ def test_send_response_trusted_lines_and_empty_chunked_body(parser: str) -> None
     )
 
 
+def test_respond_returns_the_bytes_with_what_was_queued_before(parser: str) -> None:
+    conn = server(parser, b"POST / HTTP/1.1\r\n" + H + b"Expect: 100-continue\r\n\r\n")
+    conn.send(InformationalResponse(100))
+    out = conn.respond(200, CL, b"hello", trusted=b"date: d\r\n")
+    assert out == (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: d\r\n\r\nhello"
+    )
+    assert conn.data_to_send() == []  # drained: nothing is sent twice
+    assert conn.our_state is State.IDLE
+    # Nothing queued: just this response (HEAD: the head only).
+    conn.receive_data(HEAD11)
+    conn.events_received()
+    assert conn.respond(200, CL, b"hello") == b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+
+
 def test_pipelined_responses_answer_requests_in_order(parser: str) -> None:
     conn = HTTPConnection(HTTPLimits(), parser)
     conn.receive_data(b"GET /1 HTTP/1.1\r\n" + H + b"\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n")

@@ -139,6 +139,34 @@ def test_100_pipelined_requests_split_at_every_boundary(parser: str) -> None:
         assert server.conn.pending_requests == 0
 
 
+@pytest.mark.parametrize("parser", PARSERS)
+def test_versions_of_pipelined_requests_split_anywhere(parser: str) -> None:
+    """The llhttp wrapper reads the version off a request line that a feed holds whole;
+    a line cut by a feed, and the second request of a feed, take the other way."""
+    ka = b"Connection: keep-alive\r\n"
+    stream = b"".join(
+        [
+            b"GET /a HTTP/1.1\r\n" + H + b"\r\n",
+            b"GET /b HTTP/1.0\r\n" + ka + b"\r\n",
+            b"GET /c HTTP/1.0\r\n" + H + ka + b"\r\n",
+            b"GET /d HTTP/1.1\r\n" + H + b"\r\n",
+        ]
+    )
+    runs = [[stream], [stream[i : i + 1] for i in range(len(stream))]]
+    runs += [[stream[:k], stream[k:]] for k in range(1, len(stream))]
+    for chunks in runs:
+        server = Server(parser, HTTPLimits())
+        for chunk in chunks:
+            server.feed(chunk)
+        requests = [e[1] for e in normalise(server.events) if e[0] == "request"]
+        assert [(r.target, r.http_version) for r in requests] == [
+            (b"/a", b"1.1"),
+            (b"/b", b"1.0"),
+            (b"/c", b"1.0"),
+            (b"/d", b"1.1"),
+        ]
+
+
 # ----------------------------------------------------------------- bounded memory
 
 
@@ -259,3 +287,22 @@ def test_check_head_refuses_what_no_parser_lets_through() -> None:
         assert caught.value.status_hint == 400
     request = check_head(b"GET", b"/", b"1.1", [*base, (b"expect", b"other")], True, limits)
     assert not request.expect_continue
+
+
+@pytest.mark.parametrize(
+    ("connection", "upgrade"),
+    [
+        ([b"keep-alive"], None),
+        ([b"x-upgrade-later"], None),  # the word, but not the token
+        ([b"Keep-Alive, Upgrade"], b"websocket"),
+        ([b"keep-alive", b"upgrade"], b"websocket"),  # the token in a second header
+        ([b"upgrade", b"upgrade"], b"websocket"),
+    ],
+)
+def test_check_head_finds_the_upgrade_token_in_any_connection_header(
+    connection: list[bytes], upgrade: bytes | None
+) -> None:
+    headers = [(b"host", b"h"), *((b"connection", v) for v in connection)]
+    headers.append((b"upgrade", b"WebSocket"))
+    request = check_head(b"GET", b"/", b"1.1", headers, True, HTTPLimits())
+    assert request.upgrade == upgrade

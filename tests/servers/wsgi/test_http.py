@@ -216,6 +216,37 @@ async def test_start_response_twice_without_exc_info_is_an_app_error(threads: in
 
 
 @THREADS
+async def test_start_response_results_are_reused_only_for_equal_arguments(threads: int) -> None:
+    """start_response remembers what it made of (status, headers): a repeat is served from
+    memory, a changed list is not, list pairs (unhashable) still work, a bad status is
+    still refused after a good one with the same headers."""
+    headers = [("Content-Type", "text/plain")]
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ["PATH_INFO"]
+        if path == "/grow":
+            headers.append(("X-Count", str(len(headers))))
+        if path == "/lists":
+            start_response("200 OK", [["Content-Type", "text/x-list"]])
+        elif path == "/bad":
+            start_response("2000 OK", list(headers))
+        else:
+            start_response("200 OK", headers)
+        return [path.encode()]
+
+    async with serve(app, validate=False, threads=threads) as server:
+        paths = ["/a", "/a", "/grow", "/grow", "/a", "/lists", "/lists", "/bad"]
+        raw = b"".join(get(p) for p in paths)
+        data = await exchange(server, raw)
+    replies = responses(data)
+    assert [r.status for r in replies] == [200] * 7 + [500]
+    assert [r.body for r in replies[:7]] == [p.encode() for p in paths[:7]]
+    assert [r.headers.get("x-count") for r in replies[:5]] == [None, None, "1", "2", "2"]
+    assert replies[1].headers["content-type"] == "text/plain"
+    assert replies[6].headers["content-type"] == "text/x-list"
+
+
+@THREADS
 async def test_path_info_is_percent_decoded_as_latin1(threads: int) -> None:
     seen: dict[str, str] = {}
 

@@ -227,6 +227,30 @@ async def test_a_client_that_does_not_read_pauses_a_streaming_response(threads: 
         writer.close()
 
 
+async def test_abort_ends_a_graceful_close_stuck_behind_a_client_that_does_not_read() -> None:
+    """A graceful close waits for the write buffer to drain; with a client that does not
+    read it never does. The write timeout and the shutdown deadline then abort, which must
+    not be a no-op because a close was already asked for (a race between an app thread's
+    write timeout and the server's: the connection, and a uvloop loop.close(), hung)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        for _ in range(10_000):
+            yield b"x" * 65536
+
+    async with serve(app, validate=False, threads=0, write_timeout=None) as server:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        writer.transport.pause_reading()  # type: ignore[attr-defined]
+        writer.write(get())
+        await apoll_until(lambda: any(c.write_paused for c in server.connections))
+        (conn,) = server.connections
+        conn._close()  # graceful: stays open while unsent bytes wait for the client
+        assert server.connections == {conn}
+        conn.abort()
+        await apoll_until(lambda: not server.connections)
+        writer.close()
+
+
 @pytest.mark.parametrize("streamed", [False, True], ids=["list", "generator"])
 async def test_a_client_that_half_closes_mid_body_is_no_app_error(
     streamed: bool, caplog: pytest.LogCaptureFixture

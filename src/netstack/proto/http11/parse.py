@@ -77,6 +77,8 @@ class RequestParser(Protocol):
 
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+# The end of a request line ("... HTTP/1.1" CR) -> its version.
+_LINE_VERSIONS = {b" HTTP/1.1\r": b"1.1", b" HTTP/1.0\r": b"1.0"}
 
 # Headers check_head looks at; any other name costs one set lookup.
 _SPECIAL = frozenset(
@@ -151,7 +153,9 @@ def check_head(
                 raise bad_request("Transfer-Encoding other than a single 'chunked'", 501)
             chunked = True
         elif name == b"connection":
-            connection_upgrade = connection_upgrade or b"upgrade" in connection_tokens(value)
+            # (keep-alive or close, nearly always: tokenise only a value that might say so)
+            if not connection_upgrade and b"upgrade" in value.lower():
+                connection_upgrade = b"upgrade" in connection_tokens(value)
         elif name == b"upgrade":
             upgrade = value.lower()
         elif name == b"expect" and value.lower() == b"100-continue":
@@ -291,6 +295,9 @@ class LLHTTPRequestParser:
         "_in_head",
         "_keep_alive",
         "_limits",
+        "_line_version",
+        "_max_head",
+        "_max_line",
         "_measure",
         "_parser",
         "_requests",
@@ -305,6 +312,8 @@ class LLHTTPRequestParser:
         self._events = events
         self._requests = requests
         self._limits = limits
+        self._max_head = limits.max_header_bytes
+        self._max_line = limits.max_request_line_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -318,6 +327,7 @@ class LLHTTPRequestParser:
         self._switched = False
         self._keep_alive = True
         self._measure = False
+        self._line_version: bytes | None = None
         self.paused = False
 
     # ----------------------------------------------------------------- interface
@@ -333,11 +343,17 @@ class LLHTTPRequestParser:
             self._held = _hold(self._held, data, self._switched, self._limits)
             return
         if self._in_head:
-            if not self._started:
+            if self._started:
+                self._head_fed += len(data)
+            else:
                 # At a message boundary: from here every byte of the head is counted.
-                self._head_fed = 0
+                self._head_fed = len(data)
                 self._measure = False
-            self._head_fed += len(data)
+                # When this feed holds the whole request line, read the version off its
+                # end: get_http_version() formats a string (0.2 µs a request). llhttp
+                # validates the line; a line it refuses never reaches on_headers_complete.
+                end = data.find(b"\n")
+                self._line_version = _LINE_VERSIONS.get(data[end - 10 : end]) if end > 10 else None
         else:
             self._since_body += len(data)
         try:
@@ -363,7 +379,7 @@ class LLHTTPRequestParser:
         if self._in_head:
             # A head that has not ended yet: bound what httptools may be holding. A long
             # request line was refused in on_url already, so this is the header block.
-            if self._head_fed > self._limits.max_header_bytes:
+            if self._head_fed > self._max_head:
                 raise header_limit(self._limits)
         else:
             # Bytes fed since the last body byte: chunk-size lines, extensions and
@@ -374,7 +390,7 @@ class LLHTTPRequestParser:
                 # feed, head included (so head and framing before the first body byte
                 # must fit in max_header_bytes together, when they come in one read).
                 since = self._since_body = len(data)
-            if since > self._limits.max_header_bytes:
+            if since > self._max_head:
                 raise header_limit(self._limits)
 
     def feed_eof(self) -> bool:
@@ -409,9 +425,9 @@ class LLHTTPRequestParser:
 
     def on_url(self, url: bytes) -> None:
         # Called once per feed that holds part of the target, so pieces are joined.
-        self._url += url
-        if len(self._url) > self._limits.max_request_line_bytes:
-            raise request_line_limit(self._limits, len(self._url))
+        joined = self._url = self._url + url
+        if len(joined) > self._max_line:
+            raise request_line_limit(self._limits, len(joined))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Count and size are checked once, in check_head; until then the bytes fed while
@@ -423,20 +439,24 @@ class LLHTTPRequestParser:
         parser = self._parser
         self._in_head = False
         self._since_body = -1  # (see feed)
-        version = parser.get_http_version()
+        version = self._line_version
+        if version is None:
+            text = parser.get_http_version()
+            version = _VERSIONS.get(text) or text.encode("ascii")
+        else:
+            self._line_version = None  # (the next request in this feed has its own line)
         request = check_head(
             parser.get_method(),
             self._url,
-            _VERSIONS.get(version) or version.encode("ascii"),
+            version,
             self._headers,
             parser.should_keep_alive(),
             self._limits,
             # Fewer bytes than the limit fed since the head began: it cannot exceed it.
-            self._measure or self._head_fed > self._limits.max_header_bytes,
+            self._measure or self._head_fed > self._max_head,
         )
         self._keep_alive = request.keep_alive
         self._measure = False
-        self._head_fed = 0
         self._url = b""
         self._headers = []
         self._events.append(request)

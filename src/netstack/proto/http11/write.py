@@ -8,6 +8,7 @@ an application would let it inject headers or a second response (response splitt
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Final
 
@@ -61,7 +62,7 @@ def check_header(name: bytes, value: bytes) -> None:
         raise LocalProtocolError(f"illegal character in the value of header {name!r}")
 
 
-def encode_headers(headers: Headers, trusted: bytes = b"") -> bytes:
+def encode_headers(headers: Sequence[tuple[bytes, bytes]], trusted: bytes = b"") -> bytes:
     """Header lines plus the blank line that ends the head, each checked.
 
     The check is done on the joined block (one regex pass and two counts) and only falls

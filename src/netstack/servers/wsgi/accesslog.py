@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from netstack.errors import ConfigError
@@ -52,7 +52,7 @@ class _Line:
         self.elapsed = time.perf_counter() - exchange.start_time if exchange.start_time else 0.0
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str:
     for n, v in headers:
         if n == name:
             return v.decode("latin-1")

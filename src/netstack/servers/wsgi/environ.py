@@ -56,6 +56,29 @@ def base_environ(
 
 
 _METHODS: dict[bytes, str] = {}
+# request-target -> (RAW_URI, PATH_INFO, QUERY_STRING) when there is no SCRIPT_NAME to
+# strip; bounded (emptied when full), short targets only.
+_TARGETS: dict[bytes, tuple[str, str, str]] = {}
+_TARGETS_SIZE = 1024
+_TARGET_MAX = 256
+
+
+def _parse_target(target: bytes, script_name: str) -> tuple[str, str, str]:
+    """(RAW_URI, PATH_INFO, QUERY_STRING) of a request-target."""
+    raw = target.decode("latin-1")
+    path, _, query = raw.partition("?")
+    if path[:1] != "/" and path != "*":
+        # absolute-form (RFC 9112 §3.2.2): http://host/path -> /path
+        scheme_end = path.find("://")
+        if scheme_end != -1:
+            slash = path.find("/", scheme_end + 3)
+            path = path[slash:] if slash != -1 else "/"
+    path_info = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
+    if script_name and (path_info == script_name or path_info.startswith(script_name + "/")):
+        path_info = path_info[len(script_name) :]
+    return raw, path_info, query
+
+
 _PROTOCOLS = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0"}
 
 
@@ -67,17 +90,15 @@ def build_environ(base: dict[str, Any], request: Request, script_name: str) -> d
     byte survives (frameworks re-encode it to latin-1 and decode it as UTF-8).
     """
     environ = base.copy()
-    raw = request.target.decode("latin-1")
-    path, _, query = raw.partition("?")
-    if path[:1] != "/" and path != "*":
-        # absolute-form (RFC 9112 §3.2.2): http://host/path -> /path
-        scheme_end = path.find("://")
-        if scheme_end != -1:
-            slash = path.find("/", scheme_end + 3)
-            path = path[slash:] if slash != -1 else "/"
-    path_info = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
-    if script_name and (path_info == script_name or path_info.startswith(script_name + "/")):
-        path_info = path_info[len(script_name) :]
+    target = request.target
+    parsed = None if script_name else _TARGETS.get(target)
+    if parsed is None:
+        parsed = _parse_target(target, script_name)
+        if not script_name and len(target) <= _TARGET_MAX:
+            if len(_TARGETS) >= _TARGETS_SIZE:
+                _TARGETS.clear()
+            _TARGETS[target] = parsed
+    raw, path_info, query = parsed
     method = _METHODS.get(request.method)
     if method is None:
         method = request.method.decode("latin-1")

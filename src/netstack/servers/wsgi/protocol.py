@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from tempfile import SpooledTemporaryFile
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -76,10 +76,60 @@ FILE_BLOCK: Final = 256 * 1024
 THREAD_IN_FLIGHT: Final = 256 * 1024
 
 CONNECTION_CLOSE: Final = (b"connection", b"close")
+# Enum members as globals (CPython 3.11 pays a descriptor call for State.IDLE).
+IDLE: Final = State.IDLE
+CLOSED: Final = State.CLOSED
 # "Content-Type" -> b"content-type", for the header names applications send.
 _NAMES: dict[str, bytes] = {}
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+# What start_response makes of a status and header list: (code, encoded headers, has a
+# Content-Length, its value if valid). Apps send the same few again and again; keyed by
+# (status, *headers), bounded (emptied when full), only valid ones kept.
+EncodedResponse = tuple[int, tuple[tuple[bytes, bytes], ...], bool, int | None]
+_RESPONSES: dict[tuple[Any, ...], EncodedResponse] = {}
+_RESPONSES_SIZE: Final = 256
+
+
+def _encode_response(status: str, headers: list[tuple[str, str]]) -> EncodedResponse:
+    """Check and encode what an app gave start_response (PEP 3333: latin-1 strings).
+
+    Raises:
+        ValueError: a malformed status line or header pair.
+    """
+    try:
+        code = int(status[:3])
+        if len(status) < 4 or status[3] != " " or code < 200:
+            raise ValueError
+        encoded = []
+        has_length = False
+        declared = None
+        for name, value in headers:
+            raw = _NAMES.get(name)
+            if raw is None:
+                raw = name.lower().encode("latin-1")
+                if len(_NAMES) < 1024:
+                    _NAMES[name] = raw
+            encoded_value = value.encode("latin-1")
+            if raw == b"content-length":
+                has_length = True
+                if encoded_value.isdigit():
+                    declared = int(encoded_value)
+            encoded.append((raw, encoded_value))
+    except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
+        raise ValueError(
+            f"invalid status or headers from the app: {status!r} {headers!r}"
+        ) from None
+    result = (code, tuple(encoded), has_length, declared)
+    if type(status) is str and all(
+        type(h) is tuple and type(h[0]) is str and type(h[1]) is str for h in headers
+    ):
+        # (an equal key made of other types, say a str subclass, could encode
+        # differently: only plain str in tuple pairs are remembered.)
+        if len(_RESPONSES) >= _RESPONSES_SIZE:
+            _RESPONSES.clear()
+        _RESPONSES[(status, *headers)] = result
+    return result
 
 
 def error_response(status: int, message: str, *, close: bool = True) -> bytes:
@@ -390,7 +440,7 @@ class WSGIProtocol(asyncio.Protocol):
             server.requests += 1
         conn = self.conn
         assert conn is not None
-        if conn.our_state is not State.IDLE or self.closed or server.closing:
+        if conn.our_state is not IDLE or self.closed or server.closing:
             self._close()
             return
         if self.body is not None:
@@ -400,7 +450,7 @@ class WSGIProtocol(asyncio.Protocol):
                 self._resume_reading()
         else:
             self.timer = KEEPALIVE
-            timeout = server.http_timeouts.keepalive_timeout
+            timeout = server.keepalive_timeout
             self.deadline = INF if timeout is None else server.now + timeout
         if self.pending or self.read_paused:
             self._next()
@@ -464,9 +514,11 @@ class WSGIProtocol(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.transport.abort()
+        """Close now, dropping unsent bytes. Also after :meth:`_close`: a graceful close
+        waits for the write buffer to drain, which never happens while the client does
+        not read; the write timeout and the shutdown deadline end it here."""
+        self.closed = True
+        self.transport.abort()  # (a no-op on a transport already gone)
 
     # ------------------------------------------------------------------ flow and timers
 
@@ -555,12 +607,14 @@ class Exchange:
     file_task: asyncio.Task[None] | None = None
     # Inline mode: the body collected before the app runs (closed after the response).
     spool: _BufferedBody | None = None
+    # Encoded by start_response (a tuple it may share with other exchanges: replaced, never
+    # mutated, when a header is added).
+    response_headers: Sequence[tuple[bytes, bytes]] = ()
 
     def __init__(self, protocol: WSGIProtocol, request: Request) -> None:
         self.protocol = protocol
         self.server = server = protocol.server
         self.request = request
-        self.response_headers: list[tuple[bytes, bytes]] = []
         if server.timed:
             self.start_time = time.perf_counter()
         self.environ = environ = server.environ_for(request, protocol)
@@ -595,9 +649,9 @@ class Exchange:
     def start(self) -> None:
         """Inline mode: the body is complete, run the app on the loop."""
         self.started = True
-        body = self.environ["wsgi.input"]
-        if isinstance(body, _BufferedBody):
-            self.environ["wsgi.input"] = body.file
+        spool = self.spool
+        if spool is not None:
+            self.environ["wsgi.input"] = spool.file
         if self.must_close:
             self.protocol.response_done()
             return
@@ -667,32 +721,12 @@ class Exchange:
         elif self.status_code:
             raise AssertionError("start_response() called twice without exc_info")
         try:
-            code = int(status[:3])
-            if len(status) < 4 or status[3] != " " or code < 200:
-                raise ValueError
-            encoded = []
-            has_length = False
-            declared = None
-            for name, value in headers:
-                raw = _NAMES.get(name)
-                if raw is None:
-                    raw = name.lower().encode("latin-1")
-                    if len(_NAMES) < 1024:
-                        _NAMES[name] = raw
-                encoded_value = value.encode("latin-1")
-                if raw == b"content-length":
-                    has_length = True
-                    if encoded_value.isdigit():
-                        declared = int(encoded_value)
-                encoded.append((raw, encoded_value))
-        except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
-            raise ValueError(
-                f"invalid status or headers from the app: {status!r} {headers!r}"
-            ) from None
-        self.status_code = code
-        self.response_headers = encoded
-        self.has_length = has_length
-        self.declared_length = declared  # (a replacing call with exc_info resets it)
+            cached = _RESPONSES.get((status, *headers))
+        except TypeError:  # an unhashable header (a list pair): checked below, not cached
+            cached = None
+        if cached is None:
+            cached = _encode_response(status, headers)
+        self.status_code, self.response_headers, self.has_length, self.declared_length = cached
         return self.write_callable
 
     def write_callable(self, data: bytes) -> None:
@@ -714,25 +748,25 @@ class Exchange:
         if not self.status_code:
             self.app_error(AssertionError("the app returned without calling start_response()"))
             return
-        if self.must_close or protocol.closed or conn.our_state is State.CLOSED:
+        if self.must_close or protocol.closed or conn.our_state is CLOSED:
             conn.close()
             protocol.response_done()
             return
         headers = self.response_headers
         if not self.has_length:
-            headers.append((b"content-length", b"%d" % len(body)))
+            headers = self.response_headers = [*headers, (b"content-length", b"%d" % len(body))]
         if self.server.closing:
-            headers.append(CONNECTION_CLOSE)  # shutting down: no more requests here
+            # shutting down: no more requests here
+            headers = self.response_headers = [*headers, CONNECTION_CLOSE]
         try:
-            conn.send_response(self.status_code, headers, body, self.server.default_block)
+            data = conn.respond(self.status_code, headers, body, self.server.default_block)
         except LocalProtocolError as exc:
             self.app_error(exc)
             return
         self.headers_sent = True
         self.sent_bytes = len(body)
-        out = conn.data_to_send()
-        if out and not protocol.closed:
-            protocol.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if not protocol.closed:
+            protocol.transport.write(data)
         if self.result is not None:
             self.finish_close_result()
         protocol.response_done()
@@ -743,13 +777,13 @@ class Exchange:
         if not self.status_code:
             raise AssertionError("the app sent body data before start_response()")
         if self.server.closing:
-            self.response_headers.append(CONNECTION_CLOSE)
+            self.response_headers = [*self.response_headers, CONNECTION_CLOSE]
         conn.send_head(self.status_code, self.response_headers, self.server.default_block)
         self.headers_sent = True
 
     def send_data(self, data: bytes) -> None:
         protocol = self.protocol
-        if protocol.closed or self.must_close or protocol.conn.our_state is State.CLOSED:  # type: ignore[union-attr]  # set in connection_made
+        if protocol.closed or self.must_close or protocol.conn.our_state is CLOSED:  # type: ignore[union-attr]  # set in connection_made
             return
         if not self.headers_sent:
             self.send_head()
@@ -764,7 +798,7 @@ class Exchange:
         protocol = self.protocol
         conn = protocol.conn
         assert conn is not None
-        if not protocol.closed and not self.must_close and conn.our_state is not State.CLOSED:
+        if not protocol.closed and not self.must_close and conn.our_state is not CLOSED:
             try:
                 if not self.headers_sent:
                     if not self.status_code:
@@ -843,7 +877,7 @@ class Exchange:
         if declared and declared[0].isdigit():
             count = min(count, int(declared[0]))
         elif not declared:
-            self.response_headers.append((b"content-length", b"%d" % count))
+            self.response_headers = [*self.response_headers, (b"content-length", b"%d" % count)]
         try:
             self.send_head()
         except (LocalProtocolError, AssertionError) as exc:
@@ -888,7 +922,7 @@ class Exchange:
             self.continue_sent = True
             conn = self.protocol.conn
             assert conn is not None
-            if conn.our_state is State.IDLE:
+            if conn.our_state is IDLE:
                 conn.send(InformationalResponse(100))
                 self.protocol.flush()
 

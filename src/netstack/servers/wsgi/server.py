@@ -144,6 +144,8 @@ class WSGIServer(Lifecycle):
         self.limits = cfg.limits
         self.http_limits = cfg.http_limits
         self.http_timeouts = cfg.http_timeouts
+        self.keepalive_timeout = cfg.http_timeouts.keepalive_timeout
+        self.root_path = cfg.root_path
         self.parser = cfg.parser
         self.threads = cfg.threads
         self.multiprocess = multiprocess
@@ -334,7 +336,7 @@ class WSGIServer(Lifecycle):
         base = conn.base_environ
         if base is None:
             base = conn.base_environ = self._base_for(conn)
-        environ = build_environ(base, request, self.cfg.root_path)
+        environ = build_environ(base, request, self.root_path)
         if (
             "HTTP_X_FORWARDED_FOR" in environ
             or "HTTP_FORWARDED" in environ
