@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--src", action="append", default=[], help="netstack source tree(s)")
     p.add_argument("--no-nginx", action="store_true")
+    p.add_argument("--mode", default="http", choices=["http", "tcp"], help="netstack's mode")
     args = p.parse_args(argv)
     srcs = [str(Path(s).resolve()) for s in args.src] or [str(REPO / "src")]
     cases: list[tuple[str, str | None]] = [(f"netstack {s}", s) for s in srcs]
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                         listen = f"127.0.0.1:{port}"
                         flags = [a for b in ports for a in ("--backend", f"127.0.0.1:{b}")]
                         cmd = [sys.executable, "-m", "netstack", "balance", "--listen", listen]
-                        cmd += [*flags, "--mode", "http"]
+                        cmd += [*flags, "--mode", args.mode]
                     proxy = lb.launch(name.split()[0], cmd, port, work, pinned=True)
                     try:
                         if args.warmup > 0:

@@ -136,6 +136,7 @@ async def run(args: argparse.Namespace) -> None:
                 one()
                 ct.out.clear()
             prof.disable()
+            prof.dump_stats("/tmp/l7perf/prof.out")
             stats = pstats.Stats(prof, stream=sys.stdout)
             stats.sort_stats("tottime").print_stats(30)
             stats.sort_stats("cumulative").print_stats(40)
@@ -153,12 +154,17 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--requests", type=int, default=50_000)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--requests", type=int, default=5_000)
+    p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--pipeline", type=int, default=1)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--no-gc", action="store_true", help="gc.disable() during the runs")
     args = p.parse_args()
+    if args.no_gc:
+        import gc
+
+        gc.disable()
     if args.uvloop:
         import uvloop
 

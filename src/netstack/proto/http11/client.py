@@ -57,9 +57,11 @@ from netstack.proto.http11.events import (
 )
 from netstack.proto.http11.parse import connection_tokens
 from netstack.proto.http11.write import (
+    check_header_block,
     encode_chunk,
     encode_headers,
     encode_request_head,
+    encode_request_line,
     encode_trailers,
 )
 
@@ -130,8 +132,10 @@ def check_response_head(
             if chunked or value.lower() != b"chunked":
                 raise bad_response("a response with a Transfer-Encoding other than chunked")
             chunked = True
-        else:  # connection
+        elif b"," in value:  # connection, a list
             tokens |= connection_tokens(value)
+        else:  # connection, one token (the usual "keep-alive" or "close")
+            tokens.add(value.strip().lower())
     if chunked and length is not None:
         raise bad_response("a response with both Content-Length and Transfer-Encoding")
     if (
@@ -197,6 +201,7 @@ class LLHTTPResponseParser:
         "_reason",
         "_reusable",
         "_since_body",
+        "_status",
         "_until_close",
         "_upgrade",
         "done",
@@ -214,6 +219,7 @@ class LLHTTPResponseParser:
         self._reason = b""
         self._head_buffer = b""
         self._reusable = True
+        self._status = 0
         self.start(b"GET", False)
 
     def start(self, method: bytes, upgrade: bool) -> None:
@@ -246,7 +252,10 @@ class LLHTTPResponseParser:
             self._head_fed += len(data)
         else:
             self._since_body += len(data)
-        self._feed(data)
+        try:  # (what _feed does, without a call on the hot path)
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._failed(data, exc)
         if self._in_head:
             if self._head_fed > self._limits.max_header_bytes:
                 raise _limit("max_header_bytes", self._limits.max_header_bytes, self._head_fed)
@@ -262,22 +271,25 @@ class LLHTTPResponseParser:
     def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._failed(data, exc)
+
+    def _failed(self, data: bytes, exc: Exception) -> None:
+        """llhttp stopped inside ``data``: a 101, a stray message, or an error."""
+        self._reusable = False
+        if isinstance(exc, httptools.HttpParserUpgrade):
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             self.rest = data[offset:]
-            self._reusable = False
-        except httptools.HttpParserCallbackError as exc:
-            self._reusable = False
+            return
+        if isinstance(exc, httptools.HttpParserCallbackError):
             context = exc.__context__
             if isinstance(context, _Stray):
                 self.stray = True
                 return
             if isinstance(context, RemoteProtocolError):
                 raise context from None
-            raise  # pragma: no cover - a bug in a callback, not a peer error
-        except httptools.HttpParserError as exc:
-            self._reusable = False
-            raise bad_response(f"malformed response: {exc}") from None
+            raise exc  # pragma: no cover - a bug in a callback, not a peer error
+        raise bad_response(f"malformed response: {exc}") from None
 
     def _feed_heads(self, data: bytes) -> None:
         # HEAD: llhttp would read a body after a Content-Length; give it heads only.
@@ -320,7 +332,7 @@ class LLHTTPResponseParser:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        status = parser.get_status_code()
+        status = self._status = parser.get_status_code()
         version = parser.get_http_version()
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
@@ -361,7 +373,7 @@ class LLHTTPResponseParser:
     def on_message_complete(self) -> None:
         if self._head_only:
             return  # ended at the final head already (llhttp completes a 204/304 itself)
-        if self._parser.get_status_code() < 200:
+        if self._status < 200:
             self._in_head = True  # a 1xx: the final response follows (or a 101 switched)
             return
         trailers, self._headers = self._headers, []
@@ -576,11 +588,68 @@ class HTTPClientConnection:
             extra.append((b"connection", b"close"))
         head = encode_request_head(method, request.target, [*request.headers, *extra])
         # Nothing can fail from here on.
+        self._commit(head, keep_alive, request.chunked, request.content_length)
+        self._parser.start(method, upgrade and b"upgrade" in tokens)
+
+    def send_request_head(
+        self,
+        method: bytes,
+        target: bytes,
+        block: bytes,
+        *,
+        content_length: int | None = None,
+        chunked: bool = False,
+        upgrade: bool = False,
+        end: bool = False,
+    ) -> None:
+        """Send a request head whose header lines the caller serialised (a proxy's fast
+        path): ``send(Request(method, target, headers, ...))``, keep-alive.
+
+        Args:
+            block: the header lines, each ``name: value\\r\\n``. The caller guarantees
+                token names, exactly one Host and none of Content-Length,
+                Transfer-Encoding or a Connection with ``close``; control characters and
+                stray CR or LF are checked here.
+            content_length: the body's length (``None``: no body, or chunked).
+            chunked: the body is chunked.
+            upgrade: ``block`` proposes to switch protocols (``Connection: upgrade`` and
+                an ``Upgrade`` header).
+            end: the request has no body: ``send(EndOfMessage())`` too.
+
+        Raises:
+            LocalProtocolError: as :meth:`send`; nothing changes.
+        """
+        if self.our_state is not ClientState.IDLE or self.their_state is not ClientState.IDLE:
+            raise LocalProtocolError(
+                f"cannot send a request in state {self.our_state}/{self.their_state}"
+            )
+        if method == b"CONNECT":
+            raise LocalProtocolError("CONNECT is not supported by the client role")
+        if end and (chunked or content_length):
+            raise LocalProtocolError("a request with a body does not end with its head")
+        if content_length is not None:
+            if chunked:
+                raise LocalProtocolError("a request body is either chunked or has a length")
+            block += b"content-length: %d\r\n" % content_length
+        elif chunked:
+            block += b"transfer-encoding: chunked\r\n"
+        head = encode_request_line(method, target)
+        check_header_block(block)
+        # Nothing can fail from here on.
+        self._to_send.append(head + block + b"\r\n")
+        self._request_keep_alive = True
+        self._framing_chunked = chunked
+        self._remaining = None if chunked else (content_length or 0)
+        self._parser.start(method, upgrade)
+        # (end: what _send_end does for a request without a body, the response pending)
+        self.our_state = ClientState.DONE if end else ClientState.SEND_BODY
+        self.their_state = ClientState.SEND_BODY
+
+    def _commit(self, head: bytes, keep_alive: bool, chunked: bool, length: int | None) -> None:
         self._to_send.append(head)
         self._request_keep_alive = keep_alive
-        self._framing_chunked = request.chunked
-        self._remaining = None if request.chunked else (request.content_length or 0)
-        self._parser.start(method, upgrade and b"upgrade" in tokens)
+        self._framing_chunked = chunked
+        self._remaining = None if chunked else (length or 0)
         self.our_state = ClientState.SEND_BODY
         self.their_state = ClientState.SEND_BODY
 

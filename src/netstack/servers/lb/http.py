@@ -99,6 +99,10 @@ HOP_BY_HOP: Final = frozenset(
         b"content-length",
     }
 )
+# Added request headers that keep a route off the pre-serialised fast path.
+ADD_NOT_PLAIN: Final = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade"}
+)
 # Responses keep Content-Length: the server core frames the body by it.
 RESPONSE_HOP_BY_HOP: Final = HOP_BY_HOP - {b"content-length"}
 # Retries: a budget of retry_budget tokens per request, this many to start with and at most.
@@ -136,12 +140,16 @@ class Route:
 
     __slots__ = (
         "add_request",
+        "add_request_block",
         "add_response",
         "drop_request",
         "drop_response",
+        "drop_trusted",
+        "drop_untrusted",
         "header",
         "header_value",
         "host",
+        "plain",
         "pool",
         "pool_cfg",
         "prefix",
@@ -185,6 +193,13 @@ class Route:
         self.add_response = add_resp
         self.drop_request = frozenset(drop_req)
         self.drop_response = frozenset(drop_resp | RESPONSE_HOP_BY_HOP)
+        # Added headers serialised once; "plain" when none of them is one the client core
+        # must see as a header (Host, framing, Connection, Upgrade): then requests take
+        # the pre-serialised fast path (HTTPClientConnection.send_request_head).
+        self.add_request_block = b"".join([n + b": " + v + b"\r\n" for n, v in add_req])
+        self.plain = not any(n in ADD_NOT_PLAIN for n, _ in add_req)
+        # Rules.__init__ sets these: its drop sets (trusted peer or not) plus drop_request.
+        self.drop_trusted = self.drop_untrusted = self.drop_request
 
     def matches(self, host: bytes | None, path: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         if self.host is not None and (host is None or host.partition(b":")[0].lower() != self.host):
@@ -245,6 +260,9 @@ class Rules:
         self.drop_trusted = frozenset(HOP_BY_HOP | {b"host"})
         untrusted = FORWARDING_HEADERS | rid
         self.drop_untrusted = frozenset(HOP_BY_HOP | _underscored(untrusted) | {b"host"})
+        for route in (*self.routes, self.default):
+            route.drop_trusted = self.drop_trusted | route.drop_request
+            route.drop_untrusted = self.drop_untrusted | route.drop_request
 
     def route(self, host: bytes | None, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
         if self.routes:
@@ -512,7 +530,7 @@ class ProxyConnection(asyncio.Protocol):
 
     transport: asyncio.Transport
 
-    # Per-exchange fields, reset by _reset_exchange; class defaults keep __init__ short.
+    # Per-exchange fields, reset by _after_exchange; class defaults keep __init__ short.
     busy = False  # an exchange is in progress (request routed, response not finished)
     body_open = False  # the current request's body is still arriving
     body_done = False  # the whole current request body was received (end kept in body_end)
@@ -545,10 +563,16 @@ class ProxyConnection(asyncio.Protocol):
         self.fwd_trusted = False
         self.proxy_buffer: bytes | None = None
         self._peer: Any = None
-        self._fwd_cache: tuple[bytes | None, list[tuple[bytes, bytes]]] | None = None
+        # Per Host: this hop's forwarding headers for an untrusted client, and serialised.
+        self._fwd_cache: tuple[bytes | None, list[tuple[bytes, bytes]], bytes] | None = None
         # The exchange in progress.
         self.request: Request | None = None
+        # The request for the backend: a Request (general path), or a target and a
+        # serialised header block (fast path; up_switch: it proposes an upgrade).
         self.up_request: Request | None = None
+        self.up_block: bytes | None = None
+        self.up_target = b""
+        self.up_switch = False
         self.route: Route | None = None
         self.backend: Backend | None = None
         self.upstream: Upstream | None = None
@@ -773,10 +797,10 @@ class ProxyConnection(asyncio.Protocol):
             if name == b"host":
                 host = value
                 break
-        route = rules.route(host, request.target, headers)
+        route = rules.route(host, request.target, headers) if rules.routes else rules.default
         self.route = route
         try:
-            self.up_request = self._upstream_request(request, route, rules, host)
+            self._upstream_request(request, route, rules, host)
         except LocalProtocolError as exc:
             self.reply(400, f"cannot forward this request: {exc}", close=True)
             return
@@ -785,17 +809,19 @@ class ProxyConnection(asyncio.Protocol):
 
     def _upstream_request(
         self, request: Request, route: Route, rules: Rules, host: bytes | None
-    ) -> Request:
+    ) -> None:
+        """Build the request for the backend: hop-by-hop and (from an untrusted peer)
+        forwarding headers out; Host first, then the others in order, the request id,
+        this hop's forwarding headers, the route's added headers and any Upgrade."""
         trusted = self.fwd_trusted
-        drop = rules.drop_trusted if trusted else rules.drop_untrusted
-        drop_route = route.drop_request
+        drop = route.drop_trusted if trusted else route.drop_untrusted
         rid_name = rules.request_id
         rid: bytes | None = None
         extra_tokens: set[bytes] | None = None
         upgrade: bytes | None = None
         out = []
         for name, value in request.headers:
-            if name in drop or name in drop_route:
+            if name in drop:
                 if name == b"connection":
                     tokens = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
                     if tokens:
@@ -809,28 +835,44 @@ class ProxyConnection(asyncio.Protocol):
         if extra_tokens:
             out = [(n, v) for n, v in out if n not in extra_tokens]
         if rid_name is not None and rid is None:
-            out.append((rid_name, self.listener.next_request_id()))
+            listener = self.listener  # (next_request_id, inline)
+            out.append((rid_name, b"%s-%x" % (listener._id_prefix, next(listener._ids))))
         host_text = host.decode("latin-1") if host is not None else None
         if trusted:
             out = append_forwarded(out, self.client_ip or None, "http", host_text)
+            fwd: list[tuple[bytes, bytes]] = []
+            fwd_block = b""
         else:
             cache = self._fwd_cache
             if cache is None or cache[0] != host:
-                cache = self._fwd_cache = (
-                    host,
-                    append_forwarded([], self.client_ip or None, "http", host_text),
-                )
-            out += cache[1]
-        out += route.add_request
+                fwd = append_forwarded([], self.client_ip or None, "http", host_text)
+                block = b"".join([n + b": " + v + b"\r\n" for n, v in fwd])
+                cache = self._fwd_cache = (host, fwd, block)
+            fwd, fwd_block = cache[1], cache[2]
         if host is None:  # HTTP/1.0 without Host: name the address the client reached
             sockname = self.transport.get_extra_info("sockname")
             host = b"%s:%d" % (str(sockname[0]).encode(), sockname[1])
+        switch = request.upgrade is not None and upgrade is not None
+        target = request.target if route.rewrite is None else route.rewrite_target(request.target)
+        if route.plain:
+            block = b"".join([n + b": " + v + b"\r\n" for n, v in out])
+            block = b"host: " + host + b"\r\n" + block + fwd_block + route.add_request_block
+            if switch:
+                assert upgrade is not None
+                block += b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n"
+            self.up_block = block
+            self.up_target = target
+            self.up_switch = switch
+            return
+        out += fwd
+        out += route.add_request
         out.insert(0, (b"host", host))
-        if request.upgrade is not None and upgrade is not None:
+        if switch:
+            assert upgrade is not None
             out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-        return Request(
+        self.up_request = Request(
             request.method,
-            route.rewrite_target(request.target),
+            target,
             out,
             keep_alive=True,
             upgrade=request.upgrade,
@@ -876,11 +918,15 @@ class ProxyConnection(asyncio.Protocol):
         """Send the request to a backend: an idle pooled connection, else a new one."""
         route = self.route
         assert route is not None
+        pool = route.pool
         try:
-            backend = self._pick(route)
+            if route.sticky is None and pool.algorithm != "consistent_hash":
+                self.set_cookie = None  # (_pick's common case, inline)
+                backend = pool.acquire(self.listener.now, exclude=self.tried)
+            else:
+                backend = self._pick(route)
         except NoBackendAvailable as exc:
             self.balancer.no_backend(self, exc)
-            pool = route.pool
             wake = pool.next_wakeup
             wait = 1 if wake is None else max(1, math.ceil(wake - self.listener.now))
             message = "no backend could answer" if self.tried else "no backend available"
@@ -888,10 +934,12 @@ class ProxyConnection(asyncio.Protocol):
             return
         self.tried.add(backend)
         self.backend = backend
-        up = self.listener.take_idle(backend)
-        if up is not None:
-            self._attach(up)
-            return
+        idle = self.listener.idle.get(backend)  # (take_idle, inline)
+        while idle:
+            up = idle.pop()
+            if not up.transport.is_closing():
+                self._attach(up)
+                return
         if self.kept_bytes >= REPLAY_MAX_BYTES:
             self.pause(PAUSE_CONNECT)
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(backend))
@@ -934,34 +982,56 @@ class ProxyConnection(asyncio.Protocol):
 
     def _attach(self, up: Upstream) -> None:
         """Write the request (and the body so far) on ``up``."""
+        route = self.route
+        assert route is not None
         up.client = self
         self.upstream = up
         self.up_rx = False
         self.reused = not up.fresh
-        self.resume(PAUSE_CONNECT)
+        if self.pauses:
+            self.resume(PAUSE_CONNECT)
         conn = up.conn
-        request = self.up_request
+        request = self.request
         assert request is not None
+        block = self.up_block
+        bodyless = not request.chunked and not request.content_length
         try:
-            conn.send(request)
-            for data in self.kept:
-                conn.send(data)
-            if not self.body_open:  # no body, or all of it arrived while connecting
-                conn.send(self.body_end or END_OF_MESSAGE)
+            if block is not None:
+                conn.send_request_head(
+                    request.method,
+                    self.up_target,
+                    block,
+                    content_length=request.content_length,
+                    chunked=request.chunked,
+                    upgrade=self.up_switch,
+                    end=bodyless,
+                )
+            else:
+                assert self.up_request is not None
+                conn.send(self.up_request)
+            if block is None or not bodyless:
+                for data in self.kept:
+                    conn.send(data)
+                if not self.body_open:  # no body, or all of it arrived while connecting
+                    conn.send(self.body_end or END_OF_MESSAGE)
         except LocalProtocolError as exc:  # e.g. a header rule our writer refuses
             self.upstream = None
             up.client = None
             up.transport.close()
             self.reply(400, f"cannot forward this request: {exc}", close=True)
             return
-        up.flush()
+        out = conn.data_to_send()  # (up.flush, inline)
+        up.transport.write(out[0] if len(out) == 1 else b"".join(out))
         up.fresh = False
         self.request_sent = True
         if self.kept_bytes > REPLAY_MAX_BYTES:
             self.kept = []
             self.streamed = True
-        if not self.body_open:
-            self._arm_response()
+        if not self.body_open:  # (_arm_response, inline)
+            self.up_rx = False
+            timeout = route.pool_cfg.timeouts.request_timeout
+            self.timer = RESPONSE
+            self.deadline = INF if timeout is None else self.listener.now + timeout
 
     def _arm_response(self) -> None:
         route = self.route
@@ -1006,6 +1076,12 @@ class ProxyConnection(asyncio.Protocol):
     def upstream_events(self, up: Upstream, events: list[Any]) -> None:
         if up is not self.upstream:
             return
+        if len(events) == 3 and events[2] is END_OF_MESSAGE and not self.head_sent:
+            # The commonest answer: a whole small response in one read.
+            response, data = events[0], events[1]
+            if type(response) is Response and type(data) is Data and response.status_code < 500:
+                self._respond(up, response, data.data)
+                return
         conn = self.conn
         for event in events:
             kind = type(event)
@@ -1065,6 +1141,43 @@ class ProxyConnection(asyncio.Protocol):
         self.listener.responses[status // 100] += 1
         self._arm_response()
         return True
+
+    def _respond(self, up: Upstream, response: Response, body: bytes) -> None:
+        """Forward a whole response (head, body, end) below 500: _response_head and
+        _response_end in one, with one write."""
+        backend = self.backend
+        route = self.route
+        assert backend is not None
+        assert route is not None
+        route.pool.report_success(backend)
+        drop = route.drop_response
+        headers = [(n, v) for n, v in response.headers if n not in drop]
+        if route.add_response:
+            headers += route.add_response
+        if self.set_cookie is not None:
+            headers.append((b"set-cookie", self.set_cookie))
+        listener = self.listener
+        if listener.closing:
+            headers.append((b"connection", b"close"))
+        status = response.status_code
+        conn = self.conn
+        try:
+            conn.send_response(status, headers, body, b"", response.reason)
+        except LocalProtocolError as exc:
+            self.upstream_failed(up, f"cannot forward the response: {exc}", None)
+            return
+        self.head_sent = True
+        listener.responses[status // 100] += 1
+        out = conn.data_to_send()  # (flush, inline)
+        if not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        self.upstream = None
+        if up.conn.reusable:
+            listener.park(up, listener.now)
+        else:
+            up.client = None
+            up.transport.close()
+        self._finish_exchange()
 
     def _response_end(self, up: Upstream, event: EndOfMessage) -> None:
         self.conn.send(event)
@@ -1231,7 +1344,12 @@ class ProxyConnection(asyncio.Protocol):
 
     def _finish_exchange(self) -> None:
         self.busy = False
-        self._release_backend()
+        backend = self.backend
+        if backend is not None:  # (_release_backend, inline: every exchange ends here)
+            self.backend = None
+            route = self.route
+            if route is not None:
+                route.pool.release(backend)
         if self.body_open and not self.discarding:
             self.discarding = True  # answered before the body ended: drop the rest
             self.kept = []
@@ -1240,37 +1358,21 @@ class ProxyConnection(asyncio.Protocol):
         self._after_exchange()
 
     def _after_exchange(self) -> None:
-        if self.body_open and self.listener.closing:
-            self._close_lingering()
-            return
+        listener = self.listener
         if self.body_open:
+            if listener.closing:
+                self._close_lingering()
+                return
             self.resume(PAUSE_CONNECT | PAUSE_UPSTREAM)
             return  # wait for the body's end, then go on
-        self._reset_exchange()
-        conn = self.conn
-        if conn.our_state is not State.IDLE or self.closed:
-            self._close()
-            return
-        if self.listener.closing and not self.pending:
-            self._close()
-            return
-        more = conn.events_received()  # requests held behind a refused upgrade
-        pending = self.pending
-        if more:
-            pending.extend(more)
-        self._arm(KEEPALIVE, self.balancer.cfg.timeouts.keepalive_timeout)
-        if pending:
-            events = list(pending)
-            pending.clear()
-            self.resume(PAUSE_PENDING)
-            self._handle(events)
-
-    def _reset_exchange(self) -> None:
+        # Reset the exchange's fields.
         self.request = None
         self.up_request = None
+        self.up_block = None
         self.route = None
         self.upstream = None
-        self.kept = []
+        if self.kept:
+            self.kept = []
         self.kept_bytes = 0
         self.body_end = None
         self.tried.clear()
@@ -1279,6 +1381,25 @@ class ProxyConnection(asyncio.Protocol):
         self.head_sent = False
         self.request_sent = False
         self.streamed = False
+        conn = self.conn
+        if conn.our_state is not State.IDLE or self.closed:
+            self._close()
+            return
+        pending = self.pending
+        if listener.closing and not pending:
+            self._close()
+            return
+        more = conn.events_received()  # requests held behind a refused upgrade
+        if more:
+            pending.extend(more)
+        timeout = self.balancer.cfg.timeouts.keepalive_timeout
+        self.timer = KEEPALIVE
+        self.deadline = INF if timeout is None else listener.now + timeout
+        if pending:
+            events = list(pending)
+            pending.clear()
+            self.resume(PAUSE_PENDING)
+            self._handle(events)
 
     # ------------------------------------------------------------------ output, closing
 
