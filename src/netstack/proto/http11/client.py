@@ -744,8 +744,14 @@ class HTTPClientConnection:
             self.their_state = ClientState.SWITCHED_PROTOCOL
             self.our_state = ClientState.SWITCHED_PROTOCOL
             return
-        self.their_state = ClientState.DONE
-        self._cycle()
+        if self.our_state is not ClientState.DONE:
+            self.their_state = ClientState.DONE
+            return
+        # Both sides done: _cycle, inline (the end of nearly every exchange).
+        if self._request_keep_alive and parser.keep_alive and not parser.stray:
+            self.our_state = self.their_state = ClientState.IDLE
+        else:
+            self.our_state = self.their_state = ClientState.MUST_CLOSE
 
     def _cycle(self) -> None:
         if self.our_state is not ClientState.DONE or self.their_state is not ClientState.DONE:

@@ -226,6 +226,11 @@ class Route:
         return out if out.startswith(b"/") else b"/" + out
 
 
+# (route, request headers, request target, head prefix, head suffix, backend target,
+# upgrade proposed, request id to insert between prefix and suffix)
+UpCache = tuple[Route, list[tuple[bytes, bytes]], bytes, bytes, bytes, bytes, bool, bool]
+
+
 class Rules:
     """Everything a frontend's requests need from its :class:`FrontendState`, compiled."""
 
@@ -437,6 +442,7 @@ class Upstream(asyncio.Protocol):
         "client",
         "conn",
         "fresh",
+        "head_cache",
         "idle_since",
         "listener",
         "read_paused",
@@ -452,6 +458,9 @@ class Upstream(asyncio.Protocol):
         self.client: ProxyConnection | None = None
         self.conn = HTTPClientConnection(PROXY_LIMITS)
         self.fresh = True  # no request sent on it yet
+        # (route, response headers, them filtered for the route): see _respond.
+        self.head_cache: tuple[Route, list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None
+        self.head_cache = None
         self.idle_since = 0.0
         self.read_paused = False
         self.tunnel = False
@@ -565,6 +574,8 @@ class ProxyConnection(asyncio.Protocol):
         self._peer: Any = None
         # Per Host: this hop's forwarding headers for an untrusted client, and serialised.
         self._fwd_cache: tuple[bytes | None, list[tuple[bytes, bytes]], bytes] | None = None
+        # The last fast-path request head (see _upstream_request).
+        self._up_cache: UpCache | None = None
         # The exchange in progress.
         self.request: Request | None = None
         # The request for the backend: a Request (general path), or a target and a
@@ -616,6 +627,7 @@ class ProxyConnection(asyncio.Protocol):
         self.client_ip = ip
         self.fwd_trusted = self.listener.rules.trusted.contains(ip)
         self._fwd_cache = None
+        self._up_cache = None
 
     def _allowed(self, rules: Rules) -> bool:
         ip = self.client_ip
@@ -812,73 +824,105 @@ class ProxyConnection(asyncio.Protocol):
     ) -> None:
         """Build the request for the backend: hop-by-hop and (from an untrusted peer)
         forwarding headers out; Host first, then the others in order, the request id,
-        this hop's forwarding headers, the route's added headers and any Upgrade."""
-        trusted = self.fwd_trusted
-        drop = route.drop_trusted if trusted else route.drop_untrusted
+        this hop's forwarding headers, the route's added headers and any Upgrade.
+
+        On the fast path (a plain route, an untrusted peer) the serialised head is kept
+        for the next request of this connection with the same target and headers
+        (the usual case for a keep-alive client): only a new request id goes in.
+        """
+        headers = request.headers
         rid_name = rules.request_id
-        rid: bytes | None = None
-        extra_tokens: set[bytes] | None = None
-        upgrade: bytes | None = None
-        out = []
-        for name, value in request.headers:
-            if name in drop:
-                if name == b"connection":
-                    tokens = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
-                    if tokens:
-                        extra_tokens = (extra_tokens or set()) | tokens
-                elif name == b"upgrade":
-                    upgrade = value
-                continue
-            if name == rid_name:
-                rid = value
-            out.append((name, value))
-        if extra_tokens:
-            out = [(n, v) for n, v in out if n not in extra_tokens]
-        if rid_name is not None and rid is None:
-            listener = self.listener  # (next_request_id, inline)
-            out.append((rid_name, b"%s-%x" % (listener._id_prefix, next(listener._ids))))
-        host_text = host.decode("latin-1") if host is not None else None
-        if trusted:
-            out = append_forwarded(out, self.client_ip or None, "http", host_text)
-            fwd: list[tuple[bytes, bytes]] = []
-            fwd_block = b""
+        cache = self._up_cache
+        if (
+            cache is not None
+            and cache[0] is route
+            and cache[2] == request.target
+            and cache[1] == headers
+        ):
+            _, _, _, prefix, suffix, self.up_target, self.up_switch, needs_rid = cache
         else:
-            cache = self._fwd_cache
-            if cache is None or cache[0] != host:
-                fwd = append_forwarded([], self.client_ip or None, "http", host_text)
-                block = b"".join([n + b": " + v + b"\r\n" for n, v in fwd])
-                cache = self._fwd_cache = (host, fwd, block)
-            fwd, fwd_block = cache[1], cache[2]
-        if host is None:  # HTTP/1.0 without Host: name the address the client reached
-            sockname = self.transport.get_extra_info("sockname")
-            host = b"%s:%d" % (str(sockname[0]).encode(), sockname[1])
-        switch = request.upgrade is not None and upgrade is not None
-        target = request.target if route.rewrite is None else route.rewrite_target(request.target)
-        if route.plain:
-            block = b"".join([n + b": " + v + b"\r\n" for n, v in out])
-            block = b"host: " + host + b"\r\n" + block + fwd_block + route.add_request_block
+            trusted = self.fwd_trusted
+            drop = route.drop_trusted if trusted else route.drop_untrusted
+            rid: bytes | None = None
+            extra_tokens: set[bytes] | None = None
+            upgrade: bytes | None = None
+            out = []
+            for name, value in headers:
+                if name in drop:
+                    if name == b"connection":
+                        tokens = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
+                        if tokens:
+                            extra_tokens = (extra_tokens or set()) | tokens
+                    elif name == b"upgrade":
+                        upgrade = value
+                    continue
+                if name == rid_name:
+                    rid = value
+                out.append((name, value))
+            if extra_tokens:
+                out = [(n, v) for n, v in out if n not in extra_tokens]
+            needs_rid = rid_name is not None and rid is None
+            host_text = host.decode("latin-1") if host is not None else None
+            if trusted:
+                if needs_rid:
+                    assert rid_name is not None
+                    out.append((rid_name, self.listener.next_request_id()))
+                    needs_rid = False
+                out = append_forwarded(out, self.client_ip or None, "http", host_text)
+                fwd: list[tuple[bytes, bytes]] = []
+                fwd_block = b""
+            else:
+                fwd_cache = self._fwd_cache
+                if fwd_cache is None or fwd_cache[0] != host:
+                    fwd = append_forwarded([], self.client_ip or None, "http", host_text)
+                    block = b"".join([n + b": " + v + b"\r\n" for n, v in fwd])
+                    fwd_cache = self._fwd_cache = (host, fwd, block)
+                fwd, fwd_block = fwd_cache[1], fwd_cache[2]
+            if host is None:  # HTTP/1.0 without Host: name the address the client reached
+                sockname = self.transport.get_extra_info("sockname")
+                host = b"%s:%d" % (str(sockname[0]).encode(), sockname[1])
+            switch = request.upgrade is not None and upgrade is not None
+            target = request.target
+            if route.rewrite is not None:
+                target = route.rewrite_target(target)
+            if not route.plain:
+                if needs_rid:
+                    assert rid_name is not None
+                    out.append((rid_name, self.listener.next_request_id()))
+                out += fwd
+                out += route.add_request
+                out.insert(0, (b"host", host))
+                if switch:
+                    assert upgrade is not None
+                    out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+                self.up_request = Request(
+                    request.method,
+                    target,
+                    out,
+                    keep_alive=True,
+                    upgrade=request.upgrade,
+                    chunked=request.chunked,
+                    content_length=request.content_length if not request.chunked else None,
+                )
+                return
+            prefix = b"".join([n + b": " + v + b"\r\n" for n, v in out])
+            prefix = b"host: " + host + b"\r\n" + prefix
+            suffix = fwd_block + route.add_request_block
             if switch:
                 assert upgrade is not None
-                block += b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n"
-            self.up_block = block
+                suffix += b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n"
             self.up_target = target
             self.up_switch = switch
-            return
-        out += fwd
-        out += route.add_request
-        out.insert(0, (b"host", host))
-        if switch:
-            assert upgrade is not None
-            out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-        self.up_request = Request(
-            request.method,
-            target,
-            out,
-            keep_alive=True,
-            upgrade=request.upgrade,
-            chunked=request.chunked,
-            content_length=request.content_length if not request.chunked else None,
-        )
+            if not trusted:
+                key = (route, headers, request.target)
+                self._up_cache = (*key, prefix, suffix, target, switch, needs_rid)
+        if needs_rid:
+            assert rid_name is not None
+            listener = self.listener  # (next_request_id, inline)
+            rid_line = b"%s: %s-%x\r\n" % (rid_name, listener._id_prefix, next(listener._ids))
+            self.up_block = prefix + rid_line + suffix
+        else:
+            self.up_block = prefix + suffix
 
     # ------------------------------------------------------------------ backends
 
@@ -1150,15 +1194,25 @@ class ProxyConnection(asyncio.Protocol):
         assert backend is not None
         assert route is not None
         route.pool.report_success(backend)
-        drop = route.drop_response
-        headers = [(n, v) for n, v in response.headers if n not in drop]
-        if route.add_response:
-            headers += route.add_response
-        if self.set_cookie is not None:
-            headers.append((b"set-cookie", self.set_cookie))
         listener = self.listener
-        if listener.closing:
-            headers.append((b"connection", b"close"))
+        # The backend's last header list, filtered for this route: a server sends the
+        # same headers again and again (but for Date, once a second).
+        received = response.headers
+        cache = up.head_cache
+        if cache is not None and cache[0] is route and cache[1] == received:
+            headers = cache[2]
+        else:
+            drop = route.drop_response
+            headers = [(n, v) for n, v in received if n not in drop]
+            if route.add_response:
+                headers += route.add_response
+            up.head_cache = (route, received, headers)
+        if self.set_cookie is not None or listener.closing:
+            headers = headers.copy()
+            if self.set_cookie is not None:
+                headers.append((b"set-cookie", self.set_cookie))
+            if listener.closing:
+                headers.append((b"connection", b"close"))
         status = response.status_code
         conn = self.conn
         try:
