@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_nginx:
         cases.append(("nginx", None))
     figures: dict[str, list[float]] = {name: [] for name, _ in cases}
+    users: dict[str, list[float]] = {name: [] for name, _ in cases}
     rps: dict[str, list[float]] = {name: [] for name, _ in cases}
     with tempfile.TemporaryDirectory(prefix="bench-l7cpu-") as tmp:
         work = Path(tmp)
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     us = cpu / max(1, result.requests) * 1e6
                     sys_us = system / max(1, result.requests) * 1e6
                     figures[name].append(us)
+                    users[name].append(us - sys_us)
                     rps[name].append(result.rps)
                     print(
                         f"run {run + 1} {name}: {us:.1f} us/request ({sys_us:.1f} system),"
@@ -119,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in figures.items():
         med = statistics.median(values)
         ratio = f"  nginx/this {nginx / med:.2f}x" if nginx else ""
+        user = users[name]
         print(
-            f"{name}: median {med:.1f} us/request (min {min(values):.1f}),"
+            f"{name}: median {med:.1f} us/request (min {min(values):.1f}; user median"
+            f" {statistics.median(user):.1f}, min {min(user):.1f}),"
             f" {statistics.median(rps[name]):,.0f} req/s{ratio}"
         )
     return 0

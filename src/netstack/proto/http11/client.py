@@ -38,7 +38,7 @@ CONNECT is not supported (a balancer tunnels with Upgrade).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
 
@@ -82,6 +82,16 @@ class ClientState(enum.Enum):
     MUST_CLOSE = "must_close"
     SWITCHED_PROTOCOL = "switched_protocol"
     CLOSED = "closed"
+
+
+# Enum members as module globals: in CPython 3.11 ``ClientState.IDLE`` is a descriptor
+# call (tens of ns), paid several times per exchange on the balancer's hot path.
+_IDLE: Final = ClientState.IDLE
+_SEND_BODY: Final = ClientState.SEND_BODY
+_DONE: Final = ClientState.DONE
+_MUST_CLOSE: Final = ClientState.MUST_CLOSE
+_SWITCHED_PROTOCOL: Final = ClientState.SWITCHED_PROTOCOL
+_CLOSED: Final = ClientState.CLOSED
 
 
 def bad_response(message: str) -> RemoteProtocolError:
@@ -196,6 +206,7 @@ class LLHTTPResponseParser:
         "_head_only",
         "_headers",
         "_in_head",
+        "_last",
         "_limits",
         "_parser",
         "_reason",
@@ -220,6 +231,8 @@ class LLHTTPResponseParser:
         self._head_buffer = b""
         self._reusable = True
         self._status = 0
+        # (headers, version, no body, keep-alive, until close) of the last final response.
+        self._last: tuple[Headers, str, bool, bool, bool] | None = None
         self.start(b"GET", False)
 
     def start(self, method: bytes, upgrade: bool) -> None:
@@ -347,16 +360,31 @@ class LLHTTPResponseParser:
             self._events.append(InformationalResponse(status, headers, reason))
             return
         no_body = self._head_only or status == 204 or status == 304
-        self.keep_alive, self._until_close = check_response_head(
-            status,
-            headers,
-            _VERSIONS.get(version) or version.encode(),
-            no_body,
-            self._limits,
-            len(reason),
-            # Fewer bytes than the limit fed since the response began: no need to measure.
-            self._head_only or self._head_fed > self._limits.max_header_bytes,
-        )
+        # Fewer bytes than the limit fed since the response began: no need to measure.
+        measure = self._head_only or self._head_fed > self._limits.max_header_bytes
+        last = self._last
+        if (
+            last is not None
+            and not measure
+            and last[1] == version
+            and last[2] == no_body
+            and last[0] == headers
+        ):
+            # The same header list as the last response (a server repeats itself): the
+            # same verdict, and the same list object (cheap to compare downstream).
+            headers = last[0]
+            self.keep_alive, self._until_close = last[3], last[4]
+        else:
+            self.keep_alive, self._until_close = check_response_head(
+                status,
+                headers,
+                _VERSIONS.get(version) or version.encode(),
+                no_body,
+                self._limits,
+                len(reason),
+                measure,
+            )
+            self._last = (headers, version, no_body, self.keep_alive, self._until_close)
         self._events.append(Response(status, headers, reason, _VERSIONS.get(version, b"1.1")))
         if self._head_only:
             self._events.append(END_OF_MESSAGE)
@@ -522,13 +550,13 @@ class HTTPClientConnection:
         self._remaining: int | None = 0  # body bytes still due; None: chunked
         self._framing_chunked = False
         self._request_keep_alive = True
-        self.our_state = ClientState.IDLE
-        self.their_state = ClientState.IDLE
+        self.our_state = _IDLE
+        self.their_state = _IDLE
 
     @property
     def reusable(self) -> bool:
         """Another request can be sent now (the last exchange ended with keep-alive)."""
-        return self.our_state is ClientState.IDLE and self.their_state is ClientState.IDLE
+        return self.our_state is _IDLE and self.their_state is _IDLE
 
     # ------------------------------------------------------------------- our side
 
@@ -619,7 +647,7 @@ class HTTPClientConnection:
         Raises:
             LocalProtocolError: as :meth:`send`; nothing changes.
         """
-        if self.our_state is not ClientState.IDLE or self.their_state is not ClientState.IDLE:
+        if self.our_state is not _IDLE or self.their_state is not _IDLE:
             raise LocalProtocolError(
                 f"cannot send a request in state {self.our_state}/{self.their_state}"
             )
@@ -642,19 +670,19 @@ class HTTPClientConnection:
         self._remaining = None if chunked else (content_length or 0)
         self._parser.start(method, upgrade)
         # (end: what _send_end does for a request without a body, the response pending)
-        self.our_state = ClientState.DONE if end else ClientState.SEND_BODY
-        self.their_state = ClientState.SEND_BODY
+        self.our_state = _DONE if end else _SEND_BODY
+        self.their_state = _SEND_BODY
 
     def _commit(self, head: bytes, keep_alive: bool, chunked: bool, length: int | None) -> None:
         self._to_send.append(head)
         self._request_keep_alive = keep_alive
         self._framing_chunked = chunked
         self._remaining = None if chunked else (length or 0)
-        self.our_state = ClientState.SEND_BODY
-        self.their_state = ClientState.SEND_BODY
+        self.our_state = _SEND_BODY
+        self.their_state = _SEND_BODY
 
     def _send_data(self, data: bytes) -> None:
-        if self.our_state is not ClientState.SEND_BODY:
+        if self.our_state is not _SEND_BODY:
             raise LocalProtocolError(f"cannot send body data in state {self.our_state}")
         if not data:
             return
@@ -668,7 +696,7 @@ class HTTPClientConnection:
         self._to_send.append(data)
 
     def _send_end(self, trailers: Headers) -> None:
-        if self.our_state is not ClientState.SEND_BODY:
+        if self.our_state is not _SEND_BODY:
             raise LocalProtocolError(f"cannot end a request in state {self.our_state}")
         if self._remaining:
             raise LocalProtocolError(
@@ -678,7 +706,7 @@ class HTTPClientConnection:
             self._to_send.append(encode_trailers(trailers))
         elif trailers:
             encode_headers(trailers)  # checked all the same
-        self.our_state = ClientState.DONE
+        self.our_state = _DONE
         self._cycle()
 
     def data_to_send(self) -> list[bytes]:
@@ -699,9 +727,9 @@ class HTTPClientConnection:
         """
         parser = self._parser
         state = self.their_state
-        if state is ClientState.CLOSED:
+        if state is _CLOSED:
             return
-        if state is not ClientState.SEND_BODY and state is not ClientState.SWITCHED_PROTOCOL:
+        if state is not _SEND_BODY and state is not _SWITCHED_PROTOCOL:
             if not data:
                 return
             self.close()
@@ -721,10 +749,10 @@ class HTTPClientConnection:
                 request was outstanding.
         """
         state = self.their_state
-        if state is ClientState.CLOSED:
+        if state is _CLOSED:
             return
         parser = self._parser
-        if state is ClientState.SEND_BODY:
+        if state is _SEND_BODY:
             try:
                 parser.feed_eof()
             except RemoteProtocolError:
@@ -732,37 +760,37 @@ class HTTPClientConnection:
                 raise
             self._after_feed(parser)
         self._events.append(ConnectionClosed())
-        if self.their_state is not ClientState.SWITCHED_PROTOCOL:
-            self.their_state = ClientState.CLOSED
-            if self.our_state is not ClientState.SEND_BODY:
-                self.our_state = ClientState.CLOSED
+        if self.their_state is not _SWITCHED_PROTOCOL:
+            self.their_state = _CLOSED
+            if self.our_state is not _SEND_BODY:
+                self.our_state = _CLOSED
 
     def _after_feed(self, parser: ResponseParser) -> None:
-        if self.their_state is not ClientState.SEND_BODY or not parser.done:
+        if self.their_state is not _SEND_BODY or not parser.done:
             return
         if parser.switched:
-            self.their_state = ClientState.SWITCHED_PROTOCOL
-            self.our_state = ClientState.SWITCHED_PROTOCOL
+            self.their_state = _SWITCHED_PROTOCOL
+            self.our_state = _SWITCHED_PROTOCOL
             return
-        if self.our_state is not ClientState.DONE:
-            self.their_state = ClientState.DONE
+        if self.our_state is not _DONE:
+            self.their_state = _DONE
             return
         # Both sides done: _cycle, inline (the end of nearly every exchange).
         if self._request_keep_alive and parser.keep_alive and not parser.stray:
-            self.our_state = self.their_state = ClientState.IDLE
+            self.our_state = self.their_state = _IDLE
         else:
-            self.our_state = self.their_state = ClientState.MUST_CLOSE
+            self.our_state = self.their_state = _MUST_CLOSE
 
     def _cycle(self) -> None:
-        if self.our_state is not ClientState.DONE or self.their_state is not ClientState.DONE:
+        if self.our_state is not _DONE or self.their_state is not _DONE:
             return
         parser = self._parser
         if self._request_keep_alive and parser.keep_alive and not parser.stray:
-            self.our_state = ClientState.IDLE
-            self.their_state = ClientState.IDLE
+            self.our_state = _IDLE
+            self.their_state = _IDLE
         else:
-            self.our_state = ClientState.MUST_CLOSE
-            self.their_state = ClientState.MUST_CLOSE
+            self.our_state = _MUST_CLOSE
+            self.their_state = _MUST_CLOSE
 
     def events_received(self) -> list[Event]:
         """Drain the events parsed so far."""
@@ -776,12 +804,12 @@ class HTTPClientConnection:
     def switched_protocol_data(self) -> bytes:
         """After a 101: the bytes the server sent after it (and since), raw."""
         parser = self._parser
-        if self.their_state is not ClientState.SWITCHED_PROTOCOL:
+        if self.their_state is not _SWITCHED_PROTOCOL:
             raise LocalProtocolError("the protocol has not been switched")
         rest, parser.rest = parser.rest, b""
         return rest
 
     def close(self) -> None:
         """Nothing more will be sent or parsed."""
-        self.our_state = ClientState.CLOSED
-        self.their_state = ClientState.CLOSED
+        self.our_state = _CLOSED
+        self.their_state = _CLOSED

@@ -251,12 +251,7 @@ class HTTPConnection:
             raise LocalProtocolError(f"a server cannot send {kind.__name__}")
 
     def send_response(
-        self,
-        status: int,
-        headers: Headers,
-        body: bytes = b"",
-        trusted: bytes = b"",
-        reason: bytes = b"",
+        self, status: int, headers: Headers, body: bytes = b"", trusted: bytes = b""
     ) -> None:
         """Send a whole response at once: head, body and end, in one write.
 
@@ -266,9 +261,8 @@ class HTTPConnection:
         Args:
             trusted: extra header lines, already serialised and checked by the caller
                 (a server's ``Date`` and ``Server``, rebuilt once a second).
-            reason: the reason phrase (``b""``: the standard one).
         """
-        head = self._head(status, headers, reason, trusted, len(body))
+        head = self._head(status, headers, b"", trusted, len(body))
         framing = self._framing
         if framing is Framing.LENGTH:
             self._to_send.append(head + body)

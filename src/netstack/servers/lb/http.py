@@ -79,6 +79,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INF: Final = float("inf")
+# (A module global: State.IDLE is a descriptor call in CPython 3.11.)
+IDLE: Final = State.IDLE
 NO_TIMER, HEADER, KEEPALIVE, RESPONSE, LINGER, BODY = range(6)
 # Pipelined events parsed ahead of the exchange in progress before we stop reading.
 MAX_PENDING_EVENTS: Final = 64
@@ -1123,7 +1125,12 @@ class ProxyConnection(asyncio.Protocol):
         if len(events) == 3 and events[2] is END_OF_MESSAGE and not self.head_sent:
             # The commonest answer: a whole small response in one read.
             response, data = events[0], events[1]
-            if type(response) is Response and type(data) is Data and response.status_code < 500:
+            if (
+                type(response) is Response
+                and type(data) is Data
+                and response.status_code < 500
+                and response.reason == reason_phrase(response.status_code)
+            ):
                 self._respond(up, response, data.data)
                 return
         conn = self.conn
@@ -1216,7 +1223,7 @@ class ProxyConnection(asyncio.Protocol):
         status = response.status_code
         conn = self.conn
         try:
-            conn.send_response(status, headers, body, b"", response.reason)
+            conn.send_response(status, headers, body)  # (the standard reason phrase)
         except LocalProtocolError as exc:
             self.upstream_failed(up, f"cannot forward the response: {exc}", None)
             return
@@ -1436,7 +1443,7 @@ class ProxyConnection(asyncio.Protocol):
         self.request_sent = False
         self.streamed = False
         conn = self.conn
-        if conn.our_state is not State.IDLE or self.closed:
+        if conn.our_state is not IDLE or self.closed:
             self._close()
             return
         pending = self.pending
