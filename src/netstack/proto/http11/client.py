@@ -629,6 +629,7 @@ class HTTPClientConnection:
         chunked: bool = False,
         upgrade: bool = False,
         end: bool = False,
+        checked: bool = False,
     ) -> None:
         """Send a request head whose header lines the caller serialised (a proxy's fast
         path): ``send(Request(method, target, headers, ...))``, keep-alive.
@@ -643,6 +644,8 @@ class HTTPClientConnection:
             upgrade: ``block`` proposes to switch protocols (``Connection: upgrade`` and
                 an ``Upgrade`` header).
             end: the request has no body: ``send(EndOfMessage())`` too.
+            checked: the same method, target and block (but for lines the caller
+                wrote itself) went through this method before: skip their checks.
 
         Raises:
             LocalProtocolError: as :meth:`send`; nothing changes.
@@ -661,8 +664,11 @@ class HTTPClientConnection:
             block += b"content-length: %d\r\n" % content_length
         elif chunked:
             block += b"transfer-encoding: chunked\r\n"
-        head = encode_request_line(method, target)
-        check_header_block(block)
+        if checked:
+            head = method + b" " + target + b" HTTP/1.1\r\n"
+        else:
+            head = encode_request_line(method, target)
+            check_header_block(block)
         # Nothing can fail from here on.
         self._to_send.append(head + block + b"\r\n")
         self._request_keep_alive = True

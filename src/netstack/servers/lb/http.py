@@ -541,22 +541,23 @@ class ProxyConnection(asyncio.Protocol):
 
     transport: asyncio.Transport
 
-    # Per-exchange fields, reset by _after_exchange; class defaults keep __init__ short.
-    busy = False  # an exchange is in progress (request routed, response not finished)
-    body_open = False  # the current request's body is still arriving
-    body_done = False  # the whole current request body was received (end kept in body_end)
-    discarding = False  # dropping the rest of a body already answered
-    head_sent = False  # the response head went to the client
-    request_sent = False  # the request went to the current upstream
-    streamed = False  # body bytes were sent and dropped from kept: no replay possible
-    retry_ok = False  # idempotent method: 502/503 and early closes may be retried
-    reused = False  # the current upstream came from the idle pool
-    up_rx = False
-    body_rx = False  # request body bytes arrived since the last BODY deadline check
-    tunnel = False
-    tunnel_eofs = 0
-
     def __init__(self, listener: HTTPListener) -> None:
+        # Per-exchange flags, reset by _after_exchange. (Instance attributes, not class
+        # defaults: CPython 3.11 does not specialise reading a class attribute through
+        # an instance, and these are read several times per request.)
+        self.busy = False  # an exchange is in progress (request routed, response not done)
+        self.body_open = False  # the current request's body is still arriving
+        self.body_done = False  # the whole request body was received (end kept in body_end)
+        self.discarding = False  # dropping the rest of a body already answered
+        self.head_sent = False  # the response head went to the client
+        self.request_sent = False  # the request went to the current upstream
+        self.streamed = False  # body bytes were sent and dropped from kept: no replay
+        self.retry_ok = False  # idempotent method: 502/503 and early closes may be retried
+        self.reused = False  # the current upstream came from the idle pool
+        self.up_rx = False
+        self.body_rx = False  # request body bytes arrived since the last BODY check
+        self.tunnel = False
+        self.tunnel_eofs = 0
         self.listener = listener
         self.balancer = listener.balancer
         self.state: FrontendState = listener.state
@@ -576,8 +577,11 @@ class ProxyConnection(asyncio.Protocol):
         self._peer: Any = None
         # Per Host: this hop's forwarding headers for an untrusted client, and serialised.
         self._fwd_cache: tuple[bytes | None, list[tuple[bytes, bytes]], bytes] | None = None
-        # The last fast-path request head (see _upstream_request).
+        # The last fast-path request head (see _upstream_request), and whether the
+        # client core accepted it once (then its checks are skipped: up_checked).
         self._up_cache: UpCache | None = None
+        self._up_cache_checked = False
+        self.up_checked = False
         # The exchange in progress.
         self.request: Request | None = None
         # The request for the backend: a Request (general path), or a target and a
@@ -842,7 +846,9 @@ class ProxyConnection(asyncio.Protocol):
             and cache[1] == headers
         ):
             _, _, _, prefix, suffix, self.up_target, self.up_switch, needs_rid = cache
+            self.up_checked = self._up_cache_checked
         else:
+            self.up_checked = False
             trusted = self.fwd_trusted
             drop = route.drop_trusted if trusted else route.drop_untrusted
             rid: bytes | None = None
@@ -918,6 +924,7 @@ class ProxyConnection(asyncio.Protocol):
             if not trusted:
                 key = (route, headers, request.target)
                 self._up_cache = (*key, prefix, suffix, target, switch, needs_rid)
+                self._up_cache_checked = False
         if needs_rid:
             assert rid_name is not None
             listener = self.listener  # (next_request_id, inline)
@@ -1051,7 +1058,11 @@ class ProxyConnection(asyncio.Protocol):
                     chunked=request.chunked,
                     upgrade=self.up_switch,
                     end=bodyless,
+                    checked=self.up_checked,
                 )
+                if self._up_cache is not None:
+                    # (The block came from the cache, or made it: the core accepted it.)
+                    self._up_cache_checked = True
             else:
                 assert self.up_request is not None
                 conn.send(self.up_request)
