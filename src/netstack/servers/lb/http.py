@@ -539,6 +539,60 @@ class Upstream(asyncio.Protocol):
 class ProxyConnection(asyncio.Protocol):
     """One client connection of an ``http`` frontend."""
 
+    # Slots: more than 30 attributes would cost CPython 3.11 its shared-key instance
+    # dicts (and their specialised attribute access) on the hot path.
+    __slots__ = (
+        "_fwd_cache",
+        "_peer",
+        "_up_cache",
+        "_up_cache_checked",
+        "backend",
+        "balancer",
+        "body_done",
+        "body_end",
+        "body_open",
+        "body_rx",
+        "busy",
+        "client_ip",
+        "closed",
+        "conn",
+        "connect_task",
+        "deadline",
+        "discarding",
+        "fwd_trusted",
+        "head_sent",
+        "kept",
+        "kept_bytes",
+        "lingered",
+        "lingering",
+        "listener",
+        "pauses",
+        "pending",
+        "proxy_buffer",
+        "request",
+        "request_sent",
+        "retry_ok",
+        "reused",
+        "route",
+        "rx",
+        "set_cookie",
+        "silent",
+        "state",
+        "streamed",
+        "timer",
+        "transport",
+        "tried",
+        "tunnel",
+        "tunnel_eofs",
+        "up_block",
+        "up_checked",
+        "up_request",
+        "up_rx",
+        "up_switch",
+        "up_target",
+        "upstream",
+    )
+
     transport: asyncio.Transport
 
     def __init__(self, listener: HTTPListener) -> None:
