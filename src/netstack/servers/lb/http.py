@@ -30,6 +30,17 @@ backend connections expire after ``backend_idle_timeout``.
 
 After a ``101 Switching Protocols`` from the backend both connections become a raw byte
 tunnel (WebSocket and other upgrades), with half-close relayed.
+
+Fast paths (the proxy's CPU per request is the L7 benchmark; ``bench/l7harness.py``
+and ``bench/l7cpu.py`` measure it). The request for the backend is serialised here and
+handed to :meth:`~netstack.proto.http11.HTTPClientConnection.send_request_head` as one
+header block, never re-split into a list, unless a route adds a header the client core
+must see (Host, framing, Connection, Upgrade). A keep-alive client repeating the same
+target and headers gets the block kept from its last request with a new request id
+(untrusted peers; the block skips the core's checks after it passed them once). A whole
+response below 500 that arrived in one read (head, body, end) goes out with one
+``send_response`` and one write, its filtered headers kept per backend connection while
+the backend repeats them. Anything else takes the general, event-by-event path.
 """
 
 from __future__ import annotations
@@ -380,7 +391,9 @@ class HTTPListener(Listener):
     def park(self, up: Upstream, now: float) -> None:
         """Keep a reusable backend connection for the next request, or close it."""
         up.client = None
-        idle = self.idle.setdefault(up.backend, [])
+        idle = self.idle.get(up.backend)
+        if idle is None:
+            idle = self.idle[up.backend] = []
         limit = self.balancer.cfg.limits.max_idle_backend_connections
         if self.closing or len(idle) >= limit or up.transport.is_closing():
             up.transport.close()
@@ -1271,7 +1284,11 @@ class ProxyConnection(asyncio.Protocol):
         # same headers again and again (but for Date, once a second).
         received = response.headers
         cache = up.head_cache
-        if cache is not None and cache[0] is route and cache[1] == received:
+        if (
+            cache is not None
+            and cache[0] is route
+            and (cache[1] is received or cache[1] == received)
+        ):
             headers = cache[2]
         else:
             drop = route.drop_response
