@@ -239,9 +239,12 @@ class Route:
         return out if out.startswith(b"/") else b"/" + out
 
 
-# (route, request headers, request target, head prefix, head suffix, backend target,
-# upgrade proposed, request id to insert between prefix and suffix)
-UpCache = tuple[Route, list[tuple[bytes, bytes]], bytes, bytes, bytes, bytes, bool, bool]
+# The key (route, request headers, target, method, Request.upgrade), then the head's
+# prefix and suffix, the backend's target, the upgrade proposed, and whether a request id
+# goes between prefix and suffix.
+UpCache = tuple[
+    Route, list[tuple[bytes, bytes]], bytes, bytes, bytes | None, bytes, bytes, bytes, bool, bool
+]
 
 
 class Rules:
@@ -910,9 +913,11 @@ class ProxyConnection(asyncio.Protocol):
             cache is not None
             and cache[0] is route
             and cache[2] == request.target
+            and cache[3] == request.method
+            and cache[4] == request.upgrade
             and cache[1] == headers
         ):
-            _, _, _, prefix, suffix, self.up_target, self.up_switch, needs_rid = cache
+            prefix, suffix, self.up_target, self.up_switch, needs_rid = cache[5:]
             self.up_checked = self._up_cache_checked
         else:
             self.up_checked = False
@@ -989,7 +994,7 @@ class ProxyConnection(asyncio.Protocol):
             self.up_target = target
             self.up_switch = switch
             if not trusted:
-                key = (route, headers, request.target)
+                key = (route, headers, request.target, request.method, request.upgrade)
                 self._up_cache = (*key, prefix, suffix, target, switch, needs_rid)
                 self._up_cache_checked = False
         if needs_rid:
