@@ -18,7 +18,7 @@ from tests.servers.lb.support import TCPBackend
 
 def echo_head(request: h11.Request, body: bytes, backend: TCPBackend):
     """The request line and headers the backend received, one per line."""
-    lines = [b"target: " + bytes(request.target)]
+    lines = [b"method: " + bytes(request.method), b"target: " + bytes(request.target)]
     lines += [bytes(n) + b": " + bytes(v) for n, v in request.headers]
     return 200, [("content-type", "text/plain")], b"\n".join(lines)
 
@@ -48,6 +48,8 @@ async def test_repeated_requests_get_fresh_ids_and_their_own_headers() -> None:
             assert got["x-a"] == ["2"]  # a changed header is not served from the cache
             got = seen((await client.request("GET", "/b", [("x-a", "2")])).body)
             assert got["target"] == ["/b"]
+            got = seen((await client.request("DELETE", "/b", [("x-a", "2")])).body)
+            assert got["method"] == ["DELETE"]  # same target and headers, not the same head
             # A client's own request id (untrusted peer) is replaced, every time.
             for _ in range(2):
                 got = seen((await client.request("GET", "/b", [("x-request-id", "mine")])).body)
