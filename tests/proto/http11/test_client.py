@@ -319,6 +319,17 @@ def test_send_request_head_refusals_change_nothing(parser: str) -> None:
 
 
 @pytest.mark.parametrize("parser", PARSERS)
+def test_response_before_the_request_body_ended_with_keep_alive(parser: str) -> None:
+    conn = HTTPClientConnection(LIMITS, parser)
+    conn.send(Request(b"POST", b"/", HOST, content_length=2))
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert (conn.our_state, conn.their_state) == (ClientState.SEND_BODY, ClientState.DONE)
+    conn.send(Data(b"ab"))
+    conn.send(EndOfMessage())
+    assert conn.reusable
+
+
+@pytest.mark.parametrize("parser", PARSERS)
 def test_response_before_the_request_body_ended_without_keep_alive(parser: str) -> None:
     conn = HTTPClientConnection(LIMITS, parser)
     conn.send(Request(b"POST", b"/", HOST, content_length=2))
