@@ -243,6 +243,135 @@ def test_early_response_while_sending_the_body(parser: str) -> None:
     assert (conn.our_state, conn.their_state) == (ClientState.SEND_BODY, ClientState.CLOSED)
 
 
+@pytest.mark.parametrize("parser", PARSERS)
+def test_send_request_head_writes_what_send_request_writes(parser: str) -> None:
+    # The proxy's fast path: the same bytes and the same states as send(Request(...)).
+    cases: list[tuple[Request, dict[str, Any]]] = [
+        (Request(b"GET", b"/a?b", [*HOST, (b"x-a", b"1")]), {"end": True}),
+        (Request(b"GET", b"/", HOST, content_length=0), {"content_length": 0, "end": True}),
+        (Request(b"POST", b"/p", HOST, content_length=5), {"content_length": 5}),
+        (Request(b"PUT", b"/c", HOST, chunked=True), {"chunked": True}),
+    ]
+    for request, kwargs in cases:
+        slow, fast = HTTPClientConnection(LIMITS, parser), HTTPClientConnection(LIMITS, parser)
+        slow.send(request)
+        block = b"".join(n + b": " + v + b"\r\n" for n, v in request.headers)
+        fast.send_request_head(request.method, request.target, block, **kwargs)
+        sent = fast.data_to_send()
+        assert sent == slow.data_to_send()
+        # The same head again, vouched for as checked: the same bytes.
+        again = HTTPClientConnection(LIMITS, parser)
+        again.send_request_head(request.method, request.target, block, **kwargs, checked=True)
+        assert again.data_to_send() == sent
+        if kwargs.get("end"):
+            slow.send(EndOfMessage())
+        assert (fast.our_state, fast.their_state) == (slow.our_state, slow.their_state)
+        for conn in (slow, fast):
+            if conn.our_state is ClientState.SEND_BODY:
+                conn.send(Data(b"hello"))
+                conn.send(EndOfMessage())
+            conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            assert conn.reusable
+        assert slow.data_to_send() == fast.data_to_send()
+        assert normalise(slow.events_received()) == normalise(fast.events_received())
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_send_request_head_upgrade_and_head(parser: str) -> None:
+    conn = HTTPClientConnection(LIMITS, parser)
+    block = b"host: backend\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+    conn.send_request_head(b"GET", b"/ws", block, upgrade=True, end=True)
+    conn.receive_data(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nraw"
+    )
+    assert conn.our_state is ClientState.SWITCHED_PROTOCOL
+    assert conn.switched_protocol_data() == b"raw"
+    # HEAD: the response has no body whatever its Content-Length says.
+    conn = HTTPClientConnection(LIMITS, parser)
+    conn.send_request_head(b"HEAD", b"/", b"host: backend\r\n", end=True)
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+    assert conn.events_received()[-1] == EndOfMessage()
+    assert conn.reusable
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_send_request_head_refusals_change_nothing(parser: str) -> None:
+    host = b"host: backend\r\n"
+    bad: list[tuple[bytes, bytes, bytes, dict[str, Any]]] = [
+        (b"CONNECT", b"h:443", host, {}),
+        (b"G T", b"/", host, {}),
+        (b"GET", b"/a b", host, {}),
+        (b"GET", b"/", host + b"x: a\nb: c\r\n", {}),
+        (b"POST", b"/", host, {"content_length": 1, "chunked": True}),
+        (b"POST", b"/", host, {"content_length": 1, "end": True}),
+        (b"POST", b"/", host, {"chunked": True, "end": True}),
+    ]
+    for method, target, block, kwargs in bad:
+        conn = HTTPClientConnection(LIMITS, parser)
+        with pytest.raises(LocalProtocolError):
+            conn.send_request_head(method, target, block, **kwargs)
+        assert conn.reusable
+        assert conn.data_to_send() == []
+    conn = HTTPClientConnection(LIMITS, parser)
+    conn.send_request_head(b"GET", b"/", host, end=True)
+    with pytest.raises(LocalProtocolError):
+        conn.send_request_head(b"GET", b"/", host, end=True)  # one at a time
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_response_before_the_request_body_ended_with_keep_alive(parser: str) -> None:
+    conn = HTTPClientConnection(LIMITS, parser)
+    conn.send(Request(b"POST", b"/", HOST, content_length=2))
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert (conn.our_state, conn.their_state) == (ClientState.SEND_BODY, ClientState.DONE)
+    conn.send(Data(b"ab"))
+    conn.send(EndOfMessage())
+    assert conn.reusable
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_response_before_the_request_body_ended_without_keep_alive(parser: str) -> None:
+    conn = HTTPClientConnection(LIMITS, parser)
+    conn.send(Request(b"POST", b"/", HOST, content_length=2))
+    conn.receive_data(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+    conn.send(Data(b"ab"))
+    conn.send(EndOfMessage())
+    assert (conn.our_state, conn.their_state) == (ClientState.MUST_CLOSE, ClientState.MUST_CLOSE)
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_repeated_response_heads_keep_their_own_verdict(parser: str) -> None:
+    # The llhttp wrapper reuses the verdict of an identical header list: a change of
+    # any header (or of the version) must be judged afresh.
+    conn = HTTPClientConnection(LIMITS, parser)
+    answers = [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+    ]
+    for answer, reusable in answers:
+        conn.send(Request(b"GET", b"/", HOST))
+        conn.send(EndOfMessage())
+        conn.receive_data(answer)
+        assert conn.reusable is reusable
+    conn = HTTPClientConnection(LIMITS, parser)
+    for close in (b"keep-alive", b"close"):
+        conn.send(Request(b"GET", b"/", HOST))
+        conn.send(EndOfMessage())
+        conn.receive_data(b"HTTP/1.1 200 OK\r\nConnection: %s\r\nContent-Length: 0\r\n\r\n" % close)
+        assert conn.reusable is (close == b"keep-alive")
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_malformed_answer_to_head(parser: str) -> None:
+    conn = HTTPClientConnection(LIMITS, parser)
+    conn.send(Request(b"HEAD", b"/", HOST))
+    conn.send(EndOfMessage())
+    with pytest.raises(RemoteProtocolError):
+        conn.receive_data(b"HTTP/1.1 2x0 OK\r\n\r\n")
+    assert conn.their_state is ClientState.CLOSED
+
+
 # ------------------------------------------------------------------ misuse
 
 
@@ -310,6 +439,11 @@ def test_check_response_head_defence_in_depth() -> None:
         check_response_head(200, [(b"content-length", b"x")], b"1.1", False, LIMITS)
     with pytest.raises(LimitExceeded):
         check_response_head(200, [(b"content-length", b"99")], b"1.1", False, LIMITS)
+    # Connection as a list of tokens (HTTP/1.0 keep-alive needs it named).
+    both = [(b"connection", b"Upgrade, Keep-Alive")]
+    assert check_response_head(200, both, b"1.0", True, LIMITS) == (True, False)
+    closing = [(b"connection", b"keep-alive , close")]
+    assert check_response_head(200, closing, b"1.1", True, LIMITS) == (False, False)
     # No body expected: a large Content-Length is only a description (HEAD, 304).
     assert check_response_head(304, [(b"content-length", b"99")], b"1.1", True, LIMITS) == (
         True,

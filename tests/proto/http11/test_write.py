@@ -62,6 +62,20 @@ def test_encode_request_head() -> None:
             write.encode_request_head(method, target, [])
 
 
+def test_check_header_block() -> None:
+    write.check_header_block(b"")
+    write.check_header_block(b"host: h\r\nx-a: b\tc \x80\r\n")
+    for bad in [
+        b"x: a\x01b\r\n",  # a control character
+        b"x: a\x7f\r\n",  # DEL
+        b"x: a\nb: c\r\n",  # a bare LF (a smuggled header line)
+        b"x: a\rb\r\n",  # a bare CR
+        b"x: a\r\ny: b",  # the last line unterminated
+    ]:
+        with pytest.raises(LocalProtocolError):
+            write.check_header_block(bad)
+
+
 def test_chunks() -> None:
     assert write.encode_chunk(b"") == b""
     assert write.encode_chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"

@@ -38,7 +38,7 @@ CONNECT is not supported (a balancer tunnels with Upgrade).
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
 
@@ -57,9 +57,11 @@ from netstack.proto.http11.events import (
 )
 from netstack.proto.http11.parse import connection_tokens
 from netstack.proto.http11.write import (
+    check_header_block,
     encode_chunk,
     encode_headers,
     encode_request_head,
+    encode_request_line,
     encode_trailers,
 )
 
@@ -80,6 +82,16 @@ class ClientState(enum.Enum):
     MUST_CLOSE = "must_close"
     SWITCHED_PROTOCOL = "switched_protocol"
     CLOSED = "closed"
+
+
+# Enum members as module globals: in CPython 3.11 ``ClientState.IDLE`` is a descriptor
+# call (tens of ns), paid several times per exchange on the balancer's hot path.
+_IDLE: Final = ClientState.IDLE
+_SEND_BODY: Final = ClientState.SEND_BODY
+_DONE: Final = ClientState.DONE
+_MUST_CLOSE: Final = ClientState.MUST_CLOSE
+_SWITCHED_PROTOCOL: Final = ClientState.SWITCHED_PROTOCOL
+_CLOSED: Final = ClientState.CLOSED
 
 
 def bad_response(message: str) -> RemoteProtocolError:
@@ -130,8 +142,10 @@ def check_response_head(
             if chunked or value.lower() != b"chunked":
                 raise bad_response("a response with a Transfer-Encoding other than chunked")
             chunked = True
-        else:  # connection
+        elif b"," in value:  # connection, a list
             tokens |= connection_tokens(value)
+        else:  # connection, one token (the usual "keep-alive" or "close")
+            tokens.add(value.strip().lower())
     if chunked and length is not None:
         raise bad_response("a response with both Content-Length and Transfer-Encoding")
     if (
@@ -192,11 +206,13 @@ class LLHTTPResponseParser:
         "_head_only",
         "_headers",
         "_in_head",
+        "_last",
         "_limits",
         "_parser",
         "_reason",
         "_reusable",
         "_since_body",
+        "_status",
         "_until_close",
         "_upgrade",
         "done",
@@ -214,6 +230,9 @@ class LLHTTPResponseParser:
         self._reason = b""
         self._head_buffer = b""
         self._reusable = True
+        self._status = 0
+        # (headers, version, no body, keep-alive, until close) of the last final response.
+        self._last: tuple[Headers, str, bool, bool, bool] | None = None
         self.start(b"GET", False)
 
     def start(self, method: bytes, upgrade: bool) -> None:
@@ -246,7 +265,10 @@ class LLHTTPResponseParser:
             self._head_fed += len(data)
         else:
             self._since_body += len(data)
-        self._feed(data)
+        try:  # (what _feed does, without a call on the hot path)
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._failed(data, exc)
         if self._in_head:
             if self._head_fed > self._limits.max_header_bytes:
                 raise _limit("max_header_bytes", self._limits.max_header_bytes, self._head_fed)
@@ -262,22 +284,25 @@ class LLHTTPResponseParser:
     def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._failed(data, exc)
+
+    def _failed(self, data: bytes, exc: Exception) -> None:
+        """llhttp stopped inside ``data``: a 101, a stray message, or an error."""
+        self._reusable = False
+        if isinstance(exc, httptools.HttpParserUpgrade):
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             self.rest = data[offset:]
-            self._reusable = False
-        except httptools.HttpParserCallbackError as exc:
-            self._reusable = False
+            return
+        if isinstance(exc, httptools.HttpParserCallbackError):
             context = exc.__context__
             if isinstance(context, _Stray):
                 self.stray = True
                 return
             if isinstance(context, RemoteProtocolError):
                 raise context from None
-            raise  # pragma: no cover - a bug in a callback, not a peer error
-        except httptools.HttpParserError as exc:
-            self._reusable = False
-            raise bad_response(f"malformed response: {exc}") from None
+            raise exc  # pragma: no cover - a bug in a callback, not a peer error
+        raise bad_response(f"malformed response: {exc}") from None
 
     def _feed_heads(self, data: bytes) -> None:
         # HEAD: llhttp would read a body after a Content-Length; give it heads only.
@@ -320,7 +345,7 @@ class LLHTTPResponseParser:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        status = parser.get_status_code()
+        status = self._status = parser.get_status_code()
         version = parser.get_http_version()
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
@@ -335,16 +360,31 @@ class LLHTTPResponseParser:
             self._events.append(InformationalResponse(status, headers, reason))
             return
         no_body = self._head_only or status == 204 or status == 304
-        self.keep_alive, self._until_close = check_response_head(
-            status,
-            headers,
-            _VERSIONS.get(version) or version.encode(),
-            no_body,
-            self._limits,
-            len(reason),
-            # Fewer bytes than the limit fed since the response began: no need to measure.
-            self._head_only or self._head_fed > self._limits.max_header_bytes,
-        )
+        # Fewer bytes than the limit fed since the response began: no need to measure.
+        measure = self._head_only or self._head_fed > self._limits.max_header_bytes
+        last = self._last
+        if (
+            last is not None
+            and not measure
+            and last[1] == version
+            and last[2] == no_body
+            and last[0] == headers
+        ):
+            # The same header list as the last response (a server repeats itself): the
+            # same verdict, and the same list object (cheap to compare downstream).
+            headers = last[0]
+            self.keep_alive, self._until_close = last[3], last[4]
+        else:
+            self.keep_alive, self._until_close = check_response_head(
+                status,
+                headers,
+                _VERSIONS.get(version) or version.encode(),
+                no_body,
+                self._limits,
+                len(reason),
+                measure,
+            )
+            self._last = (headers, version, no_body, self.keep_alive, self._until_close)
         self._events.append(Response(status, headers, reason, _VERSIONS.get(version, b"1.1")))
         if self._head_only:
             self._events.append(END_OF_MESSAGE)
@@ -361,7 +401,7 @@ class LLHTTPResponseParser:
     def on_message_complete(self) -> None:
         if self._head_only:
             return  # ended at the final head already (llhttp completes a 204/304 itself)
-        if self._parser.get_status_code() < 200:
+        if self._status < 200:
             self._in_head = True  # a 1xx: the final response follows (or a 101 switched)
             return
         trailers, self._headers = self._headers, []
@@ -510,13 +550,13 @@ class HTTPClientConnection:
         self._remaining: int | None = 0  # body bytes still due; None: chunked
         self._framing_chunked = False
         self._request_keep_alive = True
-        self.our_state = ClientState.IDLE
-        self.their_state = ClientState.IDLE
+        self.our_state = _IDLE
+        self.their_state = _IDLE
 
     @property
     def reusable(self) -> bool:
         """Another request can be sent now (the last exchange ended with keep-alive)."""
-        return self.our_state is ClientState.IDLE and self.their_state is ClientState.IDLE
+        return self.our_state is _IDLE and self.their_state is _IDLE
 
     # ------------------------------------------------------------------- our side
 
@@ -576,16 +616,79 @@ class HTTPClientConnection:
             extra.append((b"connection", b"close"))
         head = encode_request_head(method, request.target, [*request.headers, *extra])
         # Nothing can fail from here on.
+        self._commit(head, keep_alive, request.chunked, request.content_length)
+        self._parser.start(method, upgrade and b"upgrade" in tokens)
+
+    def send_request_head(
+        self,
+        method: bytes,
+        target: bytes,
+        block: bytes,
+        *,
+        content_length: int | None = None,
+        chunked: bool = False,
+        upgrade: bool = False,
+        end: bool = False,
+        checked: bool = False,
+    ) -> None:
+        """Send a request head whose header lines the caller serialised (a proxy's fast
+        path): ``send(Request(method, target, headers, ...))``, keep-alive.
+
+        Args:
+            block: the header lines, each ``name: value\\r\\n``. The caller guarantees
+                token names, exactly one Host and none of Content-Length,
+                Transfer-Encoding or a Connection with ``close``; control characters and
+                stray CR or LF are checked here.
+            content_length: the body's length (``None``: no body, or chunked).
+            chunked: the body is chunked.
+            upgrade: ``block`` proposes to switch protocols (``Connection: upgrade`` and
+                an ``Upgrade`` header).
+            end: the request has no body: ``send(EndOfMessage())`` too.
+            checked: the same method, target and block (but for lines the caller
+                wrote itself) went through this method before: skip their checks.
+
+        Raises:
+            LocalProtocolError: as :meth:`send`; nothing changes.
+        """
+        if self.our_state is not _IDLE or self.their_state is not _IDLE:
+            raise LocalProtocolError(
+                f"cannot send a request in state {self.our_state}/{self.their_state}"
+            )
+        if method == b"CONNECT":
+            raise LocalProtocolError("CONNECT is not supported by the client role")
+        if end and (chunked or content_length):
+            raise LocalProtocolError("a request with a body does not end with its head")
+        if content_length is not None:
+            if chunked:
+                raise LocalProtocolError("a request body is either chunked or has a length")
+            block += b"content-length: %d\r\n" % content_length
+        elif chunked:
+            block += b"transfer-encoding: chunked\r\n"
+        if checked:
+            head = method + b" " + target + b" HTTP/1.1\r\n"
+        else:
+            head = encode_request_line(method, target)
+            check_header_block(block)
+        # Nothing can fail from here on.
+        self._to_send.append(head + block + b"\r\n")
+        self._request_keep_alive = True
+        self._framing_chunked = chunked
+        self._remaining = None if chunked else (content_length or 0)
+        self._parser.start(method, upgrade)
+        # (end: what _send_end does for a request without a body, the response pending)
+        self.our_state = _DONE if end else _SEND_BODY
+        self.their_state = _SEND_BODY
+
+    def _commit(self, head: bytes, keep_alive: bool, chunked: bool, length: int | None) -> None:
         self._to_send.append(head)
         self._request_keep_alive = keep_alive
-        self._framing_chunked = request.chunked
-        self._remaining = None if request.chunked else (request.content_length or 0)
-        self._parser.start(method, upgrade and b"upgrade" in tokens)
-        self.our_state = ClientState.SEND_BODY
-        self.their_state = ClientState.SEND_BODY
+        self._framing_chunked = chunked
+        self._remaining = None if chunked else (length or 0)
+        self.our_state = _SEND_BODY
+        self.their_state = _SEND_BODY
 
     def _send_data(self, data: bytes) -> None:
-        if self.our_state is not ClientState.SEND_BODY:
+        if self.our_state is not _SEND_BODY:
             raise LocalProtocolError(f"cannot send body data in state {self.our_state}")
         if not data:
             return
@@ -599,7 +702,7 @@ class HTTPClientConnection:
         self._to_send.append(data)
 
     def _send_end(self, trailers: Headers) -> None:
-        if self.our_state is not ClientState.SEND_BODY:
+        if self.our_state is not _SEND_BODY:
             raise LocalProtocolError(f"cannot end a request in state {self.our_state}")
         if self._remaining:
             raise LocalProtocolError(
@@ -609,7 +712,7 @@ class HTTPClientConnection:
             self._to_send.append(encode_trailers(trailers))
         elif trailers:
             encode_headers(trailers)  # checked all the same
-        self.our_state = ClientState.DONE
+        self.our_state = _DONE
         self._cycle()
 
     def data_to_send(self) -> list[bytes]:
@@ -630,9 +733,9 @@ class HTTPClientConnection:
         """
         parser = self._parser
         state = self.their_state
-        if state is ClientState.CLOSED:
+        if state is _CLOSED:
             return
-        if state is not ClientState.SEND_BODY and state is not ClientState.SWITCHED_PROTOCOL:
+        if state is not _SEND_BODY and state is not _SWITCHED_PROTOCOL:
             if not data:
                 return
             self.close()
@@ -652,10 +755,10 @@ class HTTPClientConnection:
                 request was outstanding.
         """
         state = self.their_state
-        if state is ClientState.CLOSED:
+        if state is _CLOSED:
             return
         parser = self._parser
-        if state is ClientState.SEND_BODY:
+        if state is _SEND_BODY:
             try:
                 parser.feed_eof()
             except RemoteProtocolError:
@@ -663,31 +766,37 @@ class HTTPClientConnection:
                 raise
             self._after_feed(parser)
         self._events.append(ConnectionClosed())
-        if self.their_state is not ClientState.SWITCHED_PROTOCOL:
-            self.their_state = ClientState.CLOSED
-            if self.our_state is not ClientState.SEND_BODY:
-                self.our_state = ClientState.CLOSED
+        if self.their_state is not _SWITCHED_PROTOCOL:
+            self.their_state = _CLOSED
+            if self.our_state is not _SEND_BODY:
+                self.our_state = _CLOSED
 
     def _after_feed(self, parser: ResponseParser) -> None:
-        if self.their_state is not ClientState.SEND_BODY or not parser.done:
+        if self.their_state is not _SEND_BODY or not parser.done:
             return
         if parser.switched:
-            self.their_state = ClientState.SWITCHED_PROTOCOL
-            self.our_state = ClientState.SWITCHED_PROTOCOL
+            self.their_state = _SWITCHED_PROTOCOL
+            self.our_state = _SWITCHED_PROTOCOL
             return
-        self.their_state = ClientState.DONE
-        self._cycle()
+        if self.our_state is not _DONE:
+            self.their_state = _DONE
+            return
+        # Both sides done: _cycle, inline (the end of nearly every exchange).
+        if self._request_keep_alive and parser.keep_alive and not parser.stray:
+            self.our_state = self.their_state = _IDLE
+        else:
+            self.our_state = self.their_state = _MUST_CLOSE
 
     def _cycle(self) -> None:
-        if self.our_state is not ClientState.DONE or self.their_state is not ClientState.DONE:
+        if self.our_state is not _DONE or self.their_state is not _DONE:
             return
         parser = self._parser
         if self._request_keep_alive and parser.keep_alive and not parser.stray:
-            self.our_state = ClientState.IDLE
-            self.their_state = ClientState.IDLE
+            self.our_state = _IDLE
+            self.their_state = _IDLE
         else:
-            self.our_state = ClientState.MUST_CLOSE
-            self.their_state = ClientState.MUST_CLOSE
+            self.our_state = _MUST_CLOSE
+            self.their_state = _MUST_CLOSE
 
     def events_received(self) -> list[Event]:
         """Drain the events parsed so far."""
@@ -701,12 +810,12 @@ class HTTPClientConnection:
     def switched_protocol_data(self) -> bytes:
         """After a 101: the bytes the server sent after it (and since), raw."""
         parser = self._parser
-        if self.their_state is not ClientState.SWITCHED_PROTOCOL:
+        if self.their_state is not _SWITCHED_PROTOCOL:
             raise LocalProtocolError("the protocol has not been switched")
         rest, parser.rest = parser.rest, b""
         return rest
 
     def close(self) -> None:
         """Nothing more will be sent or parsed."""
-        self.our_state = ClientState.CLOSED
-        self.their_state = ClientState.CLOSED
+        self.our_state = _CLOSED
+        self.their_state = _CLOSED

@@ -30,6 +30,17 @@ backend connections expire after ``backend_idle_timeout``.
 
 After a ``101 Switching Protocols`` from the backend both connections become a raw byte
 tunnel (WebSocket and other upgrades), with half-close relayed.
+
+Fast paths (the proxy's CPU per request is the L7 benchmark; ``bench/l7harness.py``
+and ``bench/l7cpu.py`` measure it). The request for the backend is serialised here and
+handed to :meth:`~netstack.proto.http11.HTTPClientConnection.send_request_head` as one
+header block, never re-split into a list, unless a route adds a header the client core
+must see (Host, framing, Connection, Upgrade). A keep-alive client repeating the same
+target and headers gets the block kept from its last request with a new request id
+(untrusted peers; the block skips the core's checks after it passed them once). A whole
+response below 500 that arrived in one read (head, body, end) goes out with one
+``send_response`` and one write, its filtered headers kept per backend connection while
+the backend repeats them. Anything else takes the general, event-by-event path.
 """
 
 from __future__ import annotations
@@ -79,6 +90,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 INF: Final = float("inf")
+# (A module global: State.IDLE is a descriptor call in CPython 3.11.)
+IDLE: Final = State.IDLE
 NO_TIMER, HEADER, KEEPALIVE, RESPONSE, LINGER, BODY = range(6)
 # Pipelined events parsed ahead of the exchange in progress before we stop reading.
 MAX_PENDING_EVENTS: Final = 64
@@ -98,6 +111,10 @@ HOP_BY_HOP: Final = frozenset(
         b"upgrade",
         b"content-length",
     }
+)
+# Added request headers that keep a route off the pre-serialised fast path.
+ADD_NOT_PLAIN: Final = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade"}
 )
 # Responses keep Content-Length: the server core frames the body by it.
 RESPONSE_HOP_BY_HOP: Final = HOP_BY_HOP - {b"content-length"}
@@ -136,12 +153,16 @@ class Route:
 
     __slots__ = (
         "add_request",
+        "add_request_block",
         "add_response",
         "drop_request",
         "drop_response",
+        "drop_trusted",
+        "drop_untrusted",
         "header",
         "header_value",
         "host",
+        "plain",
         "pool",
         "pool_cfg",
         "prefix",
@@ -185,6 +206,13 @@ class Route:
         self.add_response = add_resp
         self.drop_request = frozenset(drop_req)
         self.drop_response = frozenset(drop_resp | RESPONSE_HOP_BY_HOP)
+        # Added headers serialised once; "plain" when none of them is one the client core
+        # must see as a header (Host, framing, Connection, Upgrade): then requests take
+        # the pre-serialised fast path (HTTPClientConnection.send_request_head).
+        self.add_request_block = b"".join([n + b": " + v + b"\r\n" for n, v in add_req])
+        self.plain = not any(n in ADD_NOT_PLAIN for n, _ in add_req)
+        # Rules.__init__ sets these: its drop sets (trusted peer or not) plus drop_request.
+        self.drop_trusted = self.drop_untrusted = self.drop_request
 
     def matches(self, host: bytes | None, path: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
         if self.host is not None and (host is None or host.partition(b":")[0].lower() != self.host):
@@ -209,6 +237,14 @@ class Route:
             rest = rest[1:]
         out = self.rewrite + rest
         return out if out.startswith(b"/") else b"/" + out
+
+
+# The key (route, request headers, target, method, Request.upgrade), then the head's
+# prefix and suffix, the backend's target, the upgrade proposed, and whether a request id
+# goes between prefix and suffix.
+UpCache = tuple[
+    Route, list[tuple[bytes, bytes]], bytes, bytes, bytes | None, bytes, bytes, bytes, bool, bool
+]
 
 
 class Rules:
@@ -245,6 +281,9 @@ class Rules:
         self.drop_trusted = frozenset(HOP_BY_HOP | {b"host"})
         untrusted = FORWARDING_HEADERS | rid
         self.drop_untrusted = frozenset(HOP_BY_HOP | _underscored(untrusted) | {b"host"})
+        for route in (*self.routes, self.default):
+            route.drop_trusted = self.drop_trusted | route.drop_request
+            route.drop_untrusted = self.drop_untrusted | route.drop_request
 
     def route(self, host: bytes | None, target: bytes, headers: list[tuple[bytes, bytes]]) -> Route:
         if self.routes:
@@ -355,7 +394,9 @@ class HTTPListener(Listener):
     def park(self, up: Upstream, now: float) -> None:
         """Keep a reusable backend connection for the next request, or close it."""
         up.client = None
-        idle = self.idle.setdefault(up.backend, [])
+        idle = self.idle.get(up.backend)
+        if idle is None:
+            idle = self.idle[up.backend] = []
         limit = self.balancer.cfg.limits.max_idle_backend_connections
         if self.closing or len(idle) >= limit or up.transport.is_closing():
             up.transport.close()
@@ -419,6 +460,7 @@ class Upstream(asyncio.Protocol):
         "client",
         "conn",
         "fresh",
+        "head_cache",
         "idle_since",
         "listener",
         "read_paused",
@@ -434,6 +476,9 @@ class Upstream(asyncio.Protocol):
         self.client: ProxyConnection | None = None
         self.conn = HTTPClientConnection(PROXY_LIMITS)
         self.fresh = True  # no request sent on it yet
+        # (route, response headers, them filtered for the route): see _respond.
+        self.head_cache: tuple[Route, list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]] | None
+        self.head_cache = None
         self.idle_since = 0.0
         self.read_paused = False
         self.tunnel = False
@@ -510,24 +555,79 @@ class Upstream(asyncio.Protocol):
 class ProxyConnection(asyncio.Protocol):
     """One client connection of an ``http`` frontend."""
 
+    # Slots: more than 30 attributes would cost CPython 3.11 its shared-key instance
+    # dicts (and their specialised attribute access) on the hot path.
+    __slots__ = (
+        "_fwd_cache",
+        "_peer",
+        "_up_cache",
+        "_up_cache_checked",
+        "backend",
+        "balancer",
+        "body_done",
+        "body_end",
+        "body_open",
+        "body_rx",
+        "busy",
+        "client_ip",
+        "closed",
+        "conn",
+        "connect_task",
+        "deadline",
+        "discarding",
+        "fwd_trusted",
+        "head_sent",
+        "kept",
+        "kept_bytes",
+        "lingered",
+        "lingering",
+        "listener",
+        "pauses",
+        "pending",
+        "proxy_buffer",
+        "request",
+        "request_sent",
+        "retry_ok",
+        "reused",
+        "route",
+        "rx",
+        "set_cookie",
+        "silent",
+        "state",
+        "streamed",
+        "timer",
+        "transport",
+        "tried",
+        "tunnel",
+        "tunnel_eofs",
+        "up_block",
+        "up_checked",
+        "up_request",
+        "up_rx",
+        "up_switch",
+        "up_target",
+        "upstream",
+    )
+
     transport: asyncio.Transport
 
-    # Per-exchange fields, reset by _reset_exchange; class defaults keep __init__ short.
-    busy = False  # an exchange is in progress (request routed, response not finished)
-    body_open = False  # the current request's body is still arriving
-    body_done = False  # the whole current request body was received (end kept in body_end)
-    discarding = False  # dropping the rest of a body already answered
-    head_sent = False  # the response head went to the client
-    request_sent = False  # the request went to the current upstream
-    streamed = False  # body bytes were sent and dropped from kept: no replay possible
-    retry_ok = False  # idempotent method: 502/503 and early closes may be retried
-    reused = False  # the current upstream came from the idle pool
-    up_rx = False
-    body_rx = False  # request body bytes arrived since the last BODY deadline check
-    tunnel = False
-    tunnel_eofs = 0
-
     def __init__(self, listener: HTTPListener) -> None:
+        # Per-exchange flags, reset by _after_exchange. (Instance attributes, not class
+        # defaults: CPython 3.11 does not specialise reading a class attribute through
+        # an instance, and these are read several times per request.)
+        self.busy = False  # an exchange is in progress (request routed, response not done)
+        self.body_open = False  # the current request's body is still arriving
+        self.body_done = False  # the whole request body was received (end kept in body_end)
+        self.discarding = False  # dropping the rest of a body already answered
+        self.head_sent = False  # the response head went to the client
+        self.request_sent = False  # the request went to the current upstream
+        self.streamed = False  # body bytes were sent and dropped from kept: no replay
+        self.retry_ok = False  # idempotent method: 502/503 and early closes may be retried
+        self.reused = False  # the current upstream came from the idle pool
+        self.up_rx = False
+        self.body_rx = False  # request body bytes arrived since the last BODY check
+        self.tunnel = False
+        self.tunnel_eofs = 0
         self.listener = listener
         self.balancer = listener.balancer
         self.state: FrontendState = listener.state
@@ -545,10 +645,21 @@ class ProxyConnection(asyncio.Protocol):
         self.fwd_trusted = False
         self.proxy_buffer: bytes | None = None
         self._peer: Any = None
-        self._fwd_cache: tuple[bytes | None, list[tuple[bytes, bytes]]] | None = None
+        # Per Host: this hop's forwarding headers for an untrusted client, and serialised.
+        self._fwd_cache: tuple[bytes | None, list[tuple[bytes, bytes]], bytes] | None = None
+        # The last fast-path request head (see _upstream_request), and whether the
+        # client core accepted it once (then its checks are skipped: up_checked).
+        self._up_cache: UpCache | None = None
+        self._up_cache_checked = False
+        self.up_checked = False
         # The exchange in progress.
         self.request: Request | None = None
+        # The request for the backend: a Request (general path), or a target and a
+        # serialised header block (fast path; up_switch: it proposes an upgrade).
         self.up_request: Request | None = None
+        self.up_block: bytes | None = None
+        self.up_target = b""
+        self.up_switch = False
         self.route: Route | None = None
         self.backend: Backend | None = None
         self.upstream: Upstream | None = None
@@ -592,6 +703,7 @@ class ProxyConnection(asyncio.Protocol):
         self.client_ip = ip
         self.fwd_trusted = self.listener.rules.trusted.contains(ip)
         self._fwd_cache = None
+        self._up_cache = None
 
     def _allowed(self, rules: Rules) -> bool:
         ip = self.client_ip
@@ -773,10 +885,10 @@ class ProxyConnection(asyncio.Protocol):
             if name == b"host":
                 host = value
                 break
-        route = rules.route(host, request.target, headers)
+        route = rules.route(host, request.target, headers) if rules.routes else rules.default
         self.route = route
         try:
-            self.up_request = self._upstream_request(request, route, rules, host)
+            self._upstream_request(request, route, rules, host)
         except LocalProtocolError as exc:
             self.reply(400, f"cannot forward this request: {exc}", close=True)
             return
@@ -785,58 +897,113 @@ class ProxyConnection(asyncio.Protocol):
 
     def _upstream_request(
         self, request: Request, route: Route, rules: Rules, host: bytes | None
-    ) -> Request:
-        trusted = self.fwd_trusted
-        drop = rules.drop_trusted if trusted else rules.drop_untrusted
-        drop_route = route.drop_request
+    ) -> None:
+        """Build the request for the backend: hop-by-hop and (from an untrusted peer)
+        forwarding headers out; Host first, then the others in order, the request id,
+        this hop's forwarding headers, the route's added headers and any Upgrade.
+
+        On the fast path (a plain route, an untrusted peer) the serialised head is kept
+        for the next request of this connection with the same target and headers
+        (the usual case for a keep-alive client): only a new request id goes in.
+        """
+        headers = request.headers
         rid_name = rules.request_id
-        rid: bytes | None = None
-        extra_tokens: set[bytes] | None = None
-        upgrade: bytes | None = None
-        out = []
-        for name, value in request.headers:
-            if name in drop or name in drop_route:
-                if name == b"connection":
-                    tokens = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
-                    if tokens:
-                        extra_tokens = (extra_tokens or set()) | tokens
-                elif name == b"upgrade":
-                    upgrade = value
-                continue
-            if name == rid_name:
-                rid = value
-            out.append((name, value))
-        if extra_tokens:
-            out = [(n, v) for n, v in out if n not in extra_tokens]
-        if rid_name is not None and rid is None:
-            out.append((rid_name, self.listener.next_request_id()))
-        host_text = host.decode("latin-1") if host is not None else None
-        if trusted:
-            out = append_forwarded(out, self.client_ip or None, "http", host_text)
+        cache = self._up_cache
+        if (
+            cache is not None
+            and cache[0] is route
+            and cache[2] == request.target
+            and cache[3] == request.method
+            and cache[4] == request.upgrade
+            and cache[1] == headers
+        ):
+            prefix, suffix, self.up_target, self.up_switch, needs_rid = cache[5:]
+            self.up_checked = self._up_cache_checked
         else:
-            cache = self._fwd_cache
-            if cache is None or cache[0] != host:
-                cache = self._fwd_cache = (
-                    host,
-                    append_forwarded([], self.client_ip or None, "http", host_text),
+            self.up_checked = False
+            trusted = self.fwd_trusted
+            drop = route.drop_trusted if trusted else route.drop_untrusted
+            rid: bytes | None = None
+            extra_tokens: set[bytes] | None = None
+            upgrade: bytes | None = None
+            out = []
+            for name, value in headers:
+                if name in drop:
+                    if name == b"connection":
+                        tokens = connection_tokens(value) - {b"close", b"keep-alive", b"upgrade"}
+                        if tokens:
+                            extra_tokens = (extra_tokens or set()) | tokens
+                    elif name == b"upgrade":
+                        upgrade = value
+                    continue
+                if name == rid_name:
+                    rid = value
+                out.append((name, value))
+            if extra_tokens:
+                out = [(n, v) for n, v in out if n not in extra_tokens]
+            needs_rid = rid_name is not None and rid is None
+            host_text = host.decode("latin-1") if host is not None else None
+            if trusted:
+                if needs_rid:
+                    assert rid_name is not None
+                    out.append((rid_name, self.listener.next_request_id()))
+                    needs_rid = False
+                out = append_forwarded(out, self.client_ip or None, "http", host_text)
+                fwd: list[tuple[bytes, bytes]] = []
+                fwd_block = b""
+            else:
+                fwd_cache = self._fwd_cache
+                if fwd_cache is None or fwd_cache[0] != host:
+                    fwd = append_forwarded([], self.client_ip or None, "http", host_text)
+                    block = b"".join([n + b": " + v + b"\r\n" for n, v in fwd])
+                    fwd_cache = self._fwd_cache = (host, fwd, block)
+                fwd, fwd_block = fwd_cache[1], fwd_cache[2]
+            if host is None:  # HTTP/1.0 without Host: name the address the client reached
+                sockname = self.transport.get_extra_info("sockname")
+                host = b"%s:%d" % (str(sockname[0]).encode(), sockname[1])
+            switch = request.upgrade is not None and upgrade is not None
+            target = request.target
+            if route.rewrite is not None:
+                target = route.rewrite_target(target)
+            if not route.plain:
+                if needs_rid:
+                    assert rid_name is not None
+                    out.append((rid_name, self.listener.next_request_id()))
+                out += fwd
+                out += route.add_request
+                out.insert(0, (b"host", host))
+                if switch:
+                    assert upgrade is not None
+                    out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+                self.up_request = Request(
+                    request.method,
+                    target,
+                    out,
+                    keep_alive=True,
+                    upgrade=request.upgrade,
+                    chunked=request.chunked,
+                    content_length=request.content_length if not request.chunked else None,
                 )
-            out += cache[1]
-        out += route.add_request
-        if host is None:  # HTTP/1.0 without Host: name the address the client reached
-            sockname = self.transport.get_extra_info("sockname")
-            host = b"%s:%d" % (str(sockname[0]).encode(), sockname[1])
-        out.insert(0, (b"host", host))
-        if request.upgrade is not None and upgrade is not None:
-            out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-        return Request(
-            request.method,
-            route.rewrite_target(request.target),
-            out,
-            keep_alive=True,
-            upgrade=request.upgrade,
-            chunked=request.chunked,
-            content_length=request.content_length if not request.chunked else None,
-        )
+                return
+            prefix = b"".join([n + b": " + v + b"\r\n" for n, v in out])
+            prefix = b"host: " + host + b"\r\n" + prefix
+            suffix = fwd_block + route.add_request_block
+            if switch:
+                assert upgrade is not None
+                suffix += b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n"
+            self.up_target = target
+            self.up_switch = switch
+            if not trusted:
+                key = (route, headers, request.target, request.method, request.upgrade)
+                self._up_cache = (*key, prefix, suffix, target, switch, needs_rid)
+                self._up_cache_checked = False
+        if needs_rid:
+            assert rid_name is not None
+            listener = self.listener  # (next_request_id, inline)
+            rid_line = b"%s: %s-%x\r\n" % (rid_name, listener._id_prefix, next(listener._ids))
+            self.up_block = prefix + rid_line + suffix
+        else:
+            self.up_block = prefix + suffix
 
     # ------------------------------------------------------------------ backends
 
@@ -876,11 +1043,15 @@ class ProxyConnection(asyncio.Protocol):
         """Send the request to a backend: an idle pooled connection, else a new one."""
         route = self.route
         assert route is not None
+        pool = route.pool
         try:
-            backend = self._pick(route)
+            if route.sticky is None and pool.algorithm != "consistent_hash":
+                self.set_cookie = None  # (_pick's common case, inline)
+                backend = pool.acquire(self.listener.now, exclude=self.tried)
+            else:
+                backend = self._pick(route)
         except NoBackendAvailable as exc:
             self.balancer.no_backend(self, exc)
-            pool = route.pool
             wake = pool.next_wakeup
             wait = 1 if wake is None else max(1, math.ceil(wake - self.listener.now))
             message = "no backend could answer" if self.tried else "no backend available"
@@ -888,10 +1059,12 @@ class ProxyConnection(asyncio.Protocol):
             return
         self.tried.add(backend)
         self.backend = backend
-        up = self.listener.take_idle(backend)
-        if up is not None:
-            self._attach(up)
-            return
+        idle = self.listener.idle.get(backend)  # (take_idle, inline)
+        while idle:
+            up = idle.pop()
+            if not up.transport.is_closing():
+                self._attach(up)
+                return
         if self.kept_bytes >= REPLAY_MAX_BYTES:
             self.pause(PAUSE_CONNECT)
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(backend))
@@ -934,34 +1107,60 @@ class ProxyConnection(asyncio.Protocol):
 
     def _attach(self, up: Upstream) -> None:
         """Write the request (and the body so far) on ``up``."""
+        route = self.route
+        assert route is not None
         up.client = self
         self.upstream = up
         self.up_rx = False
         self.reused = not up.fresh
-        self.resume(PAUSE_CONNECT)
+        if self.pauses:
+            self.resume(PAUSE_CONNECT)
         conn = up.conn
-        request = self.up_request
+        request = self.request
         assert request is not None
+        block = self.up_block
+        bodyless = not request.chunked and not request.content_length
         try:
-            conn.send(request)
-            for data in self.kept:
-                conn.send(data)
-            if not self.body_open:  # no body, or all of it arrived while connecting
-                conn.send(self.body_end or END_OF_MESSAGE)
+            if block is not None:
+                conn.send_request_head(
+                    request.method,
+                    self.up_target,
+                    block,
+                    content_length=request.content_length,
+                    chunked=request.chunked,
+                    upgrade=self.up_switch,
+                    end=bodyless,
+                    checked=self.up_checked,
+                )
+                if self._up_cache is not None:
+                    # (The block came from the cache, or made it: the core accepted it.)
+                    self._up_cache_checked = True
+            else:
+                assert self.up_request is not None
+                conn.send(self.up_request)
+            if block is None or not bodyless:
+                for data in self.kept:
+                    conn.send(data)
+                if not self.body_open:  # no body, or all of it arrived while connecting
+                    conn.send(self.body_end or END_OF_MESSAGE)
         except LocalProtocolError as exc:  # e.g. a header rule our writer refuses
             self.upstream = None
             up.client = None
             up.transport.close()
             self.reply(400, f"cannot forward this request: {exc}", close=True)
             return
-        up.flush()
+        out = conn.data_to_send()  # (up.flush, inline)
+        up.transport.write(out[0] if len(out) == 1 else b"".join(out))
         up.fresh = False
         self.request_sent = True
         if self.kept_bytes > REPLAY_MAX_BYTES:
             self.kept = []
             self.streamed = True
-        if not self.body_open:
-            self._arm_response()
+        if not self.body_open:  # (_arm_response, inline)
+            self.up_rx = False
+            timeout = route.pool_cfg.timeouts.request_timeout
+            self.timer = RESPONSE
+            self.deadline = INF if timeout is None else self.listener.now + timeout
 
     def _arm_response(self) -> None:
         route = self.route
@@ -1006,6 +1205,17 @@ class ProxyConnection(asyncio.Protocol):
     def upstream_events(self, up: Upstream, events: list[Any]) -> None:
         if up is not self.upstream:
             return
+        if len(events) == 3 and events[2] is END_OF_MESSAGE and not self.head_sent:
+            # The commonest answer: a whole small response in one read.
+            response, data = events[0], events[1]
+            if (
+                type(response) is Response
+                and type(data) is Data
+                and response.status_code < 500
+                and response.reason == reason_phrase(response.status_code)
+            ):
+                self._respond(up, response, data.data)
+                return
         conn = self.conn
         for event in events:
             kind = type(event)
@@ -1065,6 +1275,57 @@ class ProxyConnection(asyncio.Protocol):
         self.listener.responses[status // 100] += 1
         self._arm_response()
         return True
+
+    def _respond(self, up: Upstream, response: Response, body: bytes) -> None:
+        """Forward a whole response (head, body, end) below 500: _response_head and
+        _response_end in one, with one write."""
+        backend = self.backend
+        route = self.route
+        assert backend is not None
+        assert route is not None
+        route.pool.report_success(backend)
+        listener = self.listener
+        # The backend's last header list, filtered for this route: a server sends the
+        # same headers again and again (but for Date, once a second).
+        received = response.headers
+        cache = up.head_cache
+        if (
+            cache is not None
+            and cache[0] is route
+            and (cache[1] is received or cache[1] == received)
+        ):
+            headers = cache[2]
+        else:
+            drop = route.drop_response
+            headers = [(n, v) for n, v in received if n not in drop]
+            if route.add_response:
+                headers += route.add_response
+            up.head_cache = (route, received, headers)
+        if self.set_cookie is not None or listener.closing:
+            headers = headers.copy()
+            if self.set_cookie is not None:
+                headers.append((b"set-cookie", self.set_cookie))
+            if listener.closing:
+                headers.append((b"connection", b"close"))
+        status = response.status_code
+        conn = self.conn
+        try:
+            conn.send_response(status, headers, body)  # (the standard reason phrase)
+        except LocalProtocolError as exc:
+            self.upstream_failed(up, f"cannot forward the response: {exc}", None)
+            return
+        self.head_sent = True
+        listener.responses[status // 100] += 1
+        out = conn.data_to_send()  # (flush, inline)
+        if not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        self.upstream = None
+        if up.conn.reusable:
+            listener.park(up, listener.now)
+        else:
+            up.client = None
+            up.transport.close()
+        self._finish_exchange()
 
     def _response_end(self, up: Upstream, event: EndOfMessage) -> None:
         self.conn.send(event)
@@ -1231,7 +1492,12 @@ class ProxyConnection(asyncio.Protocol):
 
     def _finish_exchange(self) -> None:
         self.busy = False
-        self._release_backend()
+        backend = self.backend
+        if backend is not None:  # (_release_backend, inline: every exchange ends here)
+            self.backend = None
+            route = self.route
+            if route is not None:
+                route.pool.release(backend)
         if self.body_open and not self.discarding:
             self.discarding = True  # answered before the body ended: drop the rest
             self.kept = []
@@ -1240,37 +1506,21 @@ class ProxyConnection(asyncio.Protocol):
         self._after_exchange()
 
     def _after_exchange(self) -> None:
-        if self.body_open and self.listener.closing:
-            self._close_lingering()
-            return
+        listener = self.listener
         if self.body_open:
+            if listener.closing:
+                self._close_lingering()
+                return
             self.resume(PAUSE_CONNECT | PAUSE_UPSTREAM)
             return  # wait for the body's end, then go on
-        self._reset_exchange()
-        conn = self.conn
-        if conn.our_state is not State.IDLE or self.closed:
-            self._close()
-            return
-        if self.listener.closing and not self.pending:
-            self._close()
-            return
-        more = conn.events_received()  # requests held behind a refused upgrade
-        pending = self.pending
-        if more:
-            pending.extend(more)
-        self._arm(KEEPALIVE, self.balancer.cfg.timeouts.keepalive_timeout)
-        if pending:
-            events = list(pending)
-            pending.clear()
-            self.resume(PAUSE_PENDING)
-            self._handle(events)
-
-    def _reset_exchange(self) -> None:
+        # Reset the exchange's fields.
         self.request = None
         self.up_request = None
+        self.up_block = None
         self.route = None
         self.upstream = None
-        self.kept = []
+        if self.kept:
+            self.kept = []
         self.kept_bytes = 0
         self.body_end = None
         self.tried.clear()
@@ -1279,6 +1529,25 @@ class ProxyConnection(asyncio.Protocol):
         self.head_sent = False
         self.request_sent = False
         self.streamed = False
+        conn = self.conn
+        if conn.our_state is not IDLE or self.closed:
+            self._close()
+            return
+        pending = self.pending
+        if listener.closing and not pending:
+            self._close()
+            return
+        more = conn.events_received()  # requests held behind a refused upgrade
+        if more:
+            pending.extend(more)
+        timeout = self.balancer.cfg.timeouts.keepalive_timeout
+        self.timer = KEEPALIVE
+        self.deadline = INF if timeout is None else listener.now + timeout
+        if pending:
+            events = list(pending)
+            pending.clear()
+            self.resume(PAUSE_PENDING)
+            self._handle(events)
 
     # ------------------------------------------------------------------ output, closing
 
