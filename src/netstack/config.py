@@ -754,6 +754,11 @@ class ChatLimits:
     max_outgoing_bytes: int = field(
         default=4 << 20, metadata=_help("drop a client whose unsent output exceeds this")
     )
+    # gunicorn's default; asyncio's 100 overflows when hundreds of clients (re)connect at
+    # once, as they do after a restart or a network blip.
+    backlog: int = field(
+        default=2048, metadata=_help("listen backlog of the WebSocket and TCP listeners")
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -764,6 +769,7 @@ class ChatLimits:
             "flood_burst",
             "max_clients",
             "max_outgoing_bytes",
+            "backlog",
         ):
             _positive(name, getattr(self, name))
         _non_negative("flood_tolerance", self.flood_tolerance)

@@ -20,7 +20,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from netstack.config import Limits, Timeouts
 from netstack.transport.datagram import DatagramProtocol
@@ -98,6 +98,10 @@ class Lifecycle:
         await self.wait_closed()
 
 
+DEFAULT_BACKLOG: Final = 2048
+"""Listen queue of netstack's TCP listeners (gunicorn's default)."""
+
+
 class Server(Lifecycle):
     """A TCP listener serving :class:`StreamProtocol` connections.
 
@@ -109,6 +113,10 @@ class Server(Lifecycle):
         limits: ``max_connections`` is enforced here.
         timeouts: ``graceful_timeout`` bounds :meth:`close`.
         ssl: a server TLS context, or ``None`` for plain TCP.
+        backlog: the listen(2) queue. asyncio's default of 100 overflows when hundreds of
+            clients connect at once to a busy loop: the kernel then drops their handshakes'
+            last ACK and the clients, which think they are connected, are cut ~20 s later.
+            gunicorn's 2048 (Linux caps it at ``net.core.somaxconn``).
     """
 
     def __init__(
@@ -120,8 +128,10 @@ class Server(Lifecycle):
         limits: Limits | None = None,
         timeouts: Timeouts | None = None,
         ssl: ssl.SSLContext | None = None,
+        backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         super().__init__()
+        self.backlog = backlog
         self._protocol_factory = protocol_factory
         self.host = host
         self.port = port
@@ -148,7 +158,12 @@ class Server(Lifecycle):
         """
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._factory, self.host, self.port, ssl=self.ssl, reuse_address=True
+            self._factory,
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            reuse_address=True,
+            backlog=self.backlog,
         )
         for addr in self.addresses:
             logger.info("listening on %s %s", self.name, format_address(addr))

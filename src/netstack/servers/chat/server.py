@@ -183,6 +183,7 @@ class ChatServer:
                     limits=Limits(max_connections=self.cfg.chat_limits.max_clients),
                     timeouts=self.cfg.timeouts,
                     ssl=self.ssl,
+                    backlog=self.cfg.chat_limits.backlog,
                 )
                 await self.tcp.start()
             if self.cfg.metrics_bind is not None:

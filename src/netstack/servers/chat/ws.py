@@ -174,6 +174,7 @@ class WSTransport:
             compression=None,
             ssl=self.ssl,
             reuse_address=True,
+            backlog=limits.backlog,
             server_header="netstack-chat",
         )
 
