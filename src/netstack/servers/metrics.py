@@ -139,10 +139,12 @@ class MetricsApp:
         return iter([body])
 
 
-def metrics_server(bind: str, collector: Collector) -> WSGIServer:
-    """An unstarted WSGIServer answering ``GET /metrics`` on ``bind`` (HOST:PORT).
+async def start_metrics_server(bind: str, collector: Collector) -> WSGIServer:
+    """A started WSGIServer answering ``GET /metrics`` on ``bind`` (HOST:PORT), on the
+    running loop.
 
-    ``start()`` raises ``OSError`` when the address cannot be bound.
+    Raises:
+        OSError: ``cannot bind metrics_bind HOST:PORT: reason`` (the CLI's exit 3).
     """
     from netstack.config import WSGIServerConfig
     from netstack.servers.wsgi import WSGIServer
@@ -150,7 +152,12 @@ def metrics_server(bind: str, collector: Collector) -> WSGIServer:
     cfg = WSGIServerConfig(
         app="netstack.servers.metrics", bind=(bind,), threads=0, access_log=False
     )
-    return WSGIServer(cfg, MetricsApp(collector))
+    server = WSGIServer(cfg, MetricsApp(collector))
+    try:
+        await server.start()
+    except OSError as exc:
+        raise OSError(f"cannot bind metrics_bind {bind}: {exc.strerror or exc}") from None
+    return server
 
 
 __all__ = [
@@ -161,6 +168,6 @@ __all__ = [
     "MetricsApp",
     "bucket_label",
     "cumulative",
-    "metrics_server",
     "render",
+    "start_metrics_server",
 ]

@@ -198,15 +198,9 @@ class ChatServer:
 
     async def _start_metrics(self, bind: str) -> None:
         from netstack.servers.chat.metrics import ChatMetrics
-        from netstack.servers.metrics import metrics_server
+        from netstack.servers.metrics import start_metrics_server
 
-        server = metrics_server(bind, ChatMetrics(self))
-        try:
-            await server.start()
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise OSError(f"cannot bind metrics_bind {bind}: {reason}") from None
-        self.metrics_server = server
+        self.metrics_server = await start_metrics_server(bind, ChatMetrics(self))
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:

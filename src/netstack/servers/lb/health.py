@@ -27,17 +27,22 @@ class HealthCheck(Protocol):
     async def __call__(self, backend: Backend, timeout: float) -> bool: ...  # noqa: ASYNC109
 
 
-async def tcp_connect_check(backend: Backend, timeout: float) -> bool:  # noqa: ASYNC109
-    """Healthy if a TCP connection opens within ``timeout`` (then closed at once)."""
+async def tcp_connects(host: str, port: int, timeout: float) -> bool:  # noqa: ASYNC109
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` (then closed)."""
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(backend.host, backend.port)
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
+
+
+async def tcp_connect_check(backend: Backend, timeout: float) -> bool:  # noqa: ASYNC109
+    """Healthy if a TCP connection opens within ``timeout`` (then closed at once)."""
+    return await tcp_connects(backend.host, backend.port, timeout)
 
 
 def check_for(pool_cfg: PoolConfig, modes: set[str]) -> HealthCheck | None:

@@ -134,15 +134,9 @@ class RPCServer:
             raise
 
     async def _start_metrics(self, bind: str) -> None:
-        from netstack.servers.metrics import metrics_server
+        from netstack.servers.metrics import start_metrics_server
 
-        server = metrics_server(bind, self.metrics)
-        try:
-            await server.start()
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise OSError(f"cannot bind metrics_bind {bind}: {reason}") from None
-        self.metrics_server = server
+        self.metrics_server = await start_metrics_server(bind, self.metrics)
 
     async def _stop_metrics(self) -> None:
         if self.metrics_server is not None:

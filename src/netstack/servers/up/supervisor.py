@@ -152,16 +152,10 @@ def check_bindable(address: str) -> None:
 
 
 async def tcp_ok(host: str, port: int) -> bool:
-    """Whether ``host:port`` accepts a TCP connection."""
-    try:
-        async with asyncio.timeout(1.0):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    """Whether ``host:port`` accepts a TCP connection within a second."""
+    from netstack.servers.lb.health import tcp_connects
+
+    return await tcp_connects(host, port, 1.0)
 
 
 async def http_ok(host: str, port: int, path: str) -> bool:
