@@ -20,6 +20,9 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)
 }
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and any ``extra`` fields."""
 
@@ -47,12 +50,21 @@ def configure(
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))
     root = logging.getLogger("netstack")
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def prefix_text_lines(prefix: str) -> None:
+    """Start every text log line with ``prefix`` (JSON lines are left as they are).
+
+    ``netstack up`` prefixes its own lines as it prefixes its children's.
+    """
+    for handler in logging.getLogger("netstack").handlers:
+        if not isinstance(handler.formatter, JSONFormatter):
+            text = prefix.replace("%", "%%") + TEXT_FORMAT
+            handler.setFormatter(logging.Formatter(text, "%H:%M:%S"))

@@ -104,3 +104,20 @@ def test_python_dash_m_entry_point() -> None:
     )
     assert out.returncode == 0
     assert __version__ in out.stdout
+
+
+def test_prefix_text_lines_starts_every_text_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """`netstack up` prefixes its own log lines like its children's; JSON stays JSON."""
+    log.configure("info", "text")
+    try:
+        log.prefix_text_lines("up       | ")
+        logging.getLogger("netstack.test").info("hello %s", "there")
+        err = capsys.readouterr().err
+        assert err.startswith("up       | ")
+        assert err.rstrip().endswith("netstack.test: hello there")
+        log.configure("info", "json")
+        log.prefix_text_lines("up | ")
+        logging.getLogger("netstack.test").info("x")
+        assert json.loads(capsys.readouterr().err)["message"] == "x"
+    finally:
+        log.configure("info", "text")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from netstack import log
 from netstack.cli.exits import StartupFailure
 from netstack.cli.options import config_options, load_config
 from netstack.config import UpConfig
@@ -58,6 +59,8 @@ def command(config_file: str | None, **flags: Any) -> None:
         raise StartupFailure(f"netstack up needs more packages: pip install 'netstack[{extras}]'")
     from netstack.transport import loop as loops
 
+    # The supervisor's own log lines (its dashboard's server...) look like its children's.
+    log.prefix_text_lines("up       | ")
     loops.run(_up(cfg))
 
 
