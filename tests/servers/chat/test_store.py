@@ -10,6 +10,7 @@ import pytest
 
 from netstack.servers.chat.server import open_store, redact
 from netstack.servers.chat.store import FileInfo, Store, StoreConflict, StoreUnavailable
+from tests.helpers import TIMEOUT, apoll_until
 
 NOW = 1_700_000_000_000
 
@@ -233,3 +234,48 @@ def test_redact() -> None:
     assert redact("postgresql://u:secret@db:5432/chat") == "postgresql://u:***@db:5432/chat"
     assert redact("postgresql://u@db/chat") == "postgresql://u@db/chat"
     assert redact("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+
+
+async def test_postgres_message_ids_commit_in_order(pg_url: str) -> None:
+    """Backfill asks for ids above the last one seen, so an id must never become visible
+    after a higher one: an insert waits while another instance's insert is uncommitted."""
+    import psycopg
+
+    from netstack.servers.chat.postgres import MESSAGE_LOCK
+
+    store = open_store(pg_url)
+    await store.open()
+    try:
+        alice = await store.create_user("alice", "h", NOW)
+        room = await store.create_room("general", "public", "", alice.id, NOW)
+        async with await psycopg.AsyncConnection.connect(pg_url) as other:  # a 2nd instance
+            await other.execute("SELECT pg_advisory_xact_lock(%s)", (MESSAGE_LOCK,))
+            cur = await other.execute(
+                "INSERT INTO messages (ts, sender, room_id, text) VALUES (%s,%s,%s,%s)"
+                " RETURNING id",
+                (NOW, alice.id, room.id, "slow"),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            slow_id = row[0]
+            fast = asyncio.create_task(
+                store.add_message(sender=alice, text="fast", now=NOW, room=room)
+            )
+            async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as watch:
+
+                async def waiting_on_the_lock() -> bool:
+                    cur = await watch.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE '%%pg_advisory_xact_lock%%' AND pid <> pg_backend_pid()"
+                    )
+                    found = await cur.fetchone()
+                    return found is not None and found[0] >= 1
+
+                await apoll_until(waiting_on_the_lock, TIMEOUT)
+            assert not fast.done()
+            await other.commit()
+        said = await fast
+        assert said.id > slow_id
+        assert [m.text for m in await store.backfill(alice.id, 0, 10)] == ["slow", "fast"]
+    finally:
+        await store.close()
