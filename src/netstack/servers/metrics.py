@@ -6,7 +6,7 @@ A server counts in plain Python ints and floats (no lock: everything runs on its
 loop) and exposes them through a prometheus_client *custom collector*: an object whose
 ``collect()`` yields metric families built from those numbers when a scrape comes in.
 :func:`render` turns a collector into the text exposition format, and
-:func:`metrics_server` serves it with netstack's own WSGI server, run inline on the same
+:func:`start_metrics_server` serves it with netstack's own WSGI server, run inline on the same
 loop (``threads=0``, as the balancer's admin API does), so there is no third HTTP
 endpoint to maintain and a scrape reads the counters without any synchronisation.
 
