@@ -30,6 +30,7 @@ from netstack.servers.chat.store import (
     User,
     Visibility,
 )
+from netstack.servers.pg import POOL_MAX, open_pool
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -42,10 +43,6 @@ SCHEMA_LOCK: Final = 0x6E657473  # "nets"
 # skipped by a client that reconnected in between. One lock for all instances: a chat
 # insert is a few hundred microseconds, far below what one lock can serialise.
 MESSAGE_LOCK: Final = 0x6D736773  # "msgs"
-# A few connections per instance: commands are short, and a PostgreSQL backend costs MBs.
-POOL_MIN: Final = 1
-POOL_MAX: Final = 10
-CONNECT_TIMEOUT: Final = 10
 
 SCHEMA: Final[tuple[LiteralString, ...]] = (
     """CREATE TABLE IF NOT EXISTS users (
@@ -137,10 +134,6 @@ _MEMBER: Final = (
 NO_LIMIT: Final = 2**62
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def _message(row: Sequence[Any]) -> Message:
     file = FileInfo(row[6], row[7], row[8], row[9]) if row[6] is not None else None
     return Message(row[0], row[1], row[2], row[3], room=row[4], recipient=row[5], file=file)
@@ -173,30 +166,14 @@ class PostgresStore:
         Raises:
             StoreUnavailable: the server cannot be reached or refuses the credentials.
         """
-        import psycopg
-        from psycopg_pool import AsyncConnectionPool
-
-        # One direct connection first: its error says why (refused, bad password...),
-        # where a pool would only time out.
-        try:
-            conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
-        except psycopg.Error as exc:
-            # libpq's messages span lines (a hint on the second): one line for the CLI.
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {_one_line(exc)}") from exc
-        async with conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            for statement in SCHEMA:
-                await conn.execute(statement)
-        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
+        self._pool = await open_pool(
             self.url,
-            min_size=POOL_MIN,
+            schema=SCHEMA,
+            schema_lock=SCHEMA_LOCK,
             max_size=self.max_connections,
-            kwargs={"connect_timeout": CONNECT_TIMEOUT},
-            open=False,
             name="netstack-chat",
+            unavailable=StoreUnavailable,
         )
-        await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
-        self._pool = pool
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, LiteralString
 
+from netstack.servers.pg import POOL_MAX, one_line, open_pool
 from netstack.servers.rpc.sqlite import search_key
 from netstack.servers.rpc.store import Note, StoreUnavailable, VersionConflict, like_pattern
 
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
 
 # Any constant: serialises schema creation between instances ("note").
 SCHEMA_LOCK: Final = 0x6E6F7465
-# A few connections per instance: calls are short, and a PostgreSQL backend costs MBs.
-POOL_MIN: Final = 1
-POOL_MAX: Final = 10
-CONNECT_TIMEOUT: Final = 10
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS notes (
@@ -45,10 +42,6 @@ _RETURNING: Final = " RETURNING id, title, body, created, updated, version"
 
 def _note(row: Sequence[Any]) -> Note:
     return Note(row[0], row[1], row[2], row[3], row[4], row[5])
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 class PostgresNoteStore:
@@ -76,32 +69,14 @@ class PostgresNoteStore:
         Raises:
             StoreUnavailable: psycopg is missing, or the server cannot be reached.
         """
-        try:
-            import psycopg
-            from psycopg_pool import AsyncConnectionPool
-        except ImportError as exc:
-            raise StoreUnavailable(
-                "PostgreSQL needs psycopg and psycopg_pool: pip install 'netstack[db]'"
-            ) from exc
-        # One direct connection first: its error says why (refused, bad password...),
-        # where a pool would only time out.
-        try:
-            conn = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {_one_line(exc)}") from exc
-        async with conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            await conn.execute(SCHEMA)
-        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
+        self._pool = await open_pool(
             self.url,
-            min_size=POOL_MIN,
+            schema=(SCHEMA,),
+            schema_lock=SCHEMA_LOCK,
             max_size=self.max_connections,
-            kwargs={"connect_timeout": CONNECT_TIMEOUT},
-            open=False,
             name="netstack-notes",
+            unavailable=StoreUnavailable,
         )
-        await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
-        self._pool = pool
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -117,7 +92,7 @@ class PostgresNoteStore:
             async with self.pool.connection() as conn:
                 yield conn
         except psycopg.OperationalError as exc:  # includes the pool's PoolTimeout
-            raise StoreUnavailable(f"PostgreSQL: {_one_line(exc)}") from exc
+            raise StoreUnavailable(f"PostgreSQL: {one_line(exc)}") from exc
 
     async def _all(self, sql: LiteralString, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         async with self._connection() as conn:
