@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import sqlite3
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from netstack.config import ChatServerConfig, Limits, parse_hostport
 from netstack.errors import ConfigError
+from netstack.servers import datadir
 from netstack.servers.chat.fanout import (
     Fanout,
     LocalFanout,
@@ -42,20 +41,9 @@ logger = logging.getLogger(__name__)
 DB_FILENAME = "chat.sqlite3"
 
 
-def default_data_dir() -> Path:
-    """``$XDG_DATA_HOME/netstack``, else ``~/.local/share/netstack`` (XDG base dirs)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "share"
-    )
-    return Path(base) / "netstack"
-
-
 def database_location(cfg: ChatServerConfig) -> str:
     """The SQLite path or database URL ``cfg`` asks for."""
-    if cfg.db is not None:
-        return cfg.db
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    return str(data_dir / DB_FILENAME)
+    return datadir.database_location(cfg.db, cfg.data_dir, DB_FILENAME)
 
 
 def open_store(location: str) -> Store:

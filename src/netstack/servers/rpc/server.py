@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from netstack.config import RPCServerConfig, parse_hostport
 from netstack.errors import ConfigError
+from netstack.servers import datadir
 from netstack.servers.rpc._pb import notes_pb2_grpc
 from netstack.servers.rpc.auth import TokenAuth
 from netstack.servers.rpc.metrics import RPCMetrics
@@ -39,20 +39,9 @@ logger = logging.getLogger(__name__)
 DB_FILENAME: Final = "notes.sqlite3"
 
 
-def default_data_dir() -> Path:
-    """``$XDG_DATA_HOME/netstack``, else ``~/.local/share/netstack`` (XDG base dirs)."""
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "share"
-    )
-    return Path(base) / "netstack"
-
-
 def database_location(cfg: RPCServerConfig) -> str:
     """The SQLite path or database URL ``cfg`` asks for."""
-    if cfg.db is not None:
-        return cfg.db
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    return str(data_dir / DB_FILENAME)
+    return datadir.database_location(cfg.db, cfg.data_dir, DB_FILENAME)
 
 
 def open_store(location: str) -> NoteStore:
