@@ -8,7 +8,7 @@ its error says why (refused, bad password...), where a pool would only time out.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final, LiteralString
+from typing import TYPE_CHECKING, Any, ClassVar, Final, LiteralString
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -65,3 +65,49 @@ async def open_pool(
     )
     await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
     return pool
+
+
+class PooledStore:
+    """The connection plumbing of a PostgreSQL store: ``open`` (schema, then pool),
+    ``pool`` and ``close``. A subclass names its schema, lock, pool and error.
+
+    Args:
+        url: a ``postgresql://user:password@host:port/dbname`` conninfo URL (libpq
+            parameters such as ``?options=-csearch_path%3Dchat`` pass through).
+        max_connections: the pool's upper bound.
+    """
+
+    SCHEMA: ClassVar[Sequence[LiteralString]]
+    SCHEMA_LOCK: ClassVar[int]
+    POOL_NAME: ClassVar[str]
+    UNAVAILABLE: ClassVar[type[Exception]]
+
+    def __init__(self, url: str, *, max_connections: int = POOL_MAX) -> None:
+        self.url = url
+        self.max_connections = max_connections
+        self._pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] | None = None
+
+    @property
+    def pool(self) -> AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]:
+        assert self._pool is not None, "open() first"
+        return self._pool
+
+    async def open(self) -> None:
+        """Connect, create the schema if needed, then open the pool.
+
+        Raises:
+            UNAVAILABLE: psycopg is missing, or the server cannot be reached or refuses.
+        """
+        self._pool = await open_pool(
+            self.url,
+            schema=self.SCHEMA,
+            schema_lock=self.SCHEMA_LOCK,
+            max_size=self.max_connections,
+            name=self.POOL_NAME,
+            unavailable=self.UNAVAILABLE,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None

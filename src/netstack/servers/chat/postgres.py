@@ -30,11 +30,10 @@ from netstack.servers.chat.store import (
     User,
     Visibility,
 )
-from netstack.servers.pg import POOL_MAX, open_pool
+from netstack.servers.pg import PooledStore
 
 if TYPE_CHECKING:
-    from psycopg import AsyncConnection
-    from psycopg_pool import AsyncConnectionPool
+    pass
 
 # Any constant: the advisory lock that serialises schema creation between instances.
 SCHEMA_LOCK: Final = 0x6E657473  # "nets"
@@ -139,46 +138,16 @@ def _message(row: Sequence[Any]) -> Message:
     return Message(row[0], row[1], row[2], row[3], room=row[4], recipient=row[5], file=file)
 
 
-class PostgresStore:
+class PostgresStore(PooledStore):
     """:class:`~netstack.servers.chat.store.Store` on a PostgreSQL database.
 
-    Args:
-        url: a ``postgresql://user:password@host:port/dbname`` conninfo URL (libpq
-            parameters such as ``?options=-csearch_path%3Dchat`` pass through).
-        max_connections: the pool's upper bound.
+    Connection plumbing (url, pool, open, close): :class:`~netstack.servers.pg.PooledStore`.
     """
 
-    def __init__(self, url: str, *, max_connections: int = POOL_MAX) -> None:
-        self.url = url
-        self.max_connections = max_connections
-        self._pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] | None = None
-
-    # ------------------------------------------------------------------ plumbing
-
-    @property
-    def pool(self) -> AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]:
-        assert self._pool is not None, "open() first"
-        return self._pool
-
-    async def open(self) -> None:
-        """Connect, create the schema if needed, then open the pool.
-
-        Raises:
-            StoreUnavailable: the server cannot be reached or refuses the credentials.
-        """
-        self._pool = await open_pool(
-            self.url,
-            schema=SCHEMA,
-            schema_lock=SCHEMA_LOCK,
-            max_size=self.max_connections,
-            name="netstack-chat",
-            unavailable=StoreUnavailable,
-        )
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+    SCHEMA = SCHEMA
+    SCHEMA_LOCK = SCHEMA_LOCK
+    POOL_NAME = "netstack-chat"
+    UNAVAILABLE = StoreUnavailable
 
     async def _one(self, sql: LiteralString, *args: Any) -> tuple[Any, ...] | None:
         async with self.pool.connection() as conn:

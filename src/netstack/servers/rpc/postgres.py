@@ -14,13 +14,12 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, LiteralString
 
-from netstack.servers.pg import POOL_MAX, one_line, open_pool
+from netstack.servers.pg import PooledStore, one_line
 from netstack.servers.rpc.sqlite import search_key
 from netstack.servers.rpc.store import Note, StoreUnavailable, VersionConflict, like_pattern
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
-    from psycopg_pool import AsyncConnectionPool
 
 # Any constant: serialises schema creation between instances ("note").
 SCHEMA_LOCK: Final = 0x6E6F7465
@@ -44,44 +43,16 @@ def _note(row: Sequence[Any]) -> Note:
     return Note(row[0], row[1], row[2], row[3], row[4], row[5])
 
 
-class PostgresNoteStore:
+class PostgresNoteStore(PooledStore):
     """:class:`~netstack.servers.rpc.store.NoteStore` on PostgreSQL.
 
-    Args:
-        url: ``postgresql://user:password@host:port/dbname`` (libpq parameters such as
-            ``?options=-csearch_path%3Dnotes`` pass through).
-        max_connections: the pool's upper bound.
+    Connection plumbing (url, pool, open, close): :class:`~netstack.servers.pg.PooledStore`.
     """
 
-    def __init__(self, url: str, *, max_connections: int = POOL_MAX) -> None:
-        self.url = url
-        self.max_connections = max_connections
-        self._pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] | None = None
-
-    @property
-    def pool(self) -> AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]:
-        assert self._pool is not None, "open() first"
-        return self._pool
-
-    async def open(self) -> None:
-        """Connect, create the schema if needed, then open the pool.
-
-        Raises:
-            StoreUnavailable: psycopg is missing, or the server cannot be reached.
-        """
-        self._pool = await open_pool(
-            self.url,
-            schema=(SCHEMA,),
-            schema_lock=SCHEMA_LOCK,
-            max_size=self.max_connections,
-            name="netstack-notes",
-            unavailable=StoreUnavailable,
-        )
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+    SCHEMA = (SCHEMA,)
+    SCHEMA_LOCK = SCHEMA_LOCK
+    POOL_NAME = "netstack-notes"
+    UNAVAILABLE = StoreUnavailable
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[AsyncConnection[tuple[Any, ...]]]:
