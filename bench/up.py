@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -49,6 +50,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 # bench/http.py would shadow the standard library's http package (urllib needs it).
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+# bench/http.py's wrk parser and process-group CPU reader, loaded under another name.
+_spec = importlib.util.spec_from_file_location("bench_http", REPO / "bench" / "http.py")
+assert _spec is not None
+assert _spec.loader is not None
+bench_http = importlib.util.module_from_spec(_spec)
+sys.modules["bench_http"] = bench_http  # dataclasses look their module up there
+_spec.loader.exec_module(bench_http)
 PYTHON = REPO / ".venv" / "bin" / "python"
 READY_TIMEOUT = 60.0
 TIERS = ("lb", "web", "grpc", "sqlite")
@@ -166,40 +174,12 @@ def seed(stack: Stack, count: int) -> int:
     return ids[len(ids) // 2]
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its threads (and its live children)."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == pid or stat.parent.name == str(pid):  # pgid or itself
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 # ------------------------------------------------------------------------- the loads
 
 
 def parse_wrk(out: str) -> Point:
-    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-    def ms(text: str) -> float:
-        m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
-        if m is None:
-            raise ValueError(f"not a wrk duration: {text!r}")
-        return float(m[1]) * units[m[2]]
-
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
-    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
-    if rps is None or p50 is None or p99 is None:
-        raise ValueError("unexpected wrk output:\n" + out)
-    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = (sum(int(n) for n in errs.groups()) if errs else 0) + (int(non2xx[1]) if non2xx else 0)
-    return Point(float(rps[1]), ms(p50[1]), ms(p99[1]), errors)
+    r = bench_http.parse_wrk(out)
+    return Point(r.rps, r.p50_ms, r.p99_ms, r.socket_errors + r.non_2xx)
 
 
 def run_wrk(url: str, conns: int, duration: float) -> Point:
@@ -281,7 +261,7 @@ def run_sqlite(db: Path, note: int, duration: float) -> Point:
 def measure(stack: Stack, tier: str, conns: int, duration: float, note: int) -> Point:
     names = ["balancer", "web-1", "web-2", "rpc"]
     pids = {n: stack.pid_of(n) for n in names}
-    before = {n: process_cpu(p) for n, p in pids.items() if p}
+    before = {n: bench_http.group_cpu_seconds(p) for n, p in pids.items() if p}
     t0 = time.monotonic()
     if tier == "lb":
         point = run_wrk(f"http://127.0.0.1:{stack.port}/api/notes/{note}", conns, duration)
@@ -293,7 +273,9 @@ def measure(stack: Stack, tier: str, conns: int, duration: float, note: int) -> 
     else:
         point = run_sqlite(stack.data / "notes.sqlite3", note, duration)
     wall = time.monotonic() - t0
-    point.cpu = {n: 100 * (process_cpu(p) - before[n]) / wall for n, p in pids.items() if p}
+    point.cpu = {
+        n: 100 * (bench_http.group_cpu_seconds(p) - before[n]) / wall for n, p in pids.items() if p
+    }
     return point
 
 
