@@ -32,6 +32,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def cases() -> list[Case]:
     def netstack(app: str, *extra: str) -> tuple[str, ...]:
         return (ns, "serve", app, "--bind", bind, *extra, "--no-access-log")
 
-    return [
+    fixed = [
         Case(
             "netstack-t0",
             "netstack",
@@ -169,6 +170,27 @@ def cases() -> list[Case]:
             note="--interface wsgi",
         ),
     ]
+    # The peers' own worker scaling, measured like netstack's (unpinned, wrk too): the
+    # "2 workers vs 1" ratio depends on the server's CPU per request against wrk's on two
+    # shared cores (see scaling_rows), so the peers' ratios are the yardstick.
+    scaling = [
+        replace(
+            peer,
+            name=f"{peer.name}-w{n}",
+            cmd=_with_workers(peer.cmd, n),
+            pinned=False,
+            note=f"unpinned, {n} worker{'s' if n > 1 else ''}",
+        )
+        for peer in fixed
+        if peer.name in ("granian", "uvicorn")
+        for n in (1, 2)
+    ]
+    return fixed + scaling
+
+
+def _with_workers(cmd: tuple[str, ...], n: int) -> tuple[str, ...]:
+    at = cmd.index("--workers") + 1
+    return (*cmd[:at], str(n), *cmd[at + 1 :])
 
 
 @dataclass(frozen=True)
@@ -203,6 +225,7 @@ class WrkResult:
     socket_errors: int
     non_2xx: int
     server_cpu: float = float("nan")  # % of one core, whole process tree (100 = one core)
+    client_cpu: float = float("nan")  # wrk's own CPU, % of one core
 
 
 _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
@@ -242,10 +265,16 @@ def run_wrk(port: int, duration: float, connections: int, pinned: bool) -> WrkRe
     cmd.append(f"http://127.0.0.1:{port}/")
     if pinned:
         cmd = ["taskset", "-c", "1", *cmd]
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=True, timeout=duration + 30
     ).stdout
-    return parse_wrk(out)
+    after, elapsed = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - start
+    result = parse_wrk(out)
+    # taskset execs wrk in the same child, so the reaped child's rusage is wrk's own.
+    used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    result.client_cpu = used / elapsed * 100
+    return result
 
 
 # ---------------------------------------------------------------------------- servers
@@ -520,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"run {run + 1}/{args.runs} {case.name:>16} {result.rps:>10,.0f} req/s"
                     f"  p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms"
-                    f"  server cpu {result.server_cpu:.0f}%"
+                    f"  server cpu {result.server_cpu:.0f}%  wrk cpu {result.client_cpu:.0f}%"
                     f"  errors {result.socket_errors}  non-2xx {result.non_2xx}",
                     file=sys.stderr,
                 )
@@ -533,13 +562,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows = table_rows(selected, outcomes, can_pin)
     checks = target_rows(outcomes)
-    print_tables(header, rows, checks)
+    scaling = scaling_rows(outcomes)
+    print_tables(header, rows, checks, scaling)
     for name, o in outcomes.items():
         if o.failure:
             print(f"{name}: {o.failure}")
     if args.markdown:
         print()
-        print(markdown(header, rows, checks, argv))
+        print(markdown(header, rows, checks, scaling, argv))
     if any(o.results for o in outcomes.values()):
         plot(args.png, selected, outcomes)
     return 0
@@ -555,7 +585,7 @@ def table_rows(
         if not o.results:
             failure = o.failure or ""
             short = failure if len(failure) <= 60 else failure[:57] + "..."
-            rows.append([case.name, case.app, pinned, "-", "-", "-", "-", "-", "-", short])
+            rows.append([case.name, case.app, pinned, *"-------", short])
             continue
         rows.append(
             [
@@ -566,6 +596,7 @@ def table_rows(
                 f"{o.median('p50_ms'):.2f}",
                 f"{o.median('p99_ms'):.2f}",
                 f"{o.median('server_cpu'):.0f}",
+                f"{o.median('client_cpu'):.0f}",
                 str(sum(r.socket_errors for r in o.results)),
                 str(sum(r.non_2xx for r in o.results)),
                 case.note + (f" ({o.failure})" if o.failure else ""),
@@ -596,24 +627,65 @@ def target_rows(outcomes: dict[str, Outcome]) -> list[list[str]]:
     return rows
 
 
+SCALING_COLUMNS = [
+    *("server", "1 worker req/s", "2 workers req/s", "2 / 1", "server us/req (2)"),
+    *("wrk us/req (2)", "2-core ceiling req/s", "best 2 / 1 = 2s/(s+w)"),
+]
+
+
+def scaling_rows(outcomes: dict[str, Outcome]) -> list[list[str]]:
+    """Each server's 2-workers-vs-1 ratio beside the most two shared cores allow.
+
+    Unpinned, two workers and wrk share two cores, so two workers can serve at most
+    2 cores / (server CPU + wrk CPU per request) req/s, while one worker, alone on a core,
+    serves 1 / (server CPU per request). So the best ratio is 2s / (s + w), s and w the
+    server's and wrk's CPU per request: the cheaper the server is per request compared with
+    wrk, the lower its best possible ratio. It is not a measure of the server alone.
+    """
+    rows = []
+    for server in ("netstack", "granian", "uvicorn"):
+        one, two = outcomes.get(f"{server}-w1"), outcomes.get(f"{server}-w2")
+        if one is None or two is None or not one.results or not two.results:
+            continue
+        rps1, rps2 = one.median("rps"), two.median("rps")
+        server_us = two.median("server_cpu") / 100 / rps2 * 1e6
+        wrk_us = two.median("client_cpu") / 100 / rps2 * 1e6
+        ceiling = 2e6 / (server_us + wrk_us)
+        rows.append(
+            [
+                server,
+                f"{rps1:,.0f}",
+                f"{rps2:,.0f}",
+                f"{rps2 / rps1:.2f}",
+                f"{server_us:.1f}",
+                f"{wrk_us:.1f}",
+                f"{ceiling:,.0f}",
+                f"{2 * server_us / (server_us + wrk_us):.2f}",
+            ]
+        )
+    return rows
+
+
 def _want(t: Target) -> str:
     return f">= {t.threshold:g}" if t.metric == "rps" else f"<= {t.threshold:g}"
 
 
 COLUMNS = [
     *("case", "app", "cores srv/wrk", "req/s", "p50 ms", "p99 ms", "server CPU %"),
-    *("sock err", "non-2xx", "note"),
+    *("wrk CPU %", "sock err", "non-2xx", "note"),
 ]
 TARGET_COLUMNS = ["target", "ratio of", "wanted", "measured", "result"]
 
 
-def print_tables(header: str, rows: list[list[str]], checks: list[list[str]]) -> None:
+def print_tables(
+    header: str, rows: list[list[str]], checks: list[list[str]], scaling: list[list[str]]
+) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
         print(header)
-        for line in (COLUMNS, *rows, TARGET_COLUMNS, *checks):
+        for line in (COLUMNS, *rows, TARGET_COLUMNS, *checks, SCALING_COLUMNS, *scaling):
             print("  ".join(line))
         return
     # Not a terminal (piped to a file): wide enough that the table does not wrap.
@@ -622,21 +694,31 @@ def print_tables(header: str, rows: list[list[str]], checks: list[list[str]]) ->
     for columns, body, title in [
         (COLUMNS, rows, "medians"),
         (TARGET_COLUMNS, checks, "targets"),
+        (SCALING_COLUMNS, scaling, "worker scaling, unpinned (server and wrk CPU per request)"),
     ]:
+        if not body:
+            continue
         table = Table(title=title)
         for i, col in enumerate(columns):
-            table.add_column(col, justify="right" if 2 < i < 9 or col == "measured" else "left")
+            right = 2 < i < 10 if columns is COLUMNS else i > 0 and columns is SCALING_COLUMNS
+            table.add_column(col, justify="right" if right or col == "measured" else "left")
         for row in body:
             table.add_row(*row)
         console.print(table)
 
 
 def markdown(
-    header: str, rows: list[list[str]], checks: list[list[str]], argv: Sequence[str] | None
+    header: str,
+    rows: list[list[str]],
+    checks: list[list[str]],
+    scaling: list[list[str]],
+    argv: Sequence[str] | None,
 ) -> str:
     command = "python bench/http.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"- **Run:** {header}", f"- **Command:** `{command.strip()}`", ""]
-    for columns, body in [(COLUMNS, rows), (TARGET_COLUMNS, checks)]:
+    for columns, body in [(COLUMNS, rows), (TARGET_COLUMNS, checks), (SCALING_COLUMNS, scaling)]:
+        if not body:
+            continue
         lines.append("| " + " | ".join(columns) + " |")
         lines.append("|" + "---|" * len(columns))
         lines.extend(

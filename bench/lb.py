@@ -22,8 +22,9 @@ package in bench/.venv-peers) and ``direct`` (wrk straight to one backend: the c
 Placement: the proxy runs under ``taskset -c 0``, wrk and the bulk client on core 1, the
 nginx backends unpinned (the scheduler puts them on either core). Runs interleave the
 cases so drift on a shared machine hits them all alike; each cell is the median of --runs.
-"proxy CPU %" and "backends CPU %" are user+system time of each process group over the
-measured wrk run (100 = one core): a proxy well under 100 % was not the bottleneck.
+"proxy CPU %", "backends CPU %" and "wrk CPU %" are user+system time of each process group
+(wrk: the process itself) over the measured wrk run (100 = one core): a proxy well under
+100 % was not the bottleneck; wrk plus the backends near 100 % of core 1 means the harness was.
 haproxy, nginx, libnginx-mod-stream and wrk come from apt-get when missing (as root).
 
 PumpkinLB as shipped: its config can only name a port (ConfigParser splits a
@@ -662,6 +663,7 @@ def measure(
             f"run {run + 1}/{args.runs} {case.name:>14} {result.rps:>10,.0f} req/s"
             f"  p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms"
             f"  proxy cpu {result.server_cpu:.0f}%  backends cpu {back_cpu:.0f}%"
+            f"  wrk cpu {result.client_cpu:.0f}%"
             f"  errors {result.socket_errors}  non-2xx {result.non_2xx}",
             file=sys.stderr,
         )
@@ -710,7 +712,7 @@ def _content(b: BulkResult) -> str:
 
 REQUEST_COLUMNS = [
     *("case", "layer", "cores proxy/wrk", "req/s", "p50 ms", "p99 ms", "proxy CPU %"),
-    "backends CPU %",
+    *("backends CPU %", "wrk CPU %"),
     *("sock err", "non-2xx", "note"),
 ]
 BULK_COLUMNS = ["case", "GB/s", "bytes received (worst run)", "bytes lost", "content", "note"]
@@ -725,7 +727,7 @@ def request_rows(
         o = outcomes[case.name]
         cores = ("0 / 1" if case.proxy != "-" else "- / 1") if can_pin else "no"
         if not o.results:
-            rows.append([case.name, case.layer, cores, *"-------", _short(o.failure or "")])
+            rows.append([case.name, case.layer, cores, *"--------", _short(o.failure or "")])
             continue
         rows.append(
             [
@@ -737,6 +739,7 @@ def request_rows(
                 f"{o.median('p99_ms'):.2f}",
                 f"{o.median('server_cpu'):.0f}" if case.proxy != "-" else "-",
                 f"{statistics.median(o.backend_cpu):.0f}",
+                f"{o.median('client_cpu'):.0f}",
                 str(sum(r.socket_errors for r in o.results)),
                 str(sum(r.non_2xx for r in o.results)),
                 case.note + (f" ({o.failure})" if o.failure else ""),
@@ -826,7 +829,13 @@ def print_tables(header: str, tables: list[Table]) -> None:
         table = RichTable(title=title)
         for col in columns:
             numeric = col in ("req/s", "p50 ms", "p99 ms", "proxy CPU %", "sock err", "non-2xx")
-            numeric = numeric or col in ("backends CPU %", "GB/s", "bytes lost", "measured")
+            numeric = numeric or col in (
+                "backends CPU %",
+                "wrk CPU %",
+                "GB/s",
+                "bytes lost",
+                "measured",
+            )
             table.add_column(col, justify="right" if numeric else "left")
         for row in body:
             table.add_row(*row)
