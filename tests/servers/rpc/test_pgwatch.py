@@ -246,3 +246,39 @@ async def test_while_the_feed_is_down_new_watches_are_refused(tmp_path, pg_url):
         await create(stub, "y")
         await expect_next(stream, "y")
         stream.cancel()
+
+
+async def test_a_change_the_service_cannot_send_ends_the_watches(tmp_path, pg_url, caplog):
+    async with running(tmp_path, db=pg_url) as server, stub_for(server) as stub:
+        stream = await watch(stub)
+        note = await create(stub, "x")
+        await expect_next(stream, "x")
+        # Written by plain SQL: a time no protobuf Timestamp can hold. Skipping it would
+        # leave the watchers silently stale; they are told instead, and the feed goes on.
+        async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+            await conn.execute(
+                "UPDATE notes SET updated = 9223372036854775807 WHERE id = %s", (note.id,)
+            )
+        assert "(internal error: ValueError)" in await expect_interrupted(stream)
+        assert "notes change feed failed" in caplog.text
+        feed = feed_of(server)
+        await apoll_until(lambda: feed.reconnects == 1 and feed.backend_pid is not None)
+        again = await watch(stub)
+        await create(stub, "after")
+        await expect_next(again, "after")
+        again.cancel()
+
+
+async def test_closing_the_server_closes_its_listen_connection(tmp_path, pg_url):
+    async with running(tmp_path, db=pg_url) as server:
+        pid = feed_of(server).backend_pid
+        assert pid is not None
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+
+        async def gone() -> bool:
+            cur = await admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)
+            )
+            return await cur.fetchone() == (0,)
+
+        await apoll_until(gone)

@@ -197,6 +197,7 @@ class PostgresChangeFeed:
         self.reconnects = 0
         self._sink: ChangeSink | None = None
         self._task: asyncio.Task[None] | None = None
+        self._conn: AsyncConnection[tuple[Any, ...]] | None = None  # the LISTEN connection
 
     async def start(self, sink: ChangeSink) -> None:
         """LISTEN, then deliver to ``sink`` in a task until :meth:`close`.
@@ -214,6 +215,9 @@ class PostgresChangeFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._conn is not None:  # the task may have been cancelled before it began
+            await self._conn.close()
+            self._conn = None
         self.backend_pid = None
 
     async def _connect(self) -> AsyncConnection[tuple[Any, ...]]:
@@ -238,9 +242,12 @@ class PostgresChangeFeed:
             assert row is not None
             channel: str = row[0]
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-        except psycopg.Error as exc:
+        except BaseException as exc:  # cancelled too: never leave the connection open
             await conn.close()
-            raise StoreUnavailable(f"cannot LISTEN on PostgreSQL: {one_line(exc)}") from exc
+            if isinstance(exc, psycopg.Error):
+                raise StoreUnavailable(f"cannot LISTEN on PostgreSQL: {one_line(exc)}") from exc
+            raise
+        self._conn = conn
         self.backend_pid = conn.info.backend_pid
         logger.debug("listening on %s (backend %d)", channel, self.backend_pid)
         return conn
@@ -251,12 +258,16 @@ class PostgresChangeFeed:
         assert self._sink is not None
         while True:
             try:
-                async with conn:
-                    async for notify in conn.notifies():
+                async with conn, contextlib.aclosing(conn.notifies()) as notifies:
+                    async for notify in notifies:
                         await self._deliver(notify.payload)
                 reason = "the connection closed"  # pragma: no cover - notifies() never ends
             except (psycopg.Error, StoreUnavailable, ChangeLost) as exc:
                 reason = one_line(exc)
+            except Exception as exc:  # a bug: still never leave the watchers silently stale
+                logger.exception("notes change feed failed")
+                reason = f"internal error: {type(exc).__name__}"
+            self._conn = None
             self.backend_pid = None
             logger.warning("notes change feed interrupted (%s): reconnecting", reason)
             self._sink.interrupted(reason)
