@@ -16,8 +16,10 @@ made through any of them must reach all of them. The mechanism:
   would not is written to the ``note_changes`` table (same transaction) and the payload
   carries only ``{"k","id","v","seq"}``; a listener reads the full change back by
   ``seq``. That row holds the change itself, not the note's current state, so a later
-  update or a delete cannot change what is delivered. Entries older than
-  :data:`CHANGE_LOG_RETENTION` are pruned by the next oversized change.
+  update or a delete cannot change what is delivered (a deleted note has no row left to
+  fetch). Entries older than :data:`CHANGE_LOG_RETENTION` are pruned by the next
+  oversized change. Inlining the note when it fits spares every instance one query per
+  change; only notes of several KB cost a read-back.
 * **One listener per instance**: :class:`PostgresChangeFeed` holds one dedicated psycopg
   async connection (outside the pool, autocommit, TCP keepalives on, so a dead peer is
   noticed), runs ``LISTEN`` on it and hands each change to the service, which publishes
@@ -39,7 +41,9 @@ until the listener is back, and the listener reconnects with jittered exponentia
 (:data:`RECONNECT_MIN` doubling to :data:`RECONNECT_MAX`). A client re-reads what it
 shows (``ListNotes``) and watches again; no watcher ever misses a change silently. The
 same happens when an oversized change cannot be read back (its log entry was pruned, or
-the database is unreachable).
+the database is unreachable) or cannot be sent (a bug, logged with its traceback).
+Notifications on our channel that are not in our format (someone's manual ``NOTIFY``)
+are logged and ignored.
 """
 
 from __future__ import annotations
