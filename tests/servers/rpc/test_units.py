@@ -1,4 +1,4 @@
-"""Pure parts of the notes service: page tokens and the bounded fan-out hub."""
+"""Pure parts of the notes service: page tokens, the bounded fan-out hub, NOTIFY payloads."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import base64
 
 import pytest
 
-from netstack.servers.rpc import paging
-from netstack.servers.rpc.store import like_pattern
+from netstack.servers.rpc import paging, pgfeed
+from netstack.servers.rpc.store import Note, like_pattern
 from netstack.servers.rpc.watch import Hub, SubscriptionEnded, TooManySubscribers
 
 
@@ -85,3 +85,62 @@ async def test_hub_close_ends_everyone_and_refuses_new_subscribers():
     assert info.value.reason == "closed"
     with pytest.raises(SubscriptionEnded):
         hub.subscribe()
+
+
+async def test_hub_suspend_ends_everyone_until_resumed():
+    hub: Hub[int] = Hub(backlog=3, max_subscribers=10)
+    sub = hub.subscribe()
+    hub.publish(1)
+    hub.suspend("feed lost")
+    with pytest.raises(SubscriptionEnded) as info:
+        await sub.get()  # the queued event is dropped too: the subscriber re-syncs
+    assert (info.value.reason, str(info.value)) == ("interrupted", "feed lost")
+    with pytest.raises(SubscriptionEnded, match="feed lost"):
+        hub.subscribe()
+    hub.resume()
+    again = hub.subscribe()
+    hub.publish(2)
+    assert await again.get() == 2
+    hub.close()
+    hub.suspend("late")  # a feed dropping during shutdown does not reopen anything
+    with pytest.raises(SubscriptionEnded) as info:
+        hub.subscribe()
+    assert info.value.reason == "closed"
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (
+            '{"k": "I", "id": 7, "v": 1, "n": ["t", "b\\u00e9", 10, 11]}',
+            ("created", Note(7, "t", "bé", 10, 11, 1)),
+        ),
+        ('{"k": "D", "id": 7, "v": 3, "seq": 12}', ("deleted", 12)),
+        (
+            '{"k": "U", "id": 7, "v": 2, "n": ["t", "", 10, 12]}',
+            ("updated", Note(7, "t", "", 10, 12, 2)),
+        ),
+    ],
+)
+def test_pgfeed_parses_its_payloads(payload, expected):
+    assert pgfeed.parse(payload) == expected
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "",
+        "[]",
+        "null",
+        '{"k": "X", "id": 1, "v": 1, "n": ["t", "b", 1, 1]}',
+        '{"k": "I", "id": 1, "v": 1}',
+        '{"k": "I", "id": 1, "v": 1, "n": ["t", "b", 1]}',
+        '{"k": "I", "id": "1", "v": 1, "n": ["t", "b", 1, 1]}',
+        '{"k": "I", "id": 1, "v": 1, "n": ["t", 5, 1, 1]}',
+        '{"k": "I", "id": 1, "v": 1, "seq": "3"}',
+        '{"k": "I", "v": 1, "n": ["t", "b", 1, 1]}',
+    ],
+)
+def test_pgfeed_rejects_foreign_payloads(payload):
+    with pytest.raises(pgfeed.BadNotification, match="not a notes change"):
+        pgfeed.parse(payload)

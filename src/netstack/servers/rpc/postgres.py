@@ -6,6 +6,9 @@ cancelled (a gRPC deadline passed), psycopg cancels the running query on the ser
 before the connection goes back to the pool. The schema mirrors the SQLite store's, with
 the same case-folded ``search_key``, so both answer searches alike; it is created under
 an advisory lock, so instances starting together do not race (as the chat store does).
+
+The schema includes the ``notes_notify`` trigger and the ``note_changes`` table that
+publish every change to the other instances (:mod:`.pgfeed`, :meth:`change_feed`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,12 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, LiteralString
 
 from netstack.servers.pg import PooledStore, one_line
+from netstack.servers.rpc.pgfeed import (
+    CHANGE_LOG_SQL,
+    TRIGGER_FUNCTION_SQL,
+    TRIGGER_SQL,
+    PostgresChangeFeed,
+)
 from netstack.servers.rpc.sqlite import search_key
 from netstack.servers.rpc.store import Note, StoreUnavailable, VersionConflict, like_pattern
 
@@ -49,7 +58,7 @@ class PostgresNoteStore(PooledStore):
     Connection plumbing (url, pool, open, close): :class:`~netstack.servers.pg.PooledStore`.
     """
 
-    SCHEMA = (SCHEMA,)
+    SCHEMA = (SCHEMA, CHANGE_LOG_SQL, TRIGGER_FUNCTION_SQL, TRIGGER_SQL)
     SCHEMA_LOCK = SCHEMA_LOCK
     POOL_NAME = "netstack-notes"
     UNAVAILABLE = StoreUnavailable
@@ -130,3 +139,7 @@ class PostgresNoteStore(PooledStore):
     async def delete(self, note_id: int) -> Note | None:
         rows = await self._all("DELETE FROM notes WHERE id = %s" + _RETURNING, (note_id,))
         return _note(rows[0]) if rows else None
+
+    def change_feed(self) -> PostgresChangeFeed:
+        """LISTEN for the changes every instance commits (the ``notes_notify`` trigger)."""
+        return PostgresChangeFeed(self)

@@ -4,7 +4,7 @@
 server. Shutdown (``request_stop``, then ``close``): health turns NOT_SERVING, WatchNotes
 streams end with UNAVAILABLE (they would otherwise hold the grace period open), the
 server stops accepting calls, in-flight calls get ``grace_period`` seconds to finish and
-are cancelled after it, and the store closes last.
+are cancelled after it, and the store (with its change feed, if any) closes last.
 """
 
 from __future__ import annotations
@@ -81,8 +81,13 @@ class RPCServer:
     def __init__(self, cfg: RPCServerConfig, *, store: NoteStore | None = None) -> None:
         self.cfg = cfg
         self.store = store if store is not None else open_store(database_location(cfg))
+        # Shared by several instances (PostgreSQL): every watcher event comes from the feed.
+        self.feed = self.store.change_feed()
         self.service = NotesService(
-            self.store, limits=cfg.rpc_limits, store_timeout=cfg.store_timeout
+            self.store,
+            limits=cfg.rpc_limits,
+            store_timeout=cfg.store_timeout,
+            publish_locally=self.feed is None,
         )
         self.health = HealthServicer()
         # Counted only with --metrics-bind: otherwise no handler is wrapped.
@@ -134,6 +139,12 @@ class RPCServer:
 
     async def _start(self) -> None:
         await self.store.open()
+        if self.feed is not None:
+            try:
+                await self.feed.start(self.service)
+            except BaseException:
+                await self.store.close()
+                raise
         limits = self.cfg.rpc_limits
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.metrics_server is not None:  # outermost: it sees UNAUTHENTICATED calls too
@@ -168,7 +179,7 @@ class RPCServer:
             else:
                 self.port = server.add_secure_port(target, credentials)
         except (OSError, RuntimeError) as exc:  # grpc reports a failed bind as RuntimeError
-            await self.store.close()
+            await self._close_store()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise OSError(f"cannot bind {self.cfg.bind}: {reason}") from None
         await server.start()
@@ -213,9 +224,14 @@ class RPCServer:
             await self.health.enter_graceful_shutdown()
             self.service.hub.close()
             await self._server.stop(self.cfg.grace_period)
-        await self.store.close()
+        await self._close_store()
         await self._stop_metrics()
         logger.info("notes service stopped")
+
+    async def _close_store(self) -> None:
+        if self.feed is not None:
+            await self.feed.close()
+        await self.store.close()
 
     async def wait_closed(self) -> None:
         if self._server is not None:

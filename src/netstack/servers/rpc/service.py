@@ -7,6 +7,10 @@ before the caller's deadline -> DEADLINE_EXCEEDED, a database failure -> UNAVAIL
 (logged once with its traceback). The store call is bounded by the time the client has
 left (``context.time_remaining()``), or by ``store_timeout`` without a client deadline;
 when the bound passes the call is cancelled, which stops its database work.
+
+Changes reach the watchers (:attr:`NotesService.hub`) from the service itself after each
+successful write, or, when the store is shared by several instances, only from the
+store's change feed (the service is its :class:`~.store.ChangeSink`; :mod:`.pgfeed`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ from netstack.config import RPCLimits
 from netstack.servers.rpc import paging
 from netstack.servers.rpc._pb import notes_pb2 as pb
 from netstack.servers.rpc._pb import notes_pb2_grpc as pb_grpc
-from netstack.servers.rpc.store import Note, NoteStore, StoreUnavailable, VersionConflict
+from netstack.servers.rpc.store import (
+    ChangeKind,
+    Note,
+    NoteStore,
+    StoreUnavailable,
+    VersionConflict,
+)
 from netstack.servers.rpc.watch import Hub, SubscriptionEnded, TooManySubscribers
 
 logger = logging.getLogger(__name__)
@@ -36,6 +46,11 @@ Resp = TypeVar("Resp")
 T = TypeVar("T")
 
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Notes"].full_name  # "notes.v1.Notes"
+_KIND: Final[dict[ChangeKind, pb.NoteEvent.Kind.ValueType]] = {
+    "created": pb.NoteEvent.CREATED,
+    "updated": pb.NoteEvent.UPDATED,
+    "deleted": pb.NoteEvent.DELETED,
+}
 
 
 class InvalidArgument(Exception):
@@ -102,6 +117,8 @@ class NotesService(pb_grpc.NotesServicer):
         limits: field and page limits.
         store_timeout: bound on a store call when the client sets no deadline.
         clock: milliseconds since the epoch (tests pass their own).
+        publish_locally: publish each change this service makes to its watchers; False
+            when a change feed delivers every change instead (:meth:`changed`).
     """
 
     def __init__(
@@ -111,8 +128,10 @@ class NotesService(pb_grpc.NotesServicer):
         limits: RPCLimits,
         store_timeout: float,
         clock: Callable[[], int] | None = None,
+        publish_locally: bool = True,
     ) -> None:
         self.store = store
+        self.publish_locally = publish_locally
         self.limits = limits
         self.store_timeout = store_timeout
         self.clock = clock or (lambda: time.time_ns() // 1_000_000)
@@ -173,8 +192,24 @@ class NotesService(pb_grpc.NotesServicer):
         # One extra row was fetched: its presence says whether a next page exists.
         return paging.encode(notes[size - 1].id, scope) if len(notes) > size else ""
 
-    def _publish(self, kind: pb.NoteEvent.Kind.ValueType, note: Note) -> None:
-        self.hub.publish(pb.NoteEvent(kind=kind, note=to_message(note)))
+    def _publish(self, kind: ChangeKind, note: Note) -> None:
+        if self.publish_locally:
+            self.changed(kind, note)
+
+    # ------------------------------------------------------------------ ChangeSink
+
+    def changed(self, kind: ChangeKind, note: Note) -> None:
+        """Publish a change to the watchers."""
+        self.hub.publish(pb.NoteEvent(kind=_KIND[kind], note=to_message(note)))
+
+    def interrupted(self, reason: str) -> None:
+        """The change feed lost the database: end the watch streams, refuse new ones."""
+        self.hub.suspend(
+            f"watch interrupted, changes may have been missed ({reason}): re-read and watch again"
+        )
+
+    def resumed(self) -> None:
+        self.hub.resume()
 
     # ------------------------------------------------------------------ methods
 
@@ -183,7 +218,7 @@ class NotesService(pb_grpc.NotesServicer):
         self.calls += 1
         title, body = self._title(request.title), self._body(request.body)
         note = await self._store(context, self.store.create(title, body, self.clock()))
-        self._publish(pb.NoteEvent.CREATED, note)
+        self._publish("created", note)
         return to_message(note)
 
     @_unary
@@ -251,7 +286,7 @@ class NotesService(pb_grpc.NotesServicer):
         )
         if note is None:
             raise NotFound(f"note {note_id} does not exist")
-        self._publish(pb.NoteEvent.UPDATED, note)
+        self._publish("updated", note)
         return to_message(note)
 
     @_unary
@@ -263,7 +298,7 @@ class NotesService(pb_grpc.NotesServicer):
         note = await self._store(context, self.store.delete(note_id))
         if note is None:
             raise NotFound(f"note {note_id} does not exist")
-        self._publish(pb.NoteEvent.DELETED, note)
+        self._publish("deleted", note)
         return pb.DeleteNoteResponse()
 
     async def WatchNotes(  # type: ignore[override]  # a coroutine writing with context.write

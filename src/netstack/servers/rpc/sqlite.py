@@ -201,3 +201,7 @@ class SQLiteNoteStore:
             return None if row is None else _note(row)
 
         return await self._run(do)
+
+    def change_feed(self) -> None:
+        """None: one instance writes a SQLite file, and its service publishes its changes."""
+        return None

@@ -9,12 +9,18 @@ boundary is just the last id seen (keyset paging: stable while notes are added).
 A store call may be cancelled (the caller's deadline passed): each implementation stops
 the database work it started (``sqlite3.Connection.interrupt``, psycopg's cancel) so an
 abandoned call does not keep the database busy.
+
+Changes reach WatchNotes one of two ways. A store that only this process writes (SQLite)
+has no :class:`ChangeFeed`: the service publishes each change it makes itself. A store
+that several instances share (PostgreSQL) has one: it tells a :class:`ChangeSink` of every
+committed change, whichever instance made it, and the service publishes nothing itself,
+so each change reaches each watcher exactly once (:mod:`.pgfeed`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from netstack.errors import NetstackError
 
@@ -43,6 +49,35 @@ class Note:
     created: int  # ms since the epoch
     updated: int
     version: int
+
+
+ChangeKind = Literal["created", "updated", "deleted"]
+
+
+class ChangeSink(Protocol):
+    """Where a :class:`ChangeFeed` delivers (the service, which feeds its watchers)."""
+
+    def changed(self, kind: ChangeKind, note: Note) -> None:
+        """A committed change (a deleted note as it was), in commit order per note."""
+
+    def interrupted(self, reason: str) -> None:
+        """The feed lost its database connection: changes from now on may be missed."""
+
+    def resumed(self) -> None:
+        """The feed listens again: changes from now on are delivered."""
+
+
+class ChangeFeed(Protocol):
+    """Every change committed to a shared database, from whichever instance made it."""
+
+    async def start(self, sink: ChangeSink) -> None:
+        """Listen (returns once listening), then deliver to ``sink`` until :meth:`close`.
+
+        Raises:
+            StoreUnavailable: the first connection cannot be made.
+        """
+
+    async def close(self) -> None: ...
 
 
 class NoteStore(Protocol):
@@ -76,6 +111,10 @@ class NoteStore(Protocol):
 
     async def delete(self, note_id: int) -> Note | None:
         """Delete a note and return it as it was; None when it did not exist."""
+
+    def change_feed(self) -> ChangeFeed | None:
+        """The feed of changes made through any instance, or None when this process is
+        the only writer (the service then publishes its own changes)."""
 
 
 def like_pattern(query: str) -> str:

@@ -4,6 +4,10 @@ Each subscriber has its own queue of at most ``backlog`` events. ``publish`` nev
 and never grows a queue past that bound: a subscriber that falls behind is ended (its
 queue dropped, :class:`SubscriptionEnded` raised from its next ``get``) so that one slow
 reader costs at most ``backlog`` events of memory and never slows the writers.
+
+A hub fed from a shared database (:mod:`.pgfeed`) can be :meth:`Hub.suspend`-ed when its
+feed loses the database: changes may then be missed, so every subscription ends
+(reason ``"interrupted"``) and new subscribes are refused until :meth:`Hub.resume`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import collections
 from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T")
-EndReason = Literal["overflow", "closed"]
+EndReason = Literal["overflow", "closed", "interrupted"]
 
 
 class TooManySubscribers(Exception):
@@ -84,14 +88,17 @@ class Hub(Generic[T]):
         self.max_subscribers = max_subscribers
         self._subscribers: set[Subscription[T]] = set()
         self.closed = False
+        self.suspended: str | None = None  # why, while suspended
 
     def __len__(self) -> int:
         return len(self._subscribers)
 
     def subscribe(self) -> Subscription[T]:
-        """Raises TooManySubscribers or SubscriptionEnded (hub closed)."""
+        """Raises TooManySubscribers or SubscriptionEnded (hub closed or suspended)."""
         if self.closed:
             raise SubscriptionEnded("closed", "the server is shutting down")
+        if self.suspended is not None:
+            raise SubscriptionEnded("interrupted", self.suspended)
         if len(self._subscribers) >= self.max_subscribers:
             raise TooManySubscribers(f"{self.max_subscribers} watchers already")
         sub: Subscription[T] = Subscription(self.backlog)
@@ -110,3 +117,16 @@ class Hub(Generic[T]):
         self.closed = True
         for sub in list(self._subscribers):
             sub._end(SubscriptionEnded("closed", "the server is shutting down"))
+
+    def suspend(self, message: str) -> None:
+        """End every subscription with ``message`` and refuse new ones until :meth:`resume`
+        (the hub's source may have missed events)."""
+        if self.closed:
+            return
+        self.suspended = message
+        for sub in list(self._subscribers):
+            sub._end(SubscriptionEnded("interrupted", message))
+
+    def resume(self) -> None:
+        """Accept subscribers again: the source delivers every event from now on."""
+        self.suspended = None
