@@ -16,6 +16,7 @@ from netstack.cli.options import config_options, read_toml
 from netstack.config import BalancerConfig, BalancerQuickConfig
 from netstack.errors import ConfigError
 from netstack.servers.lb import Balancer, load_config
+from netstack.servers.lb.server import scheme
 from netstack.transport import loop as loops
 from netstack.transport.listener import format_address
 
@@ -121,9 +122,9 @@ async def _serve(cfg: BalancerConfig, config_file: str | None, flags: Mapping[st
         loop.add_signal_handler(sig, balancer.request_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        modes = {f.name: f.mode for f in cfg.frontends}
+        schemes = {f.name: scheme(f) for f in cfg.frontends}
         for name, proto, addr in balancer.addresses:
-            shown = "http" if modes.get(name) == "http" else proto  # L7 says so, not "tcp"
+            shown = schemes.get(name, proto)  # http, https, tls: what clients speak
             click.echo(f"listening on {shown} {format_address(addr)}")
         if admin is not None:
             click.echo(f"admin API on http://{format_address(admin.addresses[0])}/api/backends")
