@@ -1438,7 +1438,10 @@ class ProxyConnection(asyncio.Protocol):
 
     def tunnel_eof(self, *, upstream: bool) -> None:
         other = self.transport if upstream else (self.upstream.transport if self.upstream else None)
-        if other is not None and not other.is_closing() and other.can_write_eof():
+        if other is not None and not other.is_closing():
+            if not other.can_write_eof():  # a TLS client: no half-close, so close
+                self._close()
+                return
             other.write_eof()
         self.tunnel_eofs += 1
         if self.tunnel_eofs >= 2:
@@ -1743,7 +1746,7 @@ class ProxyConnection(asyncio.Protocol):
         transport = self.transport
         if self.closed or self.lingering:
             return
-        if not transport.can_write_eof():  # pragma: no cover - TCP can
+        if not transport.can_write_eof():  # TLS: no half-close, so no lingering either
             self._close()
             return
         self.lingering = True

@@ -6,10 +6,11 @@ accepted (a reload that renews the certificate applies to new connections while 
 established ones go on with theirs), and a failed or slow handshake is counted and
 logged here at DEBUG (a scanner or a plaintext client is not worth a WARNING each).
 
-The acceptor pauses reading at once, so no byte of the ClientHello is read before
-``loop.start_tls`` owns the connection; once the handshake is done the frontend's
-protocol (the L4 relay or the L7 proxy) gets ``connection_made`` with the TLS transport.
-Backends stay plaintext.
+Bytes read before ``loop.start_tls`` owns the connection (uvloop starts reading right
+after ``connection_made``, before the handshake task runs) are the start of the
+ClientHello: they are handed to the TLS protocol before its handshake starts. Once the
+handshake is done the frontend's protocol (the L4 relay or the L7 proxy) gets
+``connection_made`` with the TLS transport. Backends stay plaintext.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from netstack.servers.lb.server import Listener
@@ -39,7 +40,9 @@ class TLSAcceptor(asyncio.Protocol):
         self.listener = listener
         self.context = context
         self.app: asyncio.Protocol | None = None
-        self.early: list[bytes] = []
+        self.started = False  # start_tls owns the connection
+        self.hello: list[bytes] = []  # raw bytes read before that
+        self.early: list[bytes] = []  # decrypted bytes before the app protocol is attached
         self.eof = False
         self.lost: list[Exception | None] = []
         self.raw: asyncio.Transport | None = None
@@ -57,10 +60,14 @@ class TLSAcceptor(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         app = self.app
-        if app is None:
-            self.early.append(data)
-        else:
+        if app is not None:
             app.data_received(data)
+        elif not self.started:
+            self.hello.append(data)
+            assert self.raw is not None
+            self.raw.pause_reading()  # start_tls resumes it
+        else:
+            self.early.append(data)
 
     def eof_received(self) -> bool:
         app = self.app
@@ -93,6 +100,10 @@ class TLSAcceptor(asyncio.Protocol):
         try:
             if raw.is_closing() or self.lost:
                 raise ConnectionResetError("closed before the handshake")
+            self.started = True
+            if self.hello:  # runs after start_tls set its protocol, before its handshake
+                loop.call_soon(_feed, raw, b"".join(self.hello))
+                self.hello = []
             tls = await loop.start_tls(
                 raw,
                 self,
@@ -124,6 +135,20 @@ class TLSAcceptor(asyncio.Protocol):
             app.eof_received()
         for lost in self.lost:
             app.connection_lost(lost)
+
+
+def _feed(raw: asyncio.Transport, data: bytes) -> None:
+    """Give ``data`` to the TLS protocol now reading ``raw`` (BufferedProtocol calls)."""
+    protocol: Any = raw.get_protocol()  # uvloop's is not an asyncio.BufferedProtocol
+    if raw.is_closing() or not hasattr(protocol, "buffer_updated"):
+        return  # pragma: no cover - closed meanwhile; both loops' SSL protocols are buffered
+    view = memoryview(data)
+    while view:
+        buf = protocol.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
 
 
 __all__ = ["TLSAcceptor"]
