@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import trustme
+
 from netstack.cli import main
 from tests.helpers import TIMEOUT, poll_until
 from tests.servers.lb.support import TCPBackend, reply_line, request
@@ -280,3 +282,21 @@ def test_admin_bind_without_a_token_is_a_usage_error() -> None:
     )
     assert result.returncode == 2
     assert "admin_token" in result.stderr
+
+
+def test_bad_certificate_is_a_usage_error_naming_the_file(tmp_path, tls_certs, capsys) -> None:
+    base = ["balance", "--mode", "http", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]
+    missing = tmp_path / "missing.pem"
+    argv = [*base, "--certfile", str(missing), "--keyfile", tls_certs.keyfile]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"certfile: cannot read {missing}: No such file or directory" in err
+    assert err.count("\n") == 1
+    other = tmp_path / "other.key"
+    trustme.CA().issue_cert("x").private_key_pem.write_to_path(str(other))
+    assert main([*base, "--certfile", tls_certs.certfile, "--keyfile", str(other)]) == 2
+    assert f"keyfile: {other} does not match the certificate in" in capsys.readouterr().err
+    assert main([*base, "--certfile", tls_certs.certfile]) == 2
+    assert "certfile and keyfile must be given together" in capsys.readouterr().err
+    assert main([*base, "--access-log-format", "%(nope)s"]) == 2
+    assert "access_log_format: unknown atom %(nope)s" in capsys.readouterr().err

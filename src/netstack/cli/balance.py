@@ -47,8 +47,14 @@ def balance(config_file: str | None, **flags: Any) -> None:
 
     --mode http is a reverse proxy: keep-alive both ways, pooled backend connections,
     X-Forwarded-*/Forwarded and X-Request-Id, retries, 502/503/504 answers, WebSocket
-    tunnels, routes by host/path/header (full form). The full form (--config FILE with
-    [frontends.NAME] and [pools.NAME] tables) runs several frontends and pools.
+    tunnels, routes by host/path/header (full form), and one access log line per request
+    on the netstack.lb.access logger (--no-access-log turns it off). The full form
+    (--config FILE with [frontends.NAME] and [pools.NAME] tables) runs several frontends
+    and pools.
+
+    --certfile/--keyfile terminate TLS (1.2+) on the frontend, tcp or http mode (ALPN
+    http/1.1, X-Forwarded-Proto https); backends stay plaintext. --ca-certs also requires
+    client certificates. SIGHUP reads the certificate files again for new connections.
 
     \b
     Examples:
@@ -57,6 +63,8 @@ def balance(config_file: str | None, **flags: Any) -> None:
       netstack balance --mode http --backend 127.0.0.1:8000 --check-path /health --rate-limit 50
       netstack balance --listen 0.0.0.0:5353 --mode udp --backend 10.0.0.1:53 --backend 10.0.0.2:53
       netstack balance --backend h1:80 --backend h2:80 --algorithm least_connections
+      netstack balance --mode http --listen [::]:443 --certfile c.pem --keyfile k.pem --backend h:80
+      netstack balance --mode http --backend 127.0.0.1:8000 --no-access-log
       netstack balance --config lb.toml
       NETSTACK_ADMIN_TOKEN=... netstack balance --backend h1:80 --admin-bind 127.0.0.1:9900
     """

@@ -288,6 +288,8 @@ def test_access_log_quick_flag_and_full_form() -> None:
     assert load_config(doc).frontends[0].access_log is True
     cfg = load_config(doc, flags={"access_log": False})
     assert cfg.frontends[0].access_log is False
+    cfg = load_config(doc, env={"NETSTACK_ACCESS_LOG": "false"})
+    assert cfg.frontends[0].access_log is False
     doc["frontends"]["web"]["access_log"] = False  # type: ignore[index]
     assert load_config(doc).frontends[0].access_log is False
     quick = load_config(

@@ -150,10 +150,9 @@ def load(
         _frontend(name, table, source)
         for name, table in _tables(doc.get("frontends", {}), "frontends", source).items()
     )
-    if flags.get("access_log") is not None:  # --no-access-log: every frontend, over the file
-        frontends = tuple(
-            dataclasses.replace(fe, access_log=bool(flags["access_log"])) for fe in frontends
-        )
+    # --no-access-log (or NETSTACK_ACCESS_LOG): every frontend, over the file.
+    if flags.get("access_log") is not None or "NETSTACK_ACCESS_LOG" in (env or {}):
+        frontends = tuple(dataclasses.replace(fe, access_log=base.access_log) for fe in frontends)
     known = ", ".join(p.name for p in pools)
     for fe in frontends:
         targets = [(f"frontends.{fe.name}.pool", fe.pool)]
