@@ -1378,6 +1378,10 @@ class FrontendConfig(HTTPFrontendOptions):
             raise ConfigError("routes need mode = 'http'", field="routes")
         if self.tls.enabled and self.mode == "udp":
             raise ConfigError("certfile: TLS is not available over UDP", field="certfile")
+        if self.tls.enabled and self.accept_proxy:  # the PROXY header precedes the hello
+            raise ConfigError(
+                "accept_proxy: not available with TLS termination yet", field="accept_proxy"
+            )
         HTTPFrontendOptions.__post_init__(self)
 
 

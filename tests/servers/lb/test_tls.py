@@ -12,7 +12,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from netstack.config import FrontendTLS
+from netstack.config import BalancerLimits, FrontendConfig, FrontendTLS
 from netstack.errors import ConfigError
 from netstack.servers.lb import Balancer, load_config
 from tests.helpers import TIMEOUT, apoll_until
@@ -254,3 +254,43 @@ async def test_reload_swaps_the_certificate_for_new_connections_only(tls_certs, 
                 await lb.reload(cfg)
             _, sslobj = await https_get(port, ctx)
             assert serial(sslobj) == pem_serial(second)
+
+
+async def test_handshakes_in_progress_count_toward_max_connections(tls_certs) -> None:
+    with TCPBackend(reply_line, "b1") as backend:
+        cfg = with_tls(
+            lb_config(backend.port, limits=BalancerLimits(max_connections=1)),
+            certfile=tls_certs.certfile,
+            keyfile=tls_certs.keyfile,
+        )
+        async with Balancer(cfg) as lb:
+            port = lb.address()[1]
+            context = next(iter(lb.listeners.values())).state.tls_context
+            assert context is not None
+            assert context.minimum_version is ssl.TLSVersion.TLSv1_2
+            _, silent_w = await asyncio.open_connection("127.0.0.1", port)
+            await apoll_until(lambda: len(lb.handshakes) == 1)
+            second_r, second_w = await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(TIMEOUT):
+                with contextlib.suppress(ConnectionResetError):
+                    assert await second_r.read() == b""  # refused at once
+            assert lb.stats.refused == 1
+            silent_w.close()
+            second_w.close()
+            # Once the silent one is gone, a real client gets in.
+            await apoll_until(lambda: not lb.handshakes)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_context(tls_certs.cafile)
+            )
+            writer.write(b"hi\n")
+            async with asyncio.timeout(TIMEOUT):
+                assert await reader.read() == b"b1 hi\n"
+            writer.close()
+
+
+def test_accept_proxy_with_tls_is_refused(tls_certs) -> None:
+    with pytest.raises(ConfigError, match="accept_proxy: not available with TLS"):
+        FrontendConfig(
+            accept_proxy=True,
+            tls=FrontendTLS(certfile=tls_certs.certfile, keyfile=tls_certs.keyfile),
+        )

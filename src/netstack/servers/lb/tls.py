@@ -54,6 +54,21 @@ class TLSAcceptor(asyncio.Protocol):
         if balancer._closing:
             raw.abort()
             return
+        if (
+            len(balancer.handshakes) + len(balancer.connections)
+            >= balancer.cfg.limits.max_connections
+        ):
+            # Handshakes in progress count toward max_connections: a flood of silent
+            # clients cannot hold more descriptors than that.
+            balancer.stats.refused += 1
+            balancer._warn(
+                "max_connections",
+                "refusing TLS connection from %s: max_connections=%d reached",
+                raw.get_extra_info("peername"),
+                balancer.cfg.limits.max_connections,
+            )
+            raw.abort()
+            return
         task = asyncio.get_running_loop().create_task(self._handshake(raw))
         balancer.handshakes.add(task)
         task.add_done_callback(balancer.handshakes.discard)
