@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -12,7 +13,7 @@ import threading
 
 import pytest
 
-from netstack.config import BalancerTimeouts, HealthConfig
+from netstack.config import BalancerLimits, BalancerTimeouts, HealthConfig
 from netstack.errors import ConfigError
 from netstack.servers.lb import Balancer
 from tests.helpers import TIMEOUT, apoll_until, free_port
@@ -274,6 +275,18 @@ async def test_forbidden_and_off_and_custom_format(access) -> None:
         assert re.fullmatch(r'127\.0\.0\.1 GET /p q=2 HTTP/1\.0 200 \d+ t1 ua "-" \[.+\]', line), (
             line
         )
+    # Refused at accept (max_connections): 503, logged with the client's address.
+    cfg = dataclasses.replace(http_config(backend.port), limits=BalancerLimits(max_connections=1))
+    async with Balancer(cfg) as lb:
+        _, holder = await asyncio.open_connection("127.0.0.1", lb.address()[1])
+        await apoll_until(lambda: len(lb.connections) == 1)
+        out, local = await exchange(lb.address()[1], b"")
+        assert out.startswith(b"HTTP/1.1 503 ")
+        await apoll_until(lambda: len(access()) == 3)
+        holder.close()
+    rec = access()[2]
+    assert (rec.client, rec.status, rec.term) == (f"127.0.0.1:{local}", 503, "max_connections")
+    assert rec.bytes == len(out)
     with pytest.raises(ConfigError, match=r"unknown atom %\(zz\)s"):
         Balancer(http_config(backend.port, access_log_format="%(zz)s"))
 

@@ -722,6 +722,8 @@ class ProxyConnection(asyncio.Protocol):
             self.alog = access
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
+        peer = self.peer
+        self._set_client(peer[0] if isinstance(peer, tuple) else "")
         if not self.balancer.admit(self):
             self.closed = True
             self._write_error(503, "too many connections, try again", "max_connections")
@@ -730,8 +732,6 @@ class ProxyConnection(asyncio.Protocol):
         listener.conns.add(self)
         high = self.balancer.cfg.limits.relay_buffer_bytes
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
-        peer = self.peer
-        self._set_client(peer[0] if isinstance(peer, tuple) else "")
         trusted = self.state.trusted
         if trusted is not None and trusted.contains(self.client_ip):
             self.proxy_buffer = b""
