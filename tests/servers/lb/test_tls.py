@@ -294,3 +294,40 @@ def test_accept_proxy_with_tls_is_refused(tls_certs) -> None:
             accept_proxy=True,
             tls=FrontendTLS(certfile=tls_certs.certfile, keyfile=tls_certs.keyfile),
         )
+
+
+async def test_a_bug_after_the_handshake_closes_only_that_connection(
+    tls_certs, caplog, monkeypatch
+) -> None:
+    from netstack.servers.lb.server import Listener
+
+    real = Listener.make_protocol
+    calls = []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(self)
+
+    monkeypatch.setattr(Listener, "make_protocol", flaky)
+    with TCPBackend(reply_line, "b1") as backend:
+        cfg = with_tls(
+            lb_config(backend.port), certfile=tls_certs.certfile, keyfile=tls_certs.keyfile
+        )
+        async with Balancer(cfg) as lb:
+            ctx = client_context(tls_certs.cafile)
+            for first in (True, False):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", lb.address()[1], ssl=ctx
+                )
+                writer.write(b"two\n")
+                async with asyncio.timeout(TIMEOUT):
+                    if first:  # closed by the error
+                        with contextlib.suppress(ConnectionResetError):
+                            assert await reader.read() == b""
+                    else:  # the next one is served
+                        assert await reader.read() == b"b1 two\n"
+                writer.close()
+    assert "internal error; closing" in caplog.text
+    assert "RuntimeError: boom" in caplog.text

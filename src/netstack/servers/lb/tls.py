@@ -138,7 +138,14 @@ class TLSAcceptor(asyncio.Protocol):
             raw.abort()
             return
         balancer.stats.tls_handshakes += 1
-        app = listener.make_protocol()
+        try:
+            self._attach(listener.make_protocol(), tls)
+        except Exception:  # a bug of ours: this connection only
+            logger.exception("! TLS connection from %s: internal error; closing", peer)
+            tls.abort()
+
+    def _attach(self, app: asyncio.Protocol, tls: asyncio.BaseTransport) -> None:
+        """Hand the connection to the frontend's protocol, with what arrived meanwhile."""
         app.connection_made(tls)
         self.app = app
         early, self.early = self.early, []
