@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import trustme
@@ -100,6 +101,10 @@ def balance_process(config) -> Iterator[tuple[subprocess.Popen[str], int, list[s
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     stderr: list[str] = []
+    # Drained as it comes: an http frontend logs a line per request, more than a pipe holds.
+    chunks: list[str] = []
+    drain = threading.Thread(target=lambda: chunks.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    drain.start()
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith(("listening on tcp 127.0.0.1:", "listening on http 127.0.0.1:")), (
@@ -111,7 +116,8 @@ def balance_process(config) -> Iterator[tuple[subprocess.Popen[str], int, list[s
             proc.kill()
             proc.wait(TIMEOUT)
         proc.stdout.close()  # type: ignore[union-attr]
-        stderr.append(proc.stderr.read())  # type: ignore[union-attr]
+        drain.join(TIMEOUT)
+        stderr.append("".join(chunks))
         proc.stderr.close()  # type: ignore[union-attr]
 
 
@@ -218,6 +224,8 @@ def test_subprocess_http_mode_sighup_under_load(tmp_path) -> None:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(TIMEOUT) == 0
     assert stderr[0].count("reloaded: 1 frontend(s), 1 pool(s)") == 2
+    # One access line per request (on by default), on its own logger.
+    assert stderr[0].count(" INFO    netstack.lb.access: 127.0.0.1:") == len(results)
 
 
 def test_admin_api_from_the_command_line() -> None:
