@@ -69,10 +69,13 @@ def _ms(start: float, end: float) -> str:
 
 
 def _client(c: ProxyConnection) -> str:
-    peer = c.peer
-    port = peer[1] if isinstance(peer, tuple) else "-"
-    ip = c.client_ip or "-"
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    text = c.log_client
+    if text is None:
+        peer = c.peer
+        port = peer[1] if isinstance(peer, tuple) else "-"
+        ip = c.client_ip or "-"
+        text = c.log_client = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return text
 
 
 def _method(c: ProxyConnection) -> str:
@@ -113,7 +116,7 @@ def _rid(c: ProxyConnection) -> str:
     if rid is None:
         return "-"
     if isinstance(rid, int):
-        return f"{c.listener._id_prefix.decode()}-{rid:x}"
+        return f"{c.listener.id_text}{rid:x}"
     return rid.decode("latin-1")
 
 
@@ -208,10 +211,14 @@ def _default_line(c: ProxyConnection, x: dict[str, Any]) -> str:
     return (
         f'{x["client"]} {x["frontend"]} {x["pool"]}/{x["backend"]} "{line}" '
         f"{x['status'] or '-'} {x['bytes']} "
-        f"{_ms(c.t0, c.t_start)}/{_ms(c.t_start, c.t_try)}/{_ms(c.t_try, c.t_up)}/"
-        f"{_ms(c.t_up, c.t_head)}/{_ms(c.t0, c.t_end)} "
+        f"{_fixed(x['tq_ms'])}/{_fixed(x['tw_ms'])}/{_fixed(x['tc_ms'])}/"
+        f"{_fixed(x['tr_ms'])}/{_fixed(x['tt_ms'])} "
         f"{x['request_id']} {x['retries']} {x['term']}"
     )
+
+
+def _fixed(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
 
 
 def fields(c: ProxyConnection) -> dict[str, Any]:

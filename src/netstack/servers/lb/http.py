@@ -332,6 +332,7 @@ class HTTPListener(Listener):
         self._rules: Rules | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._id_prefix = os.urandom(4).hex().encode()
+        self.id_text = self._id_prefix.decode() + "-"  # (the access log's request ids)
         self._ids = itertools.count()
 
     @property
@@ -590,6 +591,7 @@ class ProxyConnection(asyncio.Protocol):
         "lingering",
         "listener",
         "log_backend",
+        "log_client",
         "pauses",
         "pending",
         "proxy_buffer",
@@ -698,6 +700,7 @@ class ProxyConnection(asyncio.Protocol):
         self.rid: bytes | int | None = None
         self.attempts: int = 0
         self.log_backend: Backend | None = None
+        self.log_client: str | None = None  # "ip:port", made once per client
         self.t0: float = 0.0
         self.t_start: float = 0.0
         self.t_try: float = 0.0
@@ -741,6 +744,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def _set_client(self, ip: str) -> None:
         self.client_ip = ip
+        self.log_client = None
         self.fwd_trusted = self.listener.rules.trusted.contains(ip)
         self._fwd_cache = None
         self._up_cache = None
