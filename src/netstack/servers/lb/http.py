@@ -29,7 +29,15 @@ Timers are deadlines checked by the listener's tick, never one handle per reques
 backend connections expire after ``backend_idle_timeout``.
 
 After a ``101 Switching Protocols`` from the backend both connections become a raw byte
-tunnel (WebSocket and other upgrades), with half-close relayed.
+tunnel (WebSocket and other upgrades), with half-close relayed (a TLS client cannot
+half-close: the backend's EOF closes it).
+
+The access log (``accesslog.py``) costs nothing when off: each stamp and field is behind
+``self.alog``. When on, an exchange records ``perf_counter()`` stamps (first byte, head
+parsed, backend picked, connection ready, response head) and how it ended (``term``);
+``_finish_exchange`` logs the line, and ``connection_lost`` logs one never finished (a
+client gone, a tunnel closed, an abort mid-response). Answers that no exchange carries
+(403 at accept, 400 for a bad head, 408) go through ``_write_error``.
 
 Fast paths (the proxy's CPU per request is the L7 benchmark; ``bench/l7harness.py``
 and ``bench/l7cpu.py`` measure it). The request for the backend is serialised here and
