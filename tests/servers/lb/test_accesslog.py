@@ -309,3 +309,40 @@ def test_access_log_quick_flag_and_full_form() -> None:
         {}, flags={"backend": ("127.0.0.1:9",), "mode": "http", "access_log": False}
     )
     assert quick.frontends[0].access_log is False
+
+
+async def test_json_logs_carry_every_field() -> None:
+    import io
+    import json
+
+    from netstack.log import JSONFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JSONFormatter())
+    logger = logging.getLogger("netstack.lb.access")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with http_backend(name_and_path) as backend:
+            async with Balancer(http_config(backend.port)) as lb:
+                out = await raw(
+                    lb.address()[1], b"GET /j HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                await apoll_until(lambda: stream.getvalue().count("\n") == 1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    doc = json.loads(stream.getvalue())
+    assert doc["logger"] == "netstack.lb.access"
+    assert doc["message"].endswith(" 0 ok")
+    assert (doc["method"], doc["target"], doc["status"], doc["bytes"]) == (
+        "GET",
+        "/j",
+        200,
+        len(out),
+    )
+    assert doc["backend"] == f"127.0.0.1:{backend.port}"
+    assert doc["term"] == "ok"
+    assert all(isinstance(doc[k], float) for k in TIMES)
