@@ -12,6 +12,7 @@ syscalls are not in it (``bench/l7cpu.py`` measures the whole process).
     .venv/bin/python bench/l7harness.py                    # µs/request, best of 5
     .venv/bin/python bench/l7harness.py --profile          # cProfile, sorted by tottime
     .venv/bin/python bench/l7harness.py --pipeline 4       # 4 requests per client read
+    .venv/bin/python bench/l7harness.py --access-log       # with the access log (to /dev/null)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import sys
 import time
@@ -99,7 +101,19 @@ async def run(args: argparse.Namespace) -> None:
         listen="127.0.0.1:0",
         backend=("127.0.0.1:1", "127.0.0.1:2"),
         mode="http",
+        access_log=args.access_log,
     ).to_balancer()
+    if args.access_log:  # formatted and written as `netstack balance` would, to /dev/null
+        import logging
+
+        from netstack.log import TEXT_FORMAT
+
+        handler = logging.FileHandler(os.devnull)
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))
+        root = logging.getLogger("netstack")
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
     async with Balancer(cfg) as lb:
         listener = next(iter(lb.listeners.values()))
         assert isinstance(listener, HTTPListener)
@@ -160,6 +174,7 @@ def main() -> int:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--uvloop", action="store_true")
     p.add_argument("--no-gc", action="store_true", help="gc.disable() during the runs")
+    p.add_argument("--access-log", action="store_true", help="log each request to /dev/null")
     args = p.parse_args()
     if args.no_gc:
         import gc

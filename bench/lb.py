@@ -14,10 +14,11 @@ starts a fresh proxy process on a free port in front of both backends (round rob
   arrived: exact byte count, and every chunk compared with the file's known content.
 
 Cases: ``netstack-tcp`` / ``netstack-http`` (``<repo>/.venv/bin/netstack balance --mode
-tcp|http``; a mode the command refuses is reported as failed to start), ``haproxy-tcp`` /
-``haproxy-http`` (``mode tcp|http``, nbthread 1), ``nginx-stream`` (L4, stream module) /
-``nginx-http`` (L7, proxy_pass to a keepalive upstream), ``pumpkinlb`` (L4 only, pip
-package in bench/.venv-peers) and ``direct`` (wrk straight to one backend: the ceiling).
+tcp|http --no-access-log``, as the peers log nothing either; a mode the command refuses is
+reported as failed to start), ``haproxy-tcp`` / ``haproxy-http`` (``mode tcp|http``,
+nbthread 1), ``nginx-stream`` (L4, stream module) / ``nginx-http`` (L7, proxy_pass to a
+keepalive upstream), ``pumpkinlb`` (L4 only, pip package in bench/.venv-peers) and
+``direct`` (wrk straight to one backend: the ceiling).
 
 Placement: the proxy runs under ``taskset -c 0``, wrk and the bulk client on core 1, the
 nginx backends unpinned (the scheduler puts them on either core). Runs interleave the
@@ -120,6 +121,8 @@ def proxy_command(case: Case, port: int, backends: list[int], workdir: Path) -> 
     if case.proxy == "netstack":
         mode = "tcp" if case.layer == "L4" else "http"
         flags = [arg for s in servers for arg in ("--backend", s)]
+        # No access log: HAProxy and nginx run with logging off here too.
+        flags.append("--no-access-log")
         return [str(NETSTACK), "balance", "--listen", listen, *flags, "--mode", mode]
     if case.proxy == "haproxy":
         conf = workdir / f"{case.name}-{port}.cfg"

@@ -1268,6 +1268,45 @@ class RouteConfig(HeaderRules):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FrontendTLS:
+    """TLS termination on a tcp or http frontend (backends stay plaintext)."""
+
+    certfile: str | None = field(
+        default=None, metadata=_help("PEM certificate chain: terminate TLS on the frontend")
+    )
+    keyfile: str | None = field(default=None, metadata=_help("PEM private key of certfile"))
+    ca_certs: str | None = field(
+        default=None, metadata=_help("PEM CA bundle: require client certificates it signed")
+    )
+    # nginx bounds a handshake by client_header_timeout (60 s); a real client needs well
+    # under a second on a LAN, a few on a bad mobile link.
+    tls_handshake_timeout: float = field(
+        default=10.0, metadata=_help("close a client whose TLS handshake takes longer")
+    )
+
+    def __post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError(
+                "certfile and keyfile must be given together",
+                field="keyfile" if self.keyfile is None else "certfile",
+            )
+        if self.ca_certs is not None and self.certfile is None:
+            raise ConfigError("ca_certs needs certfile and keyfile", field="ca_certs")
+        _positive("tls_handshake_timeout", self.tls_handshake_timeout)
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None
+
+
+# HAProxy's httplog timers (ms) and what went where; see servers/lb/accesslog.py.
+DEFAULT_LB_ACCESS_LOG_FORMAT = (
+    '%(client)s %(frontend)s %(pool)s/%(backend)s "%(r)s" %(s)s %(B)s '
+    "%(Tq)s/%(Tw)s/%(Tc)s/%(Tr)s/%(Tt)s %(rid)s %(retries)s %(term)s"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HTTPFrontendOptions(HeaderRules):
     """What an http frontend does to every request (flags of the quick form too)."""
 
@@ -1288,6 +1327,14 @@ class HTTPFrontendOptions(HeaderRules):
     )
     # nginx limit_req's burst; a browser opens ~6 connections and loads a page at once.
     rate_burst: int = field(default=20, metadata=_help("http: requests a client may burst"))
+    # nginx and HAProxy's httplog log every request by default.
+    access_log: bool = field(
+        default=True, metadata=_help("http: log one line per request (netstack.lb.access)")
+    )
+    access_log_format: str = field(
+        default=DEFAULT_LB_ACCESS_LOG_FORMAT,
+        metadata=_help("http: access line, %(atom)s format (see the README)"),
+    )
 
     def __post_init__(self) -> None:
         if self.rate_limit is not None:
@@ -1323,11 +1370,18 @@ class FrontendConfig(HTTPFrontendOptions):
         metadata=_help("peers whose PROXY headers are trusted: IPs, CIDRs or '*'"),
     )
     routes: tuple[RouteConfig, ...] = ()
+    tls: FrontendTLS = field(default_factory=FrontendTLS)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, field="listen")
         if self.routes and self.mode != "http":
             raise ConfigError("routes need mode = 'http'", field="routes")
+        if self.tls.enabled and self.mode == "udp":
+            raise ConfigError("certfile: TLS is not available over UDP", field="certfile")
+        if self.tls.enabled and self.accept_proxy:  # the PROXY header precedes the hello
+            raise ConfigError(
+                "accept_proxy: not available with TLS termination yet", field="accept_proxy"
+            )
         HTTPFrontendOptions.__post_init__(self)
 
 
@@ -1426,6 +1480,7 @@ class BalancerQuickConfig(HTTPFrontendOptions):
     limits: BalancerLimits = field(default_factory=BalancerLimits)
     timeouts: BalancerTimeouts = field(default_factory=BalancerTimeouts)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    tls: FrontendTLS = field(default_factory=FrontendTLS)
 
     def __post_init__(self) -> None:
         parse_hostport(self.listen, field="listen")
@@ -1460,6 +1515,7 @@ class BalancerQuickConfig(HTTPFrontendOptions):
                     mode=self.mode,
                     accept_proxy=self.accept_proxy,
                     proxy_allow_ips=self.proxy_allow_ips,
+                    tls=self.tls,
                     **self.http_options(),
                 ),
             ),

@@ -13,6 +13,8 @@ import sys
 from typing import Literal
 
 ACCESS_LOGGER = "netstack.access"
+# The balancer's per-request lines (HAProxy's httplog), apart from the WSGI server's.
+LB_ACCESS_LOGGER = "netstack.lb.access"
 
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",

@@ -9,7 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+
+import trustme
 
 from netstack.cli import main
 from tests.helpers import TIMEOUT, poll_until
@@ -98,6 +101,10 @@ def balance_process(config) -> Iterator[tuple[subprocess.Popen[str], int, list[s
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     stderr: list[str] = []
+    # Drained as it comes: an http frontend logs a line per request, more than a pipe holds.
+    chunks: list[str] = []
+    drain = threading.Thread(target=lambda: chunks.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    drain.start()
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert line.startswith(("listening on tcp 127.0.0.1:", "listening on http 127.0.0.1:")), (
@@ -109,7 +116,8 @@ def balance_process(config) -> Iterator[tuple[subprocess.Popen[str], int, list[s
             proc.kill()
             proc.wait(TIMEOUT)
         proc.stdout.close()  # type: ignore[union-attr]
-        stderr.append(proc.stderr.read())  # type: ignore[union-attr]
+        drain.join(TIMEOUT)
+        stderr.append("".join(chunks))
         proc.stderr.close()  # type: ignore[union-attr]
 
 
@@ -216,6 +224,8 @@ def test_subprocess_http_mode_sighup_under_load(tmp_path) -> None:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(TIMEOUT) == 0
     assert stderr[0].count("reloaded: 1 frontend(s), 1 pool(s)") == 2
+    # One access line per request (on by default), on its own logger.
+    assert stderr[0].count(" INFO    netstack.lb.access: 127.0.0.1:") == len(results)
 
 
 def test_admin_api_from_the_command_line() -> None:
@@ -280,3 +290,21 @@ def test_admin_bind_without_a_token_is_a_usage_error() -> None:
     )
     assert result.returncode == 2
     assert "admin_token" in result.stderr
+
+
+def test_bad_certificate_is_a_usage_error_naming_the_file(tmp_path, tls_certs, capsys) -> None:
+    base = ["balance", "--mode", "http", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]
+    missing = tmp_path / "missing.pem"
+    argv = [*base, "--certfile", str(missing), "--keyfile", tls_certs.keyfile]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"certfile: cannot read {missing}: No such file or directory" in err
+    assert err.count("\n") == 1
+    other = tmp_path / "other.key"
+    trustme.CA().issue_cert("x").private_key_pem.write_to_path(str(other))
+    assert main([*base, "--certfile", tls_certs.certfile, "--keyfile", str(other)]) == 2
+    assert f"keyfile: {other} does not match the certificate in" in capsys.readouterr().err
+    assert main([*base, "--certfile", tls_certs.certfile]) == 2
+    assert "certfile and keyfile must be given together" in capsys.readouterr().err
+    assert main([*base, "--access-log-format", "%(nope)s"]) == 2
+    assert "access_log_format: unknown atom %(nope)s" in capsys.readouterr().err

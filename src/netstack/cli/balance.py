@@ -16,6 +16,7 @@ from netstack.cli.options import config_options, read_toml
 from netstack.config import BalancerConfig, BalancerQuickConfig
 from netstack.errors import ConfigError
 from netstack.servers.lb import Balancer, load_config
+from netstack.servers.lb.server import scheme
 from netstack.transport import loop as loops
 from netstack.transport.listener import format_address
 
@@ -46,8 +47,14 @@ def balance(config_file: str | None, **flags: Any) -> None:
 
     --mode http is a reverse proxy: keep-alive both ways, pooled backend connections,
     X-Forwarded-*/Forwarded and X-Request-Id, retries, 502/503/504 answers, WebSocket
-    tunnels, routes by host/path/header (full form). The full form (--config FILE with
-    [frontends.NAME] and [pools.NAME] tables) runs several frontends and pools.
+    tunnels, routes by host/path/header (full form), and one access log line per request
+    on the netstack.lb.access logger (--no-access-log turns it off). The full form
+    (--config FILE with [frontends.NAME] and [pools.NAME] tables) runs several frontends
+    and pools.
+
+    --certfile/--keyfile terminate TLS (1.2+) on the frontend, tcp or http mode (ALPN
+    http/1.1, X-Forwarded-Proto https); backends stay plaintext. --ca-certs also requires
+    client certificates. SIGHUP reads the certificate files again for new connections.
 
     \b
     Examples:
@@ -56,6 +63,8 @@ def balance(config_file: str | None, **flags: Any) -> None:
       netstack balance --mode http --backend 127.0.0.1:8000 --check-path /health --rate-limit 50
       netstack balance --listen 0.0.0.0:5353 --mode udp --backend 10.0.0.1:53 --backend 10.0.0.2:53
       netstack balance --backend h1:80 --backend h2:80 --algorithm least_connections
+      netstack balance --mode http --listen [::]:443 --certfile c.pem --keyfile k.pem --backend h:80
+      netstack balance --mode http --backend 127.0.0.1:8000 --no-access-log
       netstack balance --config lb.toml
       NETSTACK_ADMIN_TOKEN=... netstack balance --backend h1:80 --admin-bind 127.0.0.1:9900
     """
@@ -121,9 +130,9 @@ async def _serve(cfg: BalancerConfig, config_file: str | None, flags: Mapping[st
         loop.add_signal_handler(sig, balancer.request_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        modes = {f.name: f.mode for f in cfg.frontends}
+        schemes = {f.name: scheme(f) for f in cfg.frontends}
         for name, proto, addr in balancer.addresses:
-            shown = "http" if modes.get(name) == "http" else proto  # L7 says so, not "tcp"
+            shown = schemes.get(name, proto)  # http, https, tls: what clients speak
             click.echo(f"listening on {shown} {format_address(addr)}")
         if admin is not None:
             click.echo(f"admin API on http://{format_address(admin.addresses[0])}/api/backends")

@@ -11,6 +11,7 @@ flags use, and turns every error into ``FILE: dotted.key: reason``::
     listen = "0.0.0.0:8080"
     mode = "http"                 # tcp | udp | http
     pool = "app"                  # where traffic no route matches goes
+    tls = { certfile = "site.pem", keyfile = "site.key" }   # optional: terminate TLS
     [[frontends.web.routes]]
     path_prefix = "/api"
     pool = "api"
@@ -40,6 +41,7 @@ from netstack.config import (
     BalancerTimeouts,
     FieldSpec,
     FrontendConfig,
+    FrontendTLS,
     HealthConfig,
     HTTPFrontendOptions,
     PoolConfig,
@@ -63,7 +65,8 @@ QUICK_ONLY = (
     "accept_proxy",
     "proxy_allow_ips",
     "sticky_cookie",
-    *(f.name for f in dataclasses.fields(HTTPFrontendOptions)),
+    *(f.name for f in dataclasses.fields(HTTPFrontendOptions) if f.name != "access_log"),
+    *(f.name for f in dataclasses.fields(FrontendTLS)),
 )
 
 
@@ -147,6 +150,9 @@ def load(
         _frontend(name, table, source)
         for name, table in _tables(doc.get("frontends", {}), "frontends", source).items()
     )
+    # --no-access-log (or NETSTACK_ACCESS_LOG): every frontend, over the file.
+    if flags.get("access_log") is not None or "NETSTACK_ACCESS_LOG" in (env or {}):
+        frontends = tuple(dataclasses.replace(fe, access_log=base.access_log) for fe in frontends)
     known = ", ".join(p.name for p in pools)
     for fe in frontends:
         targets = [(f"frontends.{fe.name}.pool", fe.pool)]
@@ -267,7 +273,8 @@ def _pool(
 
 def _frontend(name: str, table: Mapping[str, object], source: str) -> FrontendConfig:
     path = f"frontends.{name}"
-    kwargs = _fields(FrontendConfig, table, path, source, nested=("routes",))
+    kwargs = _fields(FrontendConfig, table, path, source, nested=("routes", "tls"))
+    kwargs["tls"] = _group(FrontendTLS, FrontendTLS(), table.get("tls"), f"{path}.tls", source)
     raw_routes = table.get("routes", [])
     if not isinstance(raw_routes, list):
         raise ConfigError(f"{source}: {path}.routes: expected [[{path}.routes]] tables")

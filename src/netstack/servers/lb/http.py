@@ -29,7 +29,15 @@ Timers are deadlines checked by the listener's tick, never one handle per reques
 backend connections expire after ``backend_idle_timeout``.
 
 After a ``101 Switching Protocols`` from the backend both connections become a raw byte
-tunnel (WebSocket and other upgrades), with half-close relayed.
+tunnel (WebSocket and other upgrades), with half-close relayed (a TLS client cannot
+half-close: the backend's EOF closes it).
+
+The access log (``accesslog.py``) costs nothing when off: each stamp and field is behind
+``self.alog``. When on, an exchange records ``perf_counter()`` stamps (first byte, head
+parsed, backend picked, connection ready, response head) and how it ended (``term``);
+``_finish_exchange`` logs the line, and ``connection_lost`` logs one never finished (a
+client gone, a tunnel closed, an abort mid-response). Answers that no exchange carries
+(403 at accept, 400 for a bad head, 408) go through ``_write_error``.
 
 Fast paths (the proxy's CPU per request is the L7 benchmark; ``bench/l7harness.py``
 and ``bench/l7cpu.py`` measure it). The request for the backend is serialised here and
@@ -53,6 +61,7 @@ import logging
 import math
 import os
 from collections import deque
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from netstack.config import FrontendConfig, HTTPLimits, PoolConfig, RouteConfig, parse_header_rule
@@ -80,6 +89,7 @@ from netstack.proto.http11 import (
 from netstack.proto.http11.parse import connection_tokens
 from netstack.proto.http11.write import reason_phrase
 from netstack.proto.ratelimit import RateLimiter
+from netstack.servers.lb.accesslog import REPLY_TERMS, AccessLog, access_logger
 from netstack.servers.lb.relay import REPLAY_MAX_BYTES
 from netstack.servers.lb.server import Listener
 from netstack.servers.wsgi.protocol import LINGER_BYTES, LINGER_SECONDS, error_response
@@ -251,6 +261,7 @@ class Rules:
     """Everything a frontend's requests need from its :class:`FrontendState`, compiled."""
 
     __slots__ = (
+        "access",
         "allow",
         "default",
         "deny",
@@ -277,6 +288,7 @@ class Rules:
         self.allow = _ips(fe.allow_ips)
         self.deny = _ips(fe.deny_ips)
         self.request_id = fe.request_id_header.lower().encode() or None
+        self.access = AccessLog(fe.access_log_format) if fe.access_log else None
         rid = {self.request_id} if self.request_id else set()
         self.drop_trusted = frozenset(HOP_BY_HOP | {b"host"})
         untrusted = FORWARDING_HEADERS | rid
@@ -328,6 +340,7 @@ class HTTPListener(Listener):
         self._rules: Rules | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._id_prefix = os.urandom(4).hex().encode()
+        self.id_text = self._id_prefix.decode() + "-"  # (the access log's request ids)
         self._ids = itertools.count()
 
     @property
@@ -500,6 +513,7 @@ class Upstream(asyncio.Protocol):
         client.rx = True
         client.up_rx = True
         if self.tunnel:
+            client.sent += len(data)
             client.transport.write(data)
             return
         conn = self.conn
@@ -562,6 +576,8 @@ class ProxyConnection(asyncio.Protocol):
         "_peer",
         "_up_cache",
         "_up_cache_checked",
+        "alog",
+        "attempts",
         "backend",
         "balancer",
         "body_done",
@@ -582,6 +598,8 @@ class ProxyConnection(asyncio.Protocol):
         "lingered",
         "lingering",
         "listener",
+        "log_backend",
+        "log_client",
         "pauses",
         "pending",
         "proxy_buffer",
@@ -589,12 +607,23 @@ class ProxyConnection(asyncio.Protocol):
         "request_sent",
         "retry_ok",
         "reused",
+        "rid",
         "route",
         "rx",
+        "scheme",
+        "sent",
         "set_cookie",
         "silent",
         "state",
+        "status",
         "streamed",
+        "t0",
+        "t_end",
+        "t_head",
+        "t_start",
+        "t_try",
+        "t_up",
+        "term",
         "timer",
         "transport",
         "tried",
@@ -641,7 +670,7 @@ class ProxyConnection(asyncio.Protocol):
         self.lingering = False
         self.lingered = 0
         self.pending: deque[Any] = deque()
-        self.client_ip = ""
+        self.client_ip: str = ""
         self.fwd_trusted = False
         self.proxy_buffer: bytes | None = None
         self._peer: Any = None
@@ -669,6 +698,23 @@ class ProxyConnection(asyncio.Protocol):
         self.body_end: EndOfMessage | None = None
         self.tried: set[Backend] = set()
         self.set_cookie: bytes | None = None
+        self.scheme = "http"
+        # The access log (None: off) and what it records of the exchange; the times are
+        # perf_counter() stamps, 0.0 for a phase not reached. See accesslog.py.
+        self.alog: AccessLog | None = None
+        self.sent: int = 0  # bytes written to the client in this exchange
+        self.status: int = 0
+        self.term: str = ""
+        self.rid: bytes | int | None = None
+        self.attempts: int = 0
+        self.log_backend: Backend | None = None
+        self.log_client: str | None = None  # "ip:port", made once per client
+        self.t0: float = 0.0
+        self.t_start: float = 0.0
+        self.t_try: float = 0.0
+        self.t_up: float = 0.0
+        self.t_head: float = 0.0
+        self.t_end: float = 0.0
 
     # ------------------------------------------------------------------ asyncio (client)
 
@@ -681,17 +727,22 @@ class ProxyConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         listener = self.listener
+        rules = listener.rules
+        access = rules.access
+        if access is not None and access_logger.isEnabledFor(logging.INFO):
+            self.alog = access
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+        peer = self.peer
+        self._set_client(peer[0] if isinstance(peer, tuple) else "")
         if not self.balancer.admit(self):
             self.closed = True
-            self.transport.write(error_response(503, "too many connections, try again"))
+            self._write_error(503, "too many connections, try again", "max_connections")
             self.transport.close()
             return
         listener.conns.add(self)
         high = self.balancer.cfg.limits.relay_buffer_bytes
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
-        peer = self.peer
-        self._set_client(peer[0] if isinstance(peer, tuple) else "")
-        rules = listener.rules
         trusted = self.state.trusted
         if trusted is not None and trusted.contains(self.client_ip):
             self.proxy_buffer = b""
@@ -701,6 +752,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def _set_client(self, ip: str) -> None:
         self.client_ip = ip
+        self.log_client = None
         self.fwd_trusted = self.listener.rules.trusted.contains(ip)
         self._fwd_cache = None
         self._up_cache = None
@@ -710,7 +762,7 @@ class ProxyConnection(asyncio.Protocol):
         if (rules.allow is not None and not rules.allow.contains(ip)) or (
             rules.deny is not None and rules.deny.contains(ip)
         ):
-            self.transport.write(error_response(403, "forbidden"))
+            self._write_error(403, "forbidden", "forbidden")
             self.conn.close()
             self._close_lingering()
             return False
@@ -732,6 +784,8 @@ class ProxyConnection(asyncio.Protocol):
             data = self._proxy_header(data)
             if not data:
                 return
+        if self.alog is not None and not self.t0:
+            self.t0 = perf_counter()  # the first byte of a request
         conn = self.conn
         try:
             conn.receive_data(data)
@@ -784,6 +838,8 @@ class ProxyConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.alog is not None and self.t_start:  # an exchange never finished
+            self._log(self.term or ("upgraded" if self.tunnel else "client_aborted"))
         self.listener.conns.discard(self)
         task = self.connect_task
         if task is not None and not task.done():
@@ -863,6 +919,10 @@ class ProxyConnection(asyncio.Protocol):
         listener.count_request()
         rules = listener.rules
         self.state = rules.state
+        if self.alog is not None:
+            self.t_start = now = perf_counter()
+            if not self.t0:
+                self.t0 = now
         limiter = listener.limiter
         if limiter is not None:
             now = asyncio.get_running_loop().time()
@@ -943,18 +1003,20 @@ class ProxyConnection(asyncio.Protocol):
                 out = [(n, v) for n, v in out if n not in extra_tokens]
             needs_rid = rid_name is not None and rid is None
             host_text = host.decode("latin-1") if host is not None else None
+            self.rid = rid
             if trusted:
                 if needs_rid:
                     assert rid_name is not None
-                    out.append((rid_name, self.listener.next_request_id()))
+                    self.rid = rid = self.listener.next_request_id()
+                    out.append((rid_name, rid))
                     needs_rid = False
-                out = append_forwarded(out, self.client_ip or None, "http", host_text)
+                out = append_forwarded(out, self.client_ip or None, self.scheme, host_text)
                 fwd: list[tuple[bytes, bytes]] = []
                 fwd_block = b""
             else:
                 fwd_cache = self._fwd_cache
                 if fwd_cache is None or fwd_cache[0] != host:
-                    fwd = append_forwarded([], self.client_ip or None, "http", host_text)
+                    fwd = append_forwarded([], self.client_ip or None, self.scheme, host_text)
                     block = b"".join([n + b": " + v + b"\r\n" for n, v in fwd])
                     fwd_cache = self._fwd_cache = (host, fwd, block)
                 fwd, fwd_block = fwd_cache[1], fwd_cache[2]
@@ -968,7 +1030,8 @@ class ProxyConnection(asyncio.Protocol):
             if not route.plain:
                 if needs_rid:
                     assert rid_name is not None
-                    out.append((rid_name, self.listener.next_request_id()))
+                    self.rid = rid = self.listener.next_request_id()
+                    out.append((rid_name, rid))
                 out += fwd
                 out += route.add_request
                 out.insert(0, (b"host", host))
@@ -1000,7 +1063,8 @@ class ProxyConnection(asyncio.Protocol):
         if needs_rid:
             assert rid_name is not None
             listener = self.listener  # (next_request_id, inline)
-            rid_line = b"%s: %s-%x\r\n" % (rid_name, listener._id_prefix, next(listener._ids))
+            self.rid = n = next(listener._ids)  # (the access log formats it)
+            rid_line = b"%s: %s-%x\r\n" % (rid_name, listener._id_prefix, n)
             self.up_block = prefix + rid_line + suffix
         else:
             self.up_block = prefix + suffix
@@ -1059,6 +1123,11 @@ class ProxyConnection(asyncio.Protocol):
             return
         self.tried.add(backend)
         self.backend = backend
+        if self.alog is not None:
+            self.t_try = perf_counter()
+            self.t_up = 0.0
+            self.attempts += 1
+            self.log_backend = backend
         idle = self.listener.idle.get(backend)  # (take_idle, inline)
         while idle:
             up = idle.pop()
@@ -1113,6 +1182,8 @@ class ProxyConnection(asyncio.Protocol):
         self.upstream = up
         self.up_rx = False
         self.reused = not up.fresh
+        if self.alog is not None:
+            self.t_up = perf_counter()
         if self.pauses:
             self.resume(PAUSE_CONNECT)
         conn = up.conn
@@ -1272,6 +1343,9 @@ class ProxyConnection(asyncio.Protocol):
             self.upstream_failed(up, f"cannot forward the response: {exc}", None)
             return False
         self.head_sent = True
+        self.status = status
+        if self.alog is not None:
+            self.t_head = perf_counter()
         self.listener.responses[status // 100] += 1
         self._arm_response()
         return True
@@ -1315,10 +1389,15 @@ class ProxyConnection(asyncio.Protocol):
             self.upstream_failed(up, f"cannot forward the response: {exc}", None)
             return
         self.head_sent = True
+        self.status = status
+        if self.alog is not None:
+            self.t_head = perf_counter()
         listener.responses[status // 100] += 1
         out = conn.data_to_send()  # (flush, inline)
+        data = out[0] if len(out) == 1 else b"".join(out)
+        self.sent += len(data)
         if not self.closed:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.transport.write(data)
         self.upstream = None
         if up.conn.reusable:
             listener.park(up, listener.now)
@@ -1353,12 +1432,16 @@ class ProxyConnection(asyncio.Protocol):
             self.upstream_failed(up, f"cannot switch protocols: {exc}", None)
             return
         self.head_sent = True
+        self.status = 101
+        if self.alog is not None:
+            self.t_head = perf_counter()
         self.flush()
         self.tunnel = up.tunnel = True
         self.timer = NO_TIMER
         self.deadline = INF
         rest = up.conn.switched_protocol_data()
         if rest:
+            self.sent += len(rest)
             self.transport.write(rest)
         early = self.conn.switched_protocol_data()
         if early:
@@ -1367,7 +1450,10 @@ class ProxyConnection(asyncio.Protocol):
 
     def tunnel_eof(self, *, upstream: bool) -> None:
         other = self.transport if upstream else (self.upstream.transport if self.upstream else None)
-        if other is not None and not other.is_closing() and other.can_write_eof():
+        if other is not None and not other.is_closing():
+            if not other.can_write_eof():  # a TLS client: no half-close, so close
+                self._close()
+                return
             other.write_eof()
         self.tunnel_eofs += 1
         if self.tunnel_eofs >= 2:
@@ -1385,6 +1471,7 @@ class ProxyConnection(asyncio.Protocol):
         self._release_backend()
         self.balancer.backend_failed(route.pool, backend, reason, self)
         logger.warning("! backend %s/%s: %s", route.pool.name, backend.name, reason)
+        self.term = "bad_response"
         if self.head_sent:
             self.abort()
             return
@@ -1405,6 +1492,7 @@ class ProxyConnection(asyncio.Protocol):
         self._release_backend()
         if self.head_sent:
             self.balancer.backend_failed(route.pool, backend, "closed mid-response", self)
+            self.term = "backend_aborted"
             self.abort()
             return
         if self.reused and not self.up_rx and self.retry_ok and not self.streamed:
@@ -1425,6 +1513,7 @@ class ProxyConnection(asyncio.Protocol):
         ):
             self._retry()
             return
+        self.term = "backend_closed"
         self.reply(502, "the backend closed the connection", close=self.body_open)
 
     def _retry(self) -> None:
@@ -1468,6 +1557,9 @@ class ProxyConnection(asyncio.Protocol):
             self.abort()
             return
         self.head_sent = True
+        self.status = status
+        if not self.term:
+            self.term = REPLY_TERMS.get(status, "proxy")
         self.listener.responses[status // 100] += 1
         self.flush()
         self._finish_exchange()
@@ -1477,6 +1569,7 @@ class ProxyConnection(asyncio.Protocol):
         then a lingering close. The request never reaches a backend."""
         logger.warning("%s: %s", self.peer, exc)
         if self.busy and self.head_sent:
+            self.term = "bad_request"
             self.abort()
             return
         task = self.connect_task
@@ -1485,12 +1578,14 @@ class ProxyConnection(asyncio.Protocol):
         if self.upstream is not None:
             self._drop_upstream(self.upstream)
         self._release_backend()
-        self.transport.write(error_response(exc.status_hint, str(exc)))
+        self._write_error(exc.status_hint, str(exc), "bad_request")
         self._close_lingering()
 
     # ------------------------------------------------------------------ exchange end
 
     def _finish_exchange(self) -> None:
+        if self.alog is not None:
+            self._log(self.term or "ok")
         self.busy = False
         backend = self.backend
         if backend is not None:  # (_release_backend, inline: every exchange ends here)
@@ -1554,7 +1649,30 @@ class ProxyConnection(asyncio.Protocol):
     def flush(self) -> None:
         out = self.conn.data_to_send()
         if out and not self.closed:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.sent += len(data)
+            self.transport.write(data)
+
+    def _write_error(self, status: int, message: str, term: str) -> None:
+        """Write a complete error reply that no exchange carries (and log it)."""
+        data = error_response(status, message)
+        self.transport.write(data)
+        if self.alog is not None:
+            self.sent += len(data)
+            self.status = status
+            self._log(term)
+
+    def _log(self, term: str) -> None:
+        """The access log line of the exchange (or rejection) just ended, then a reset."""
+        alog = self.alog
+        assert alog is not None
+        self.term = term
+        alog.log(self)
+        self.t0 = self.t_start = self.t_try = self.t_up = self.t_head = 0.0
+        self.sent = self.status = self.attempts = 0
+        self.term = ""
+        self.rid = None
+        self.log_backend = None
 
     def _arm(self, kind: int, timeout: float | None) -> None:
         self.timer = kind
@@ -1588,7 +1706,7 @@ class ProxyConnection(asyncio.Protocol):
         if kind == HEADER:
             if not self.busy:
                 logger.debug("x %s: request head not complete in time", self.peer)
-                self.transport.write(error_response(408, "request head not received in time"))
+                self._write_error(408, "request head not received in time", "header_timeout")
                 self.conn.close()
                 self._close_lingering()
         elif kind in (KEEPALIVE, LINGER):
@@ -1607,8 +1725,9 @@ class ProxyConnection(asyncio.Protocol):
             task.cancel()
         self._release_backend()
         if self.busy and not self.head_sent:
-            self.transport.write(error_response(408, "request body not received in time"))
+            self._write_error(408, "request body not received in time", "body_timeout")
         elif self.busy:
+            self.term = "body_timeout"
             self.abort()  # a response is under way and cannot be finished
             return
         self.conn.close()
@@ -1624,6 +1743,7 @@ class ProxyConnection(asyncio.Protocol):
         self._drop_upstream(up)
         self._release_backend()
         self.balancer.backend_failed(route.pool, backend, "response timeout", self)
+        self.term = "backend_timeout"
         if self.head_sent:
             self.abort()
             return
@@ -1638,7 +1758,7 @@ class ProxyConnection(asyncio.Protocol):
         transport = self.transport
         if self.closed or self.lingering:
             return
-        if not transport.can_write_eof():  # pragma: no cover - TCP can
+        if not transport.can_write_eof():  # TLS: no half-close, so no lingering either
             self._close()
             return
         self.lingering = True

@@ -307,6 +307,9 @@ class ClientConnection(asyncio.Protocol):
                 bt.close()  # connection_lost follows and fails over
             return
         if not self.transport.is_closing():
+            if not self.transport.can_write_eof():  # TLS has no half-close: done both ways
+                self.close()
+                return
             self.transport.write_eof()
         if self.client_eof:
             self.close()

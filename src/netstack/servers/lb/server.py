@@ -18,6 +18,7 @@ import collections
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,10 +34,13 @@ from netstack.config import (
 from netstack.errors import ConfigError, NoBackendAvailable
 from netstack.proto.balance import Admin, Backend, BackendEvent, Pool
 from netstack.proto.forwarded import TrustedPeers
+from netstack.servers.lb.accesslog import AccessLog
 from netstack.servers.lb.health import HealthCheck, HealthChecker, check_for
 from netstack.servers.lb.relay import ClientConnection
+from netstack.servers.lb.tls import TLSAcceptor
 from netstack.servers.lb.udp import UDPFrontend
 from netstack.transport.listener import Lifecycle, format_address
+from netstack.transport.tls import frontend_context
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ class BalancerStats:
     backend_failures: int = 0  # connect errors/timeouts, early closes (each one failed over)
     idle_closed: int = 0
     reloads: int = 0
+    tls_handshakes: int = 0
+    tls_handshake_failures: int = 0  # failed, timed out or closed before completing
     state_changes: collections.Counter[tuple[str, str, str]] = field(
         default_factory=collections.Counter
     )  # (pool, backend, new state) -> count
@@ -82,6 +88,8 @@ class FrontendState:
     Attributes:
         trusted: peers whose PROXY header is read (``None``: accept_proxy is off).
         send_proxy: PROXY protocol version sent to backends (0: none).
+        tls_context: the TLS context new connections get (``None``: plaintext); a reload loads
+            the certificate files again into a new one.
     """
 
     balancer: Balancer
@@ -93,6 +101,7 @@ class FrontendState:
     # Every pool of this config generation by name, for L7 routes (cfg.routes[i].pool).
     pools: Mapping[str, Pool] = field(default_factory=dict)
     config: BalancerConfig | None = None
+    tls_context: ssl.SSLContext | None = None
 
     @classmethod
     def make(
@@ -101,11 +110,12 @@ class FrontendState:
         cfg: FrontendConfig,
         pools: Mapping[str, Pool],
         config: BalancerConfig,
+        context: ssl.SSLContext | None = None,
     ) -> FrontendState:
         pool_cfg = config.pool(cfg.pool)
         trusted = TrustedPeers(cfg.proxy_allow_ips) if cfg.accept_proxy else None
         send = {"none": 0, "v1": 1, "v2": 2}[pool_cfg.send_proxy]
-        return cls(balancer, cfg, pools[cfg.pool], pool_cfg, trusted, send, pools, config)
+        return cls(balancer, cfg, pools[cfg.pool], pool_cfg, trusted, send, pools, config, context)
 
 
 class Listener:
@@ -126,6 +136,13 @@ class Listener:
         """A protocol for one accepted connection (L7 overrides this)."""
         return ClientConnection(self.state)
 
+    def accept(self) -> asyncio.Protocol:
+        """The protocol factory: through a TLS handshake first on a TLS frontend."""
+        context = self.state.tls_context
+        if context is not None:
+            return TLSAcceptor(self, context)
+        return self.make_protocol()
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host, port = parse_hostport(self.state.cfg.listen, field="listen")
@@ -135,7 +152,7 @@ class Listener:
             self.udp = frontend
         else:
             self.server = await loop.create_server(
-                self.make_protocol,
+                self.accept,
                 host,
                 port,
                 backlog=self.balancer.cfg.limits.listen_backlog,
@@ -192,6 +209,7 @@ class Balancer(Lifecycle):
         check_factory: Callable[[PoolConfig, set[str]], HealthCheck | None] = check_for,
     ) -> None:
         _check_modes(cfg)
+        self._contexts = tls_contexts(cfg)
         super().__init__()  # stop event and close task: serve_forever, close, async with
         self.cfg = cfg
         self.check_factory = check_factory
@@ -207,6 +225,7 @@ class Balancer(Lifecycle):
         self._tick = 0.0
         self._last_warn: dict[str, float] = {}
         self._reload_lock = asyncio.Lock()
+        self.handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes in progress
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -217,7 +236,7 @@ class Balancer(Lifecycle):
             OSError: a frontend address cannot be bound (nothing is left bound).
         """
         pools = self._build_pools(self.cfg, {})
-        listeners = await self._bind(self.cfg, pools, {})
+        listeners = await self._bind(self.cfg, pools, {}, self._contexts)
         self.pools = pools
         self.listeners = listeners
         self._start_checkers(self.cfg)
@@ -226,7 +245,7 @@ class Balancer(Lifecycle):
             for sock in listener.sockets:
                 logger.info(
                     "listening on %s %s (frontend %s -> pool %s)",
-                    "http" if listener.state.cfg.mode == "http" else listener.proto,
+                    scheme(listener.state.cfg),
                     format_address(sock.getsockname()),
                     listener.state.cfg.name,
                     listener.state.cfg.pool,
@@ -255,6 +274,8 @@ class Balancer(Lifecycle):
         self._closing = True
         for listener in self.listeners.values():
             listener.close()
+        for task in list(self.handshakes):
+            task.cancel()
         await self._stop_checkers()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -289,6 +310,7 @@ class Balancer(Lifecycle):
             OSError: a new frontend address cannot be bound; the old config keeps running.
         """
         _check_modes(cfg)
+        contexts = tls_contexts(cfg)  # certificates read again: renewed files apply now
         async with self._reload_lock:
             old_backends = {
                 (pool.name, b.name, b.host, b.port): b
@@ -296,7 +318,7 @@ class Balancer(Lifecycle):
                 for b in pool.backends
             }
             pools = self._build_pools(cfg, old_backends)
-            listeners = await self._bind(cfg, pools, self.listeners)
+            listeners = await self._bind(cfg, pools, self.listeners, contexts)
             for key, listener in self.listeners.items():
                 if key not in listeners:
                     listener.close()
@@ -341,6 +363,7 @@ class Balancer(Lifecycle):
         cfg: BalancerConfig,
         pools: dict[str, Pool],
         current: dict[tuple[str, str], Listener],
+        contexts: Mapping[str, ssl.SSLContext],
     ) -> dict[tuple[str, str], Listener]:
         """Listeners for ``cfg``: reuse bound ones by (proto, address), bind the rest.
 
@@ -350,7 +373,7 @@ class Balancer(Lifecycle):
         started: list[Listener] = []
         try:
             for fe in cfg.frontends:
-                state = FrontendState.make(self, fe, pools, cfg)
+                state = FrontendState.make(self, fe, pools, cfg, contexts.get(fe.name))
                 listener = current.get(listener_key(fe))
                 if listener is not None and type(listener) is not FRONTEND_FACTORIES[fe.mode]:
                     # tcp <-> http on the same address: the socket cannot be shared between
@@ -593,6 +616,18 @@ def metrics_text(balancer: Balancer) -> str:
     )
     metric("idle_closed_total", "counter", "Relays closed by idle_timeout.", [("", st.idle_closed)])
     metric("reloads_total", "counter", "Successful config reloads.", [("", st.reloads)])
+    metric(
+        "tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed on TLS frontends.",
+        [("", st.tls_handshakes)],
+    )
+    metric(
+        "tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed, timed out or were abandoned.",
+        [("", st.tls_handshake_failures)],
+    )
     udp = [lst.udp for lst in balancer.listeners.values() if lst.udp is not None]
     metric(
         "udp_sessions",
@@ -676,6 +711,43 @@ def _check_modes(cfg: BalancerConfig) -> None:
                 TrustedPeers(getattr(fe, name))
             except ConfigError as exc:
                 raise ConfigError(f"frontend {fe.name!r}: {name}: {exc}", field=name) from None
+        if fe.mode == "http" and fe.access_log:
+            try:
+                AccessLog(fe.access_log_format)
+            except ConfigError as exc:
+                raise ConfigError(f"frontend {fe.name!r}: {exc}", field=exc.field) from None
+
+
+def tls_contexts(cfg: BalancerConfig) -> dict[str, ssl.SSLContext]:
+    """Each TLS frontend's context by frontend name, its files read now.
+
+    Raises:
+        ConfigError: naming the frontend, the setting and the file.
+    """
+    out = {}
+    for fe in cfg.frontends:
+        tls = fe.tls
+        if tls.certfile is None or tls.keyfile is None:
+            continue
+        try:
+            out[fe.name] = frontend_context(
+                tls.certfile,
+                tls.keyfile,
+                ca_certs=tls.ca_certs,
+                alpn=("http/1.1",) if fe.mode == "http" else (),
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"frontend {fe.name!r}: {exc}", field=exc.field) from None
+    return out
+
+
+def scheme(fe: FrontendConfig) -> str:
+    """What a frontend speaks, for "listening on" lines: tcp, udp, http, https or tls."""
+    if fe.mode == "http":
+        return "https" if fe.tls.enabled else "http"
+    if fe.tls.enabled:
+        return "tls"
+    return fe.mode
 
 
 def _log_event(event: BackendEvent) -> None:
@@ -699,4 +771,6 @@ __all__ = [
     "FrontendState",
     "Listener",
     "listener_key",
+    "scheme",
+    "tls_contexts",
 ]

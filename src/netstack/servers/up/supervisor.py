@@ -651,7 +651,15 @@ class Supervisor:
             name="balancer",
             kind=Kind.BALANCER,
             # The token goes by NETSTACK_ADMIN_TOKEN, never into the file or argv.
-            argv=["balance", "--config", str(config_path), "--admin-bind", f"{HOST}:{admin_port}"],
+            # No access log, as for the web servers: the dashboard shows the traffic.
+            argv=[
+                "balance",
+                "--config",
+                str(config_path),
+                "--admin-bind",
+                f"{HOST}:{admin_port}",
+                "--no-access-log",
+            ],
             env={"NETSTACK_ADMIN_TOKEN": self.admin_token},
             address=listen,
             probe=lambda: self._balancer_ready(host, port, admin_port),

@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from netstack.errors import ConfigError
 from netstack.log import ACCESS_LOGGER
+from netstack.servers.logformat import AtomFormat, clf_time
 
 if TYPE_CHECKING:
     from netstack.proto.http11 import Request
     from netstack.servers.wsgi.protocol import Exchange
 
 access_logger = logging.getLogger(ACCESS_LOGGER)
-
-_ATOM = re.compile(r"%\(([^)]*)\)")
-_BARE = re.compile(r"%(?!\()")
-_SPECIAL = re.compile(r"\{([^}]+)\}([ioe])")
 
 
 class _Line:
@@ -59,20 +55,6 @@ def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str:
     return "-"
 
 
-_clock_second = -1
-_clock_text = ""
-
-
-def _clf_time() -> str:
-    """``[25/Nov/2026:13:05:01 +0000]``, formatted once per second."""
-    global _clock_second, _clock_text
-    now = int(time.time())
-    if now != _clock_second:
-        _clock_second = now
-        _clock_text = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
-    return _clock_text
-
-
 def _method(x: _Line) -> str:
     return x.request.method.decode("latin-1")
 
@@ -89,7 +71,7 @@ ATOMS: Final[dict[str, Callable[[_Line], str]]] = {
     "h": lambda x: str(x.environ.get("REMOTE_ADDR", "-")),
     "l": lambda x: "-",
     "u": lambda x: str(x.environ.get("REMOTE_USER") or "-"),
-    "t": lambda x: _clf_time(),
+    "t": lambda x: clf_time(),
     "r": _request_line,
     "m": _method,
     "U": lambda x: str(x.environ.get("PATH_INFO", "")),
@@ -108,13 +90,15 @@ ATOMS: Final[dict[str, Callable[[_Line], str]]] = {
 }
 
 
-def _special(name: str, kind: str) -> Callable[[_Line], str]:
+def _special(name: str, kind: str) -> Callable[[_Line], str] | None:
     if kind == "i":
         raw = name.lower().encode("latin-1", "replace")
         return lambda x: _header(x.request.headers, raw)
     if kind == "o":
         raw = name.lower().encode("latin-1", "replace")
         return lambda x: _header(x.exchange.response_headers, raw)
+    if kind != "e":
+        return None
     upper = name.upper()
     return lambda x: str(x.environ.get(name, x.environ.get(upper, "-")))
 
@@ -129,35 +113,12 @@ class AccessFormat:
 
     def __init__(self, fmt: str) -> None:
         self.fmt = fmt
-        getters: dict[str, Callable[[_Line], str]] = {}
-        for atom in _ATOM.findall(fmt):
-            special = _SPECIAL.fullmatch(atom)
-            if special is not None:
-                getters[atom] = _special(special[1], special[2])
-            elif atom in ATOMS:
-                getters[atom] = ATOMS[atom]
-            else:
-                raise ConfigError(
-                    f"access_log_format: unknown atom %({atom})s; known: "
-                    f"{' '.join(ATOMS)} {{header}}i {{header}}o {{variable}}e",
-                    field="access_log_format",
-                )
-        if _BARE.search(fmt.replace("%%", "")):
-            raise ConfigError(
-                f"access_log_format: every conversion needs an atom, like %(h)s: {fmt!r}",
-                field="access_log_format",
-            )
-        try:
-            fmt % dict.fromkeys(getters, "-")
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ConfigError(
-                f"access_log_format: {exc} in {fmt!r}", field="access_log_format"
-            ) from None
-        self.getters = tuple(getters.items())
+        self.compiled = AtomFormat(
+            fmt, ATOMS, _special, known=f"{' '.join(ATOMS)} {{header}}i {{header}}o {{variable}}e"
+        )
 
     def format(self, exchange: Exchange) -> str:
-        x = _Line(exchange)
-        return self.fmt % {atom: get(x) for atom, get in self.getters}
+        return self.compiled.format(_Line(exchange))
 
     def log(self, exchange: Exchange) -> None:
         """Log one line, with the main fields as ``extra`` (for JSON logs)."""
