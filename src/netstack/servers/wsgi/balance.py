@@ -92,10 +92,10 @@ class LoadTable:
         base = index * CELLS
         self.cells[base : base + CELLS] = memoryview(bytes(CELLS * 8)).cast("q")
 
-    def row(self, index: int) -> tuple[int, int, int, int]:
+    def row(self, index: int) -> tuple[int, ...]:
+        """A slot's cells (pid, accepting, connections, accepted, wake)."""
         base = index * CELLS
-        c = self.cells
-        return c[base + PID], c[base + ACCEPTING], c[base + CONNECTIONS], c[base + ACCEPTED]
+        return tuple(self.cells[base : base + CELLS])
 
     def close(self) -> None:
         self.cells.release()

@@ -397,6 +397,7 @@ class WSGIServer(Lifecycle):
             return
         self.paused = True
         self.pauses += 1
+        logger.debug("pausing accept at %d connection(s)", n)
         self._generation += 1
         slot.state(PAUSED)
         for server in self._servers:
@@ -429,6 +430,7 @@ class WSGIServer(Lifecycle):
                 interval = self._pause_interval = min(2 * self._pause_interval, MAX_PAUSE)
             elif now >= self._stall_at:
                 slot.stall(before)
+                logger.debug("peers stalled: %s", slot.stalled)
                 interval = 0.0
             if interval:
                 self._pause_timer = self.loop.call_later(interval, self._pause_check)
@@ -450,6 +452,7 @@ class WSGIServer(Lifecycle):
         assert slot is not None
         self._pause_timer = None
         self.paused = False
+        logger.debug("resuming accept at %d connection(s)", len(self.connections))
         slot.state(LISTENING)
         task = self.loop.create_task(self._listen())
         task.add_done_callback(self._listened)
