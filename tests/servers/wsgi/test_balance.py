@@ -10,6 +10,7 @@ import http.client
 import os
 import signal
 import socket
+import ssl
 import time
 from collections import Counter
 
@@ -96,6 +97,13 @@ def test_a_worker_pauses_above_the_least_loaded_peer_plus_slack():
         table.cells[1 * CELLS + 1] = 0
         assert not me.opened(9)
         assert me.least() == 30
+        # A full worker gives way to any peer with fewer connections.
+        _peer(table, 1, state=LISTENING, connections=11)
+        assert not me.over_share(12)
+        me.limit = 12
+        assert not me.opened(11)
+        assert me.opened(12)
+        assert me.over_share(12)
     finally:
         table.close()
 
@@ -261,3 +269,46 @@ def test_balanced_workers_keep_serving_while_one_stops(tmp_path):
         poll_until(lambda: len(srv.workers() - workers) == 2, 3 * TIMEOUT)
         fresh = srv.wait_workers(2)
         assert_even(split([srv.connect() for _ in range(BURST)]), fresh)
+
+
+def test_two_workers_with_tls_split_evenly(tmp_path, tls_certs):
+    args = ("--workers", "2", "--threads", "0", "--no-access-log")
+    tls = ("--certfile", tls_certs.certfile, "--keyfile", tls_certs.keyfile)
+    with Serve(tmp_path, *args, *tls, wait_listening=False) as srv:
+        srv.port = srv._expect(r"listening on https://127\.0\.0\.1:(\d+)")
+        workers = srv.wait_workers(2)
+        context = ssl.create_default_context(cafile=tls_certs.cafile)
+        conns: list[http.client.HTTPConnection] = [
+            http.client.HTTPSConnection("127.0.0.1", srv.port, timeout=3 * TIMEOUT, context=context)
+            for _ in range(BURST)
+        ]
+        assert_even(split(conns), workers)
+
+
+def test_two_workers_on_ipv6_refuse_only_when_both_are_full(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    args = ("--workers", "2", "--threads", "0", "--max-connections", "3")
+    with Serve(tmp_path, *args, "--bind", "[::1]:0", wait_listening=False) as srv:
+        srv.port = srv._expect(r"listening on http://\[::1\]:(\d+)")
+        workers = srv.wait_workers(2)
+        conns = [http.client.HTTPConnection("::1", srv.port, timeout=3 * TIMEOUT) for _ in range(8)]
+        for conn in conns:
+            conn.connect()
+        statuses: Counter[int] = Counter()
+        pids: Counter[str] = Counter()
+        try:
+            for conn in conns:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                resp.read()
+                statuses[resp.status] += 1
+                if resp.status == 200:
+                    pids[resp.getheader("X-Pid", "")] += 1
+        finally:
+            for conn in conns:
+                conn.close()
+        # A full worker leaves the next connection to the one with room: 3 + 3 served,
+        # and only then 503 (max_connections is per worker).
+        assert statuses == {200: 6, 503: 2}
+        assert pids == {str(w): 3 for w in workers}

@@ -116,6 +116,9 @@ class LoadSlot:
         # Peers found not accepting while connections waited: slot offset -> their
         # ``accepted`` then. Ignored until that count moves (or the slot is reused).
         self.stalled: dict[int, int] = {}
+        # The worker's max_connections: once full, any peer with fewer takes the next one
+        # (instead of a 503 from this worker).
+        self.limit = 1 << 62
 
     def state(self, value: int) -> None:
         """Publish :data:`CLOSED`, :data:`LISTENING` or :data:`PAUSED`."""
@@ -130,7 +133,7 @@ class LoadSlot:
         cells[self._accepted] = self.accepted
         cells[self._connections] = connections
         least, base = self._least()
-        if least < 0 or connections <= least + slack(least):
+        if least < 0 or not self._over(connections, least):
             return False
         if cells[base + ACCEPTING] == PAUSED and not cells[base + WAKE]:
             pid = cells[base + PID]
@@ -168,9 +171,15 @@ class LoadSlot:
         return self._least()[0]
 
     def over_share(self, connections: int) -> bool:
-        """Whether ``connections`` exceed the least loaded live peer's plus slack."""
+        """Whether ``connections`` exceed the least loaded live peer's plus slack (or
+        reach :attr:`limit` while that peer holds fewer)."""
         least = self._least()[0]
-        return least >= 0 and connections > least + slack(least)
+        return least >= 0 and self._over(connections, least)
+
+    def _over(self, connections: int, least: int) -> bool:
+        return connections > least + slack(least) or (
+            connections >= self.limit and least < connections
+        )
 
     def progress(self) -> dict[int, int]:
         """``accepted`` of every live peer, to see later which of them accepted meanwhile."""

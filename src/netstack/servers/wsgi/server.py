@@ -186,6 +186,8 @@ class WSGIServer(Lifecycle):
         self._all_closed = asyncio.Event()
         self._servers: list[asyncio.Server] = []
         self.load_slot = load_slot
+        if load_slot is not None:
+            load_slot.limit = cfg.limits.max_connections
         # Balancing state: whether accepting is paused, the pause timer, what the peers
         # had admitted when it was armed, and (after resuming because no peer admitted
         # anything) the peers' count below which the balance is ignored.
