@@ -5,6 +5,7 @@ workers over loopback. Nothing sleeps to synchronise."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import os
@@ -13,9 +14,11 @@ import socket
 import ssl
 import time
 from collections import Counter
+from wsgiref.validate import validator
 
 import pytest
 
+from netstack.servers.wsgi import WSGIServer
 from netstack.servers.wsgi.balance import (
     ACCEPTED,
     CELLS,
@@ -23,14 +26,16 @@ from netstack.servers.wsgi.balance import (
     LISTENING,
     PAUSED,
     PID,
+    STALL,
     WAKE,
     LoadSlot,
     LoadTable,
     backlog,
     slack,
 )
-from tests.helpers import TIMEOUT, poll_until
+from tests.helpers import TIMEOUT, apoll_until, poll_until
 from tests.servers.wsgi.procs import Serve
+from tests.servers.wsgi.support import config, port_of
 
 # Keep-alive connections opened at once in the split tests.
 BURST = 40
@@ -312,3 +317,64 @@ def test_two_workers_on_ipv6_refuse_only_when_both_are_full(tmp_path):
         # and only then 503 (max_connections is per worker).
         assert statuses == {200: 6, 503: 2}
         assert pids == {str(w): 3 for w in workers}
+
+
+# ---------------------------------------------------------------------------- in-process
+
+
+async def test_a_paused_server_listens_again_when_a_peer_catches_up_or_stalls():
+    """One in-process server with slot 0; slot 1 is a listening peer the test writes."""
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    table = LoadTable(2)
+    peer = 1 * CELLS
+    table.cells[peer + PID] = os.getpid()
+    table.cells[peer + 1] = LISTENING  # with 0 connections
+    slot = LoadSlot(table, 0)
+    server = WSGIServer(config(), validator(app), load_slot=slot)
+    await server.start()
+    port = port_of(server)
+    clients: list[asyncio.StreamWriter] = []
+
+    async def get() -> asyncio.Future[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        clients.append(writer)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        return asyncio.ensure_future(reader.readuntil(b"ok"))
+
+    try:
+        for _ in range(3):
+            assert (await asyncio.wait_for(await get(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        assert server.paused  # 3 > 0 + slack 2
+        assert table.row(0)[1] == PAUSED
+        # The 4th waits in the accept queue until the peer catches up.
+        fourth = await get()
+        await apoll_until(lambda: backlog(server.sockets[0]) in (1, -1))
+        assert not fourth.done()
+        table.cells[peer + CONNECTIONS] = 5
+        table.cells[peer + ACCEPTED] = 5
+        assert (await asyncio.wait_for(fourth, TIMEOUT)).startswith(b"HTTP/1.1 200")
+        assert server.pauses == 1
+        # Now the peer stops accepting (0 connections again, its count never moves): the
+        # server pauses, and after STALL serves the waiting connection itself.
+        table.cells[peer + CONNECTIONS] = 0
+        assert (await asyncio.wait_for(await get(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        assert server.pauses == 2
+        assert server.paused
+        started = time.monotonic()
+        assert (await asyncio.wait_for(await get(), TIMEOUT)).startswith(b"HTTP/1.1 200")
+        assert time.monotonic() - started >= STALL
+        assert slot.stalled == {peer: 5}
+        assert not server.paused
+        server.close()
+        await server.wait_closed()
+        assert table.row(0)[1] == 0  # CLOSED
+    finally:
+        server.close()
+        await server.wait_closed()
+        for writer in clients:
+            writer.close()
+        table.close()

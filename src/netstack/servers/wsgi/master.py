@@ -14,6 +14,12 @@ load the app, ``{"recycle": true}`` when it reached ``max_requests``, and
 The master runs no event loop and no thread (it forks): one ``selectors`` loop watches a
 self-pipe poked by the signal handlers, the status pipes and the metrics endpoint.
 
+With more than one worker the master also maps a shared-memory table of open connections
+per worker (:mod:`~netstack.servers.wsgi.balance`): it gives each worker a slot at fork
+and frees it when the worker is reaped, and a worker that holds clearly more connections
+than the least loaded one stops accepting for a moment, so that the workers share the
+connections evenly instead of the busiest one winning every accept.
+
 * SIGTERM / SIGINT: graceful stop. Each worker stops accepting, finishes in-flight
   requests, closes idle keep-alive connections and exits within ``graceful_timeout``;
   stragglers get SIGKILL after that plus a margin.
