@@ -6,9 +6,9 @@ One instance runs in each worker process (or in the only process). It mirrors
 With a :class:`~netstack.servers.wsgi.balance.LoadSlot` (pre-fork workers, ``--workers``
 above 1) the server listens on ``dup()`` copies of the shared sockets and publishes its
 open connection count; while it holds more than its share it closes those asyncio servers
-(the shared sockets keep listening for the other workers) and re-creates them when it is
-back within its share, or after :data:`~netstack.servers.wsgi.balance.PAUSE` when no other
-worker admits connections (see ``balance.py``).
+(the shared sockets keep listening for the other workers) and re-creates them when a peer
+wakes it or it finds itself back within its share, or when the peers accept nothing while
+connections wait (see ``balance.py``).
 """
 
 from __future__ import annotations
@@ -188,9 +188,9 @@ class WSGIServer(Lifecycle):
         self.load_slot = load_slot
         if load_slot is not None:
             load_slot.limit = cfg.limits.max_connections
-        # Balancing state: whether accepting is paused, the pause timer, what the peers
-        # had admitted when it was armed, and (after resuming because no peer admitted
-        # anything) the peers' count below which the balance is ignored.
+        # Balancing state: whether accepting is paused (and how often it was), the pause
+        # timer and its interval, what the peers had admitted at the last look, and when
+        # peers that admit nothing while connections wait count as stalled.
         self.paused = False
         self.pauses = 0
         self._pause_timer: asyncio.TimerHandle | None = None
