@@ -65,23 +65,6 @@ def test_claim_assign_release_reuse_slots():
         table.close()
 
 
-def test_the_table_is_shared_with_a_forked_child():
-    table = LoadTable(2)
-    try:
-        index = table.claim()
-        assert index is not None
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            slot = LoadSlot(table, index)
-            slot.opened(3)
-            os._exit(0)
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-        assert table.row(index)[CONNECTIONS] == 3
-        assert table.row(index)[ACCEPTED] == 1
-    finally:
-        table.close()
-
-
 def _peer(table: LoadTable, index: int, *, state: int, connections: int, pid: int = 0) -> None:
     base = index * CELLS
     table.cells[base + PID] = pid or os.getpid()

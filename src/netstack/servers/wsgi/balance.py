@@ -64,7 +64,8 @@ PID, ACCEPTING, CONNECTIONS, ACCEPTED, WAKE = range(5)
 CELLS: Final = 5
 # What a worker sends a paused peer that now holds fewer connections than itself. Its
 # default action is to ignore it, so a stray one (a pid reused meanwhile) harms nobody.
-WAKE_SIGNAL: Final = signal.SIGURG
+# POSIX only, as is the fork that makes a table useful.
+WAKE_SIGNAL: Final[int] = getattr(signal, "SIGURG", 0)
 # Values of the ACCEPTING cell.
 CLOSED, LISTENING, PAUSED = 0, 1, 2
 # How long a worker that holds more than its share stops accepting before it looks again;
