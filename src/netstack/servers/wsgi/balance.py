@@ -78,7 +78,7 @@ STALL: Final = 0.05
 
 
 def slack(least: int) -> int:
-    """Connections a worker may hold above the least loaded one: ``max(1, 10 %)``."""
+    """Connections a worker may hold above the least loaded one: ``max(2, 10 %)``."""
     return max(2, least // 10)
 
 
