@@ -20,6 +20,7 @@ from netstack.config import WSGIServerConfig, parse_hostport
 from netstack.errors import ConfigError
 
 if TYPE_CHECKING:
+    from netstack.servers.wsgi.balance import LoadSlot
     from netstack.servers.wsgi.master import StatusPipe
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def command(app: str | None, config_file: str | None, **flags: Any) -> None:
     master = Master(
         cfg,
         sockets,
-        lambda socks, status: _worker_main(cfg, socks, status),
+        lambda socks, status, load: _worker_main(cfg, socks, status, load),
         watch=watch,
         metrics_socket=metrics_socket,
     )
@@ -171,7 +172,12 @@ def _source_fingerprint() -> object:
     return tuple(sorted(stamps))
 
 
-def _worker_main(cfg: WSGIServerConfig, sockets: list[socket.socket], status: StatusPipe) -> int:
+def _worker_main(
+    cfg: WSGIServerConfig,
+    sockets: list[socket.socket],
+    status: StatusPipe,
+    load: LoadSlot | None = None,
+) -> int:
     """In a worker process: load the app and serve until SIGTERM/SIGINT."""
     from netstack.servers.wsgi import load_app
     from netstack.servers.wsgi.master import APP_LOAD_FAILED
@@ -188,7 +194,7 @@ def _worker_main(cfg: WSGIServerConfig, sockets: list[socket.socket], status: St
         status.error(f"cannot load the app {cfg.app}: {type(exc).__name__}: {exc}")
         return APP_LOAD_FAILED
     try:
-        return loops.run(_worker_serve(cfg, app, sockets, status))
+        return loops.run(_worker_serve(cfg, app, sockets, status, load))
     except Exception as exc:
         if not status.is_ready:
             logger.exception("the worker could not start")
@@ -198,11 +204,15 @@ def _worker_main(cfg: WSGIServerConfig, sockets: list[socket.socket], status: St
 
 
 async def _worker_serve(
-    cfg: WSGIServerConfig, app: Any, sockets: list[socket.socket], status: StatusPipe
+    cfg: WSGIServerConfig,
+    app: Any,
+    sockets: list[socket.socket],
+    status: StatusPipe,
+    load: LoadSlot | None,
 ) -> int:
     from netstack.servers.wsgi import WSGIServer
 
-    server = WSGIServer(cfg, app, sockets=sockets, multiprocess=cfg.workers > 1)
+    server = WSGIServer(cfg, app, sockets=sockets, multiprocess=cfg.workers > 1, load_slot=load)
     # The master starts a replacement first, then stops this worker with SIGTERM.
     server.on_max_requests = status.recycle
     loop = asyncio.get_running_loop()

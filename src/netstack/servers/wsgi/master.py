@@ -14,6 +14,12 @@ load the app, ``{"recycle": true}`` when it reached ``max_requests``, and
 The master runs no event loop and no thread (it forks): one ``selectors`` loop watches a
 self-pipe poked by the signal handlers, the status pipes and the metrics endpoint.
 
+With more than one worker the master also maps a shared-memory table of open connections
+per worker (:mod:`~netstack.servers.wsgi.balance`): it gives each worker a slot at fork
+and frees it when the worker is reaped, and a worker that holds clearly more connections
+than the least loaded one stops accepting for a moment, so that the workers share the
+connections evenly instead of the busiest one winning every accept.
+
 * SIGTERM / SIGINT: graceful stop. Each worker stops accepting, finishes in-flight
   requests, closes idle keep-alive connections and exits within ``graceful_timeout``;
   stragglers get SIGKILL after that plus a margin.
@@ -47,6 +53,7 @@ from typing import Any, Final
 
 from netstack.config import WSGIServerConfig
 from netstack.servers.procutil import die_with_parent
+from netstack.servers.wsgi.balance import LoadSlot, LoadTable
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +106,7 @@ class StatusPipe:
         self.send({"metrics": snapshot})
 
 
-WorkerMain = Callable[[list[socket.socket], StatusPipe], int]
+WorkerMain = Callable[[list[socket.socket], StatusPipe, LoadSlot | None], int]
 
 
 @dataclass
@@ -112,6 +119,8 @@ class Worker:
     recycle: bool = False
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
+    # Its slot in the master's LoadTable (None: a single worker, or the table was full).
+    slot: int | None = None
 
 
 class Master:
@@ -121,8 +130,9 @@ class Master:
         cfg: the server configuration.
         sockets: listening sockets, bound by the caller (so bind errors surface before
             any fork).
-        worker_main: runs in each child with (sockets, status pipe); returns an exit
-            status. It loads the app, calls ``status.ready()`` and serves until SIGTERM.
+        worker_main: runs in each child with (sockets, status pipe, load slot or
+            ``None``); returns an exit status. It loads the app, calls
+            ``status.ready()`` and serves until SIGTERM.
         watch: with ``--reload``, returns a fingerprint of the source files; a change
             rolls the workers.
         metrics_socket: a bound listening socket for ``GET /metrics``, or ``None``.
@@ -157,6 +167,9 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.metrics_socket = metrics_socket
+        # Open connections per worker, so that they share the connections evenly (see
+        # balance.py). Room for a whole roll: the new workers plus the old ones draining.
+        self.table = LoadTable(2 * cfg.workers + 1) if cfg.workers > 1 else None
         self.aggregate: Any = None
         self.endpoint: Any = None
         if metrics_socket is not None:
@@ -187,6 +200,7 @@ class Master:
 
     def spawn(self) -> Worker:
         status_r, status_w = os.pipe()
+        slot = self.table.claim() if self.table is not None else None
         # Signals stay blocked across fork until the child has dropped the master's
         # handlers: a SIGTERM sent to a booting worker must stop it, not be swallowed by
         # a copy of the master's handler.
@@ -194,18 +208,28 @@ class Master:
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - runs in the child, measured there
-                self._child(status_r, status_w, mask)
+                self._child(status_r, status_w, mask, slot)
+        except BaseException:
+            os.close(status_r)
+            os.close(status_w)
+            if slot is not None:
+                self.table.release(slot)  # type: ignore[union-attr]  # set with slot
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(status_w)
         os.set_blocking(status_r, False)
-        worker = Worker(pid, status_r)
+        worker = Worker(pid, status_r, slot=slot)
+        if slot is not None:
+            self.table.assign(slot, pid)  # type: ignore[union-attr]  # set with slot
         self.workers[pid] = worker
         self.selector.register(status_r, selectors.EVENT_READ, lambda _m: self._on_status(worker))
         logger.info("started worker pid %d", pid)
         return worker
 
-    def _child(self, status_r: int, status_w: int, mask: set[int | signal.Signals]) -> None:
+    def _child(
+        self, status_r: int, status_w: int, mask: set[int | signal.Signals], slot: int | None
+    ) -> None:
         status = 1
         try:
             for sig in HANDLED_SIGNALS:
@@ -224,7 +248,10 @@ class Master:
             self.selector.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
-            status = self.worker_main(self.sockets, StatusPipe(status_w))
+            load = (
+                LoadSlot(self.table, slot) if self.table is not None and slot is not None else None
+            )
+            status = self.worker_main(self.sockets, StatusPipe(status_w), load)
         except BaseException:
             logger.exception("worker %d crashed", os.getpid())
         finally:
@@ -271,6 +298,11 @@ class Master:
                 break
         self._close_status(worker)
 
+    def _release_slot(self, worker: Worker) -> None:
+        if worker.slot is not None and self.table is not None:
+            self.table.release(worker.slot)
+            worker.slot = None
+
     def _close_status(self, worker: Worker) -> None:
         if worker.status_fd >= 0:
             with contextlib.suppress(KeyError, ValueError):
@@ -296,6 +328,7 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            self._release_slot(worker)
             # Read what it said last (its final metrics, an error) before forgetting it.
             self._drain(worker)
             if self.aggregate is not None:
@@ -444,6 +477,7 @@ class Master:
                 continue
             gone = self.workers.pop(pid, None)
             if gone is not None:
+                self._release_slot(gone)
                 self._close_status(gone)
         if self.endpoint is not None:
             self.endpoint.close()

@@ -2,6 +2,13 @@
 
 One instance runs in each worker process (or in the only process). It mirrors
 ``asyncio.Server``: ``async with WSGIServer(cfg, app) as srv: await srv.serve_forever()``.
+
+With a :class:`~netstack.servers.wsgi.balance.LoadSlot` (pre-fork workers, ``--workers``
+above 1) the server listens on ``dup()`` copies of the shared sockets and publishes its
+open connection count; while it holds more than its share it closes those asyncio servers
+(the shared sockets keep listening for the other workers) and re-creates them when a peer
+wakes it or it finds itself back within its share, or when the peers accept nothing while
+connections wait (see ``balance.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +33,17 @@ from netstack.proto.forwarded import ClientInfo, Source, TrustedPeers, resolve
 from netstack.proto.http11 import Request
 from netstack.servers.wsgi.accesslog import access_logger, log_exchange
 from netstack.servers.wsgi.app import WSGIApp
+from netstack.servers.wsgi.balance import (
+    CLOSED,
+    LISTENING,
+    MAX_PAUSE,
+    PAUSE,
+    PAUSED,
+    STALL,
+    WAKE_SIGNAL,
+    LoadSlot,
+    backlog,
+)
 from netstack.servers.wsgi.environ import base_environ, build_environ
 from netstack.servers.wsgi.protocol import Exchange, FileWrapper, WSGIProtocol
 from netstack.transport.listener import Lifecycle
@@ -128,6 +146,8 @@ class WSGIServer(Lifecycle):
         sockets: already-bound listening sockets (pre-fork workers inherit them); when
             ``None`` the server binds ``cfg.bind`` itself.
         multiprocess: sets ``wsgi.multiprocess``.
+        load_slot: this worker's slot in the master's connection table: the worker
+            stops accepting while it holds more than its share (pre-fork workers only).
     """
 
     def __init__(
@@ -137,6 +157,7 @@ class WSGIServer(Lifecycle):
         *,
         sockets: list[socket.socket] | None = None,
         multiprocess: bool = False,
+        load_slot: LoadSlot | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -164,6 +185,20 @@ class WSGIServer(Lifecycle):
         self._date_second = -1
         self._all_closed = asyncio.Event()
         self._servers: list[asyncio.Server] = []
+        self.load_slot = load_slot
+        if load_slot is not None:
+            load_slot.limit = cfg.limits.max_connections
+        # Balancing state: whether accepting is paused (and how often it was), the pause
+        # timer and its interval, what the peers had admitted at the last look, and when
+        # peers that admit nothing while connections wait count as stalled.
+        self.paused = False
+        self.pauses = 0
+        self._pause_timer: asyncio.TimerHandle | None = None
+        self._peer_progress: dict[int, int] = {}
+        self._pause_interval = PAUSE
+        self._stall_at = 0.0
+        # Bumped by every pause: a _listen() started before it must not install servers.
+        self._generation = 0
         self._tick_task: asyncio.Task[None] | None = None
         self._pool: _ThreadPool | None = None
         # Responses finished by app threads, waiting for the loop (see to_loop).
@@ -221,11 +256,16 @@ class WSGIServer(Lifecycle):
                 raise
         if self.threads:
             self._pool = _ThreadPool(self.threads)
-        for sock in self._sockets:
-            server = await loop.create_server(
-                lambda: WSGIProtocol(self), sock=sock, ssl=self.ssl, backlog=self.cfg.backlog
-            )
-            self._servers.append(server)
+        if self.load_slot is not None:
+            await self._listen()
+            loop.add_signal_handler(WAKE_SIGNAL, self._woken)
+            self.load_slot.state(LISTENING)
+        else:
+            for sock in self._sockets:
+                server = await loop.create_server(
+                    lambda: WSGIProtocol(self), sock=sock, ssl=self.ssl, backlog=self.cfg.backlog
+                )
+                self._servers.append(server)
         self._tick_task = loop.create_task(self._tick(tick_interval(self.cfg)))
 
     @property
@@ -246,6 +286,16 @@ class WSGIServer(Lifecycle):
         self.closing = True
         for server in self._servers:
             server.close()
+        if self.load_slot is not None:
+            # The servers listened on copies: close the originals now, so that once every
+            # process has closed its copy the kernel refuses new connections instead of
+            # queueing them for nobody.
+            self.load_slot.state(CLOSED)
+            self.loop.remove_signal_handler(WAKE_SIGNAL)
+            if self._pause_timer is not None:
+                self._pause_timer.cancel()
+            for sock in self._sockets:
+                sock.close()
         logger.info("shutting down: %d connection(s) to finish", len(self.connections))
         for conn in list(self.connections):
             conn.shutdown()
@@ -299,12 +349,126 @@ class WSGIServer(Lifecycle):
         self.connections.add(conn)
         if self.closing:
             self._all_closed.clear()  # one more to wait for
+        elif self.load_slot is not None:
+            self._balance()
         return True
 
     def release(self, conn: WSGIProtocol) -> None:
         self.connections.discard(conn)
+        if self.load_slot is not None:
+            self.load_slot.closed(len(self.connections))
         if self.closing and not self.connections:
             self._all_closed.set()
+
+    # ------------------------------------------------------------------ balancing
+
+    async def _listen(self) -> None:
+        """Create the asyncio servers, on copies of the shared listening sockets."""
+        generation = self._generation
+        servers = []
+        try:
+            for sock in self._sockets:
+                copy = sock.dup()
+                try:
+                    server = await self.loop.create_server(
+                        lambda: WSGIProtocol(self),
+                        sock=copy,
+                        ssl=self.ssl,
+                        backlog=self.cfg.backlog,
+                    )
+                except BaseException:
+                    copy.close()
+                    raise
+                servers.append(server)
+        except BaseException:
+            for server in servers:
+                server.close()
+            raise
+        if self.closing or self.paused or generation != self._generation:
+            for server in servers:  # shut down (or paused again) meanwhile
+                server.close()
+            return
+        self._servers = servers
+
+    def _balance(self) -> None:
+        """After admitting a connection: publish the count, pause if above the share."""
+        slot = self.load_slot
+        assert slot is not None
+        n = len(self.connections)
+        if not slot.opened(n) or self.paused:
+            return
+        self.paused = True
+        self.pauses += 1
+        logger.debug("pausing accept at %d connection(s)", n)
+        self._generation += 1
+        slot.state(PAUSED)
+        for server in self._servers:
+            server.close()  # the shared sockets stay open: the peers keep accepting
+        self._servers = []
+        self._peer_progress = slot.progress()
+        self._pause_interval = PAUSE
+        self._stall_at = self.loop.time() + STALL
+        self._pause_timer = self.loop.call_later(PAUSE, self._pause_check)
+
+    def _pause_check(self) -> None:
+        """While paused, every PAUSE or so: listen again once back within the share, or
+        when connections waited STALL and no peer accepted any (those peers are then
+        ignored until they accept again: an app blocking the loop, a stopped process)."""
+        slot = self.load_slot
+        assert slot is not None
+        self._pause_timer = None
+        if self.closing:
+            return
+        if slot.over_share(len(self.connections)):
+            now = self.loop.time()
+            before = self._peer_progress
+            interval = PAUSE
+            if slot.moved(before):
+                self._peer_progress = slot.progress()
+                self._stall_at = now + STALL
+            elif not self._waiting():
+                # Nobody to serve: look less often while nothing changes.
+                self._stall_at = now + STALL
+                interval = self._pause_interval = min(2 * self._pause_interval, MAX_PAUSE)
+            elif now >= self._stall_at:
+                slot.stall(before)
+                logger.debug("peers stalled: %s", slot.stalled)
+                interval = 0.0
+            if interval:
+                self._pause_timer = self.loop.call_later(interval, self._pause_check)
+                return
+        self._resume()
+
+    def _woken(self) -> None:
+        """A peer that accepts saw us paused with fewer connections than it holds."""
+        slot = self.load_slot
+        assert slot is not None
+        slot.woken()
+        if self.paused and not self.closing and not slot.over_share(len(self.connections)):
+            if self._pause_timer is not None:
+                self._pause_timer.cancel()
+            self._resume()
+
+    def _resume(self) -> None:
+        slot = self.load_slot
+        assert slot is not None
+        self._pause_timer = None
+        self.paused = False
+        logger.debug("resuming accept at %d connection(s)", len(self.connections))
+        slot.state(LISTENING)
+        task = self.loop.create_task(self._listen())
+        task.add_done_callback(self._listened)
+
+    def _waiting(self) -> bool:
+        """Whether connections wait to be accepted (unknown counts as yes)."""
+        return any(backlog(sock) != 0 for sock in self._sockets)
+
+    def _listened(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Cannot happen with sockets that listened a moment ago; should it, stopping
+            # beats a worker that silently never accepts again.
+            logger.error("cannot listen again: stopping this worker", exc_info=task.exception())
+            self.request_stop()
 
     def submit(self, job: Callable[[], None]) -> None:
         assert self._pool is not None
