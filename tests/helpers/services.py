@@ -12,11 +12,15 @@ a broken test setup, not a reason to skip.
 * PostgreSQL: the Debian cluster (``pg_ctlcluster VERSION main start``), a ``netstack``
   role and a ``netstack_test`` database; each test gets its own schema (dropped after), so
   tests and parallel runs do not see each other's tables. The cluster is stopped at the
-  end only if these helpers started it.
+  end only if these helpers started it AND no other test run still uses it: every run holds
+  a shared ``flock`` on :data:`PG_USERS_LOCK` while it uses the cluster, and the stopper
+  needs the lock exclusively (two suites in two checkouts at once used to see "the
+  database system is shutting down" when the first to finish stopped the cluster).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -150,11 +154,23 @@ def _cluster_running(version: str) -> bool:
     return _run(["pg_ctlcluster", version, "main", "status"], check=False).returncode == 0
 
 
+PG_USERS_LOCK = Path("/tmp/netstack-tests-postgres.lock")
+
+
 @contextmanager
 def postgres_server() -> Iterator[str]:
     """The Debian PostgreSQL cluster, running, with the test role and database; yields a URL."""
     _need("pg_ctlcluster")
     version = _pg_version()
+    with PG_USERS_LOCK.open("a") as users:
+        # Shared while in use; waits while another run holds it exclusively to stop it.
+        fcntl.flock(users, fcntl.LOCK_SH)
+        with _postgres_cluster(version, users.fileno()) as url:
+            yield url
+
+
+@contextmanager
+def _postgres_cluster(version: str, users: int) -> Iterator[str]:
     clusters = _run(["pg_lsclusters", "-h"], check=False).stdout
     if not re.search(rf"^{version}\s+main\s", clusters, re.M):
         created = _run(["pg_createcluster", version, "main"], check=False)
@@ -179,8 +195,17 @@ def postgres_server() -> Iterator[str]:
         _as_postgres(f"ALTER DATABASE {PG_DATABASE} SET synchronous_commit = off")
         yield PG_URL
     finally:
-        if started_here:
+        if started_here and _sole_user(users):
             _run(["pg_ctlcluster", version, "main", "stop", "-m", "fast"], check=False)
+
+
+def _sole_user(users: int) -> bool:
+    """Convert our shared lock to exclusive: possible only if no other run holds it."""
+    try:
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @contextmanager
