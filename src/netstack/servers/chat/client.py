@@ -143,7 +143,10 @@ def format_presence(ev: dict[str, Any]) -> str | None:
         )
         if ev.get(name)
     ]
-    return f"* #{ev['room']}: {'; '.join(parts)}" if parts else None
+    if not parts:
+        return None
+    where = f"#{ev['room']}" if ev.get("room") is not None else "DMs"  # room null: DM partners
+    return f"* {where}: {'; '.join(parts)}"
 
 
 def format_event(ev: dict[str, Any]) -> str | None:

@@ -110,6 +110,8 @@ SCHEMA: Final[tuple[LiteralString, ...]] = (
     "CREATE INDEX IF NOT EXISTS messages_room ON messages(room_id, id)",
     "CREATE INDEX IF NOT EXISTS messages_dm ON messages(recipient, sender, id)",
     "CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender, id)",
+    "CREATE INDEX IF NOT EXISTS messages_dm_sent ON messages(sender, recipient, id)"
+    " WHERE recipient IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS pending_dms (
         user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         message_id BIGINT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -136,6 +138,19 @@ NO_LIMIT: Final = 2**62
 def _message(row: Sequence[Any]) -> Message:
     file = FileInfo(row[6], row[7], row[8], row[9]) if row[6] is not None else None
     return Message(row[0], row[1], row[2], row[3], room=row[4], recipient=row[5], file=file)
+
+
+# Both directions of a user's DMs through the indexes messages_dm_sent / messages_dm.
+_DM_PARTNERS: Final = """
+SELECT u.id, u.nick FROM (
+    SELECT recipient AS other, MAX(id) AS last FROM messages
+     WHERE sender=%s AND recipient IS NOT NULL GROUP BY recipient
+    UNION ALL
+    SELECT sender AS other, MAX(id) AS last FROM messages
+     WHERE recipient=%s GROUP BY sender
+) d JOIN users u ON u.id=d.other WHERE d.other<>%s
+GROUP BY u.id, u.nick ORDER BY MAX(d.last) DESC LIMIT %s
+"""
 
 
 class PostgresStore(PooledStore):
@@ -188,6 +203,10 @@ class PostgresStore(PooledStore):
         row = await self._one(
             "SELECT id, nick, password_hash FROM users WHERE nick_key=%s", nick.lower()
         )
+        return User(*row) if row else None
+
+    async def get_user_by_id(self, user_id: int) -> User | None:
+        row = await self._one("SELECT id, nick, password_hash FROM users WHERE id=%s", user_id)
         return User(*row) if row else None
 
     async def create_session(self, token_hash: str, user_id: int, expires: int, now: int) -> None:
@@ -409,6 +428,10 @@ class PostgresStore(PooledStore):
             limit,
         )
         return [_message(row) for row in reversed(rows)]
+
+    async def dm_partners(self, user_id: int, limit: int) -> list[tuple[int, str]]:
+        rows = await self._all(_DM_PARTNERS, user_id, user_id, user_id, limit)
+        return [(row[0], row[1]) for row in rows]
 
     async def backfill(self, user_id: int, since: int, limit: int) -> list[Message]:
         rows = await self._all(

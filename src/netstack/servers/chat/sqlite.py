@@ -98,6 +98,8 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_room ON messages(room_id, id);
 CREATE INDEX IF NOT EXISTS messages_dm ON messages(recipient, sender, id);
 CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender, id);
+CREATE INDEX IF NOT EXISTS messages_dm_sent ON messages(sender, recipient, id)
+    WHERE recipient IS NOT NULL;
 CREATE TABLE IF NOT EXISTS pending_dms (
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -135,6 +137,19 @@ def _switch_to_wal(db: sqlite3.Connection, attempts: int = 50) -> None:
             if "locked" not in str(exc) or attempt == attempts - 1:
                 raise
             time.sleep(0.02 * (attempt + 1))
+
+
+# Both directions of a user's DMs through the indexes messages_dm_sent / messages_dm.
+_DM_PARTNERS: Final = """
+SELECT u.id, u.nick FROM (
+    SELECT recipient AS other, MAX(id) AS last FROM messages
+     WHERE sender=? AND recipient IS NOT NULL GROUP BY recipient
+    UNION ALL
+    SELECT sender AS other, MAX(id) AS last FROM messages
+     WHERE recipient=? GROUP BY sender
+) d JOIN users u ON u.id=d.other WHERE d.other<>?
+GROUP BY u.id, u.nick ORDER BY MAX(d.last) DESC LIMIT ?
+"""
 
 
 class SQLiteStore:
@@ -217,6 +232,12 @@ class SQLiteStore:
     async def get_user(self, nick: str) -> User | None:
         row = await self._run(
             self._one, "SELECT id, nick, password_hash FROM users WHERE nick_key=?", nick.lower()
+        )
+        return User(*row) if row else None
+
+    async def get_user_by_id(self, user_id: int) -> User | None:
+        row = await self._run(
+            self._one, "SELECT id, nick, password_hash FROM users WHERE id=?", user_id
         )
         return User(*row) if row else None
 
@@ -459,6 +480,10 @@ class SQLiteStore:
             limit,
         )
         return [_message(row) for row in reversed(rows)]
+
+    async def dm_partners(self, user_id: int, limit: int) -> list[tuple[int, str]]:
+        rows = await self._run(self._all, _DM_PARTNERS, user_id, user_id, user_id, limit)
+        return [(row[0], row[1]) for row in rows]
 
     async def backfill(self, user_id: int, since: int, limit: int) -> list[Message]:
         rows = await self._run(
