@@ -660,3 +660,25 @@ async def test_an_instance_taken_for_dead_announces_its_users_again(
     assert await other.is_online(3)
     await stalled.close()
     await other.close()
+
+
+async def test_users_of_an_instance_taken_for_dead_come_back_online(
+    pg_url: str, redis: RedisServer, prefix: str
+) -> None:
+    timeouts = ChatTimeouts(presence_ttl=TTL, presence_interval=INTERVAL)
+    cfg = chat_config(pg_url, redis=redis.url, redis_prefix=prefix, chat_timeouts=timeouts)
+    async with ChatServer(cfg) as one, ChatServer(cfg) as two:
+        alice, bob = await tcp(one), await tcp(two)
+        await alice.register("alice")
+        await bob.register("bob")
+        await alice.ok("create", room="general")
+        await bob.ok("join", room="general")
+        await alice.ok("who", room="general")
+        stalled, _ = redis_parts(two)
+        stalled.stop_heartbeat()  # it stalls longer than the ttl...
+        redis.cli("zadd", f"{prefix}:instances", "1", stalled.instance)
+        await alice.presence("general", offline="bob")  # ...and one reaps it
+        await stalled.beat()  # back: its heartbeat finds it was dropped
+        await alice.presence("general", online="bob")
+        assert (await alice.ok("dm", to="bob", text="there?"))["delivered"] is True
+        await closing(alice, bob)

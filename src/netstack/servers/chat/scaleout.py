@@ -461,25 +461,29 @@ class RedisPresence:
         )
 
     async def _beat(self) -> None:
-        import redis
-
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
-            try:
-                async with self._lock:
-                    returned = await self._renew()
-                    users = list(self._local)
-            except (redis.RedisError, OSError) as exc:
-                logger.warning("chat presence: heartbeat failed (%s)", _one_line(exc))
-                continue
-            if returned and users and self._returned is not None:
-                logger.warning("chat presence: this instance had been dropped; re-announcing")
-                await self._call(self._returned, users)
-            # Reaping runs beside the heartbeat: a big dead instance must not delay renewals.
-            if self._reaper is None or self._reaper.done():
-                self._reaper = asyncio.get_running_loop().create_task(
-                    self.reap(), name="chat-presence-reaper"
-                )
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One heartbeat tick: renew this instance, then reap dead ones in the background."""
+        import redis
+
+        try:
+            async with self._lock:
+                returned = await self._renew()
+                users = list(self._local)
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("chat presence: heartbeat failed (%s)", _one_line(exc))
+            return
+        if returned and users and self._returned is not None:
+            logger.warning("chat presence: this instance had been dropped; re-announcing")
+            await self._call(self._returned, users)
+        # Reaping runs beside the heartbeat: a big dead instance must not delay renewals.
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(
+                self.reap(), name="chat-presence-reaper"
+            )
 
     async def _call(self, handler: UsersHandler, users: list[int]) -> None:
         try:
