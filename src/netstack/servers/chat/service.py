@@ -18,6 +18,12 @@ Invariants:
   room's members, online/offline only to the sessions watching the room (the last
   :data:`MAX_WATCHED` rooms each asked ``who`` about), so a mass connect of N members
   costs O(N) per interval, not O(N^2).
+* Online/offline of a user also goes to their :data:`MAX_DM_PARTNERS` most recent DM
+  partners (``user:<id>``, a ``presence`` event with ``room`` null, batched per partner),
+  whatever room those watch; each login gets its partners' current state after the ack.
+  A user without DMs costs one store query per login/logout and no event.
+* A crashed instance's users are announced ``offline`` by the one surviving instance that
+  reaps it (:class:`~.scaleout.RedisPresence`, in batches), through the same batches.
 * A DM to a user with no live session is also queued as pending and delivered at the
   next login (and is in ``backfill`` anyway).
 * Several instances (``--redis``): events cross instances through the fan-out, and so do
