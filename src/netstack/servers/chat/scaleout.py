@@ -371,7 +371,7 @@ return {0, gone}
 
 # Users of a dead instance handled per Lua call (and per call of the service's handler):
 # a big instance is reaped in steps, so neither Redis nor this event loop stalls on it.
-REAP_BATCH: Final = 500
+REAP_BATCH: Final = 200
 
 
 class RedisPresence:
