@@ -642,21 +642,34 @@ async def test_a_reap_whose_reaper_dies_is_taken_over(redis: RedisServer, prefix
 async def test_an_instance_taken_for_dead_announces_its_users_again(
     redis: RedisServer, prefix: str
 ) -> None:
-    stalled = RedisPresence(redis.url, prefix=prefix, ttl=0.3)
+    stalled = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT)
     other = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT)
     expired, returned = Reaped(), Reaped()
     other.on_expired(expired)
     stalled.on_returned(returned)
     await stalled.start()
     await other.start()
+    stalled.stop_heartbeat()  # its ticks are run by hand below: beat()
     assert await stalled.connect(3) is True
     # A stall longer than the ttl, as seen from Redis: the entry is past its expiry.
     redis.cli("zadd", f"{prefix}:instances", "1", stalled.instance)
     assert await other.reap() == 1
     assert expired.calls == [[3]]
+    assert not await other.is_online(3)
     # Its next heartbeat finds it was dropped: user 3 is online again and announced so.
-    await apoll_until(lambda: returned.calls == [[3]])
+    await stalled.beat()
+    assert returned.calls == [[3]]
     assert await other.is_online(3)
+    await stalled.beat()  # registered all along: nothing to announce
+    assert returned.calls == [[3]]
+
+    # Dropped again, and a connect comes before the heartbeat: that heartbeat announces.
+    redis.cli("zadd", f"{prefix}:instances", "1", stalled.instance)
+    assert await other.reap() == 1
+    assert await stalled.connect(4) is True
+    await stalled.beat()
+    assert sorted(returned.calls[-1]) == [3, 4]
+    assert await other.online([3, 4]) == {3, 4}
     await stalled.close()
     await other.close()
 

@@ -240,12 +240,12 @@ class RedisFanout(LocalFanout):
 # ARGV[3] hash key prefix; then per script ARGV[4...]. _LIVE sums the live instances'
 # counts. An instance's hash outlives its entry in KEYS[1] (HASH_KEEP ttls) so that the
 # reaper can still read who was connected to it.
-_NOW: Final = """
+HASH_KEEP: Final = 3
+_NOW: Final = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local keep = tonumber(ARGV[1]) * 3
+local keep = tonumber(ARGV[1]) * {HASH_KEEP}
 """
-HASH_KEEP: Final = 3  # the ``* 3`` above
 _LIVE: Final = """
 local function total(user)
     local sum = 0
@@ -255,18 +255,16 @@ local function total(user)
     return sum
 end
 """
-_RENEW: Final = """
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
-redis.call('PEXPIRE', KEYS[2], keep)
-"""
+# Returns {the user's connections, 1 if this instance was not registered (see HEARTBEAT)}.
 CONNECT_LUA: Final = (
     _NOW
     + _LIVE
-    + _RENEW
     + """
+local added = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('HINCRBY', KEYS[2], ARGV[4], 1)
 redis.call('PEXPIRE', KEYS[2], keep)
-return total(ARGV[4])
+return {total(ARGV[4]), added}
 """
 )
 # A user whose last live connection goes is announced offline here; dead instances not yet
@@ -413,6 +411,7 @@ class RedisPresence:
         self._reaper: asyncio.Task[int] | None = None
         self._expired: UsersHandler | None = None
         self._returned: UsersHandler | None = None
+        self._dropped = False  # re-registered by a connect: announce our users again
         self._local: dict[int, int] = {}  # user id -> connections on this instance
         self._lock = asyncio.Lock()
         self.reaped = 0  # dead instances this one has finished reaping
@@ -452,6 +451,7 @@ class RedisPresence:
         try:
             async with self._lock:
                 await self._renew()
+                self._dropped = False
         except (redis.RedisError, OSError) as exc:
             await self.redis.aclose()
             self._redis = None
@@ -471,7 +471,8 @@ class RedisPresence:
 
         try:
             async with self._lock:
-                returned = await self._renew()
+                returned = await self._renew() or self._dropped
+                self._dropped = False
                 users = list(self._local)
         except (redis.RedisError, OSError) as exc:
             logger.warning("chat presence: heartbeat failed (%s)", _one_line(exc))
@@ -536,7 +537,9 @@ class RedisPresence:
     async def connect(self, user_id: int) -> bool:
         async with self._lock:
             self._local[user_id] = self._local.get(user_id, 0) + 1
-            return int(await self._script(CONNECT_LUA, user_id)) == 1
+            count, added = await self._script(CONNECT_LUA, user_id)
+            self._dropped = self._dropped or added == 1  # the next heartbeat re-announces
+            return int(count) == 1
 
     async def disconnect(self, user_id: int) -> bool:
         async with self._lock:
