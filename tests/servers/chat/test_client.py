@@ -164,7 +164,7 @@ def test_format_event_covers_every_kind() -> None:
     )
     assert format_event({**presence, "online": []}) is None
     dms = {**presence, "room": None, "online": ["bob"], "offline": ["carol"]}  # DM partners
-    assert format_event(dms) == "* DMs: bob online; carol went offline"
+    assert format_event(dms) == "* DMs: bob online; carol offline"
     line = format_event(
         {
             "type": "message",

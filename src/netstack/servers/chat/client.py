@@ -132,21 +132,24 @@ def _nicks(names: list[str]) -> str:
 
 
 def format_presence(ev: dict[str, Any]) -> str | None:
-    """One line for a batched ``presence`` event (``None``: it lists nobody)."""
+    """One line for a batched ``presence`` event (``None``: it lists nobody).
+
+    Room null: the user's DM partners (their state after the login, then changes).
+    """
+    dms = ev.get("room") is None
     parts = [
         f"{_nicks(ev[name])} {verb}"
         for name, verb in (
             ("joined", "joined"),
             ("left", "left"),
             ("online", "online"),
-            ("offline", "went offline"),
+            ("offline", "offline" if dms else "went offline"),
         )
         if ev.get(name)
     ]
     if not parts:
         return None
-    where = f"#{ev['room']}" if ev.get("room") is not None else "DMs"  # room null: DM partners
-    return f"* {where}: {'; '.join(parts)}"
+    return f"* {'DMs' if dms else '#' + ev['room']}: {'; '.join(parts)}"
 
 
 def format_event(ev: dict[str, Any]) -> str | None:
