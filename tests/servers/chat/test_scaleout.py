@@ -448,6 +448,13 @@ TTL = 1.5  # survivors tolerate a 1 s stall of their own loop (a loaded machine)
 INTERVAL = 0.05
 
 
+def unmeasured_env() -> dict[str, str]:
+    """This environment without coverage: a process the test kills with SIGKILL would
+    leave a half-written coverage data file behind (``coverage combine`` warns)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS_")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
 async def start_instance(pg_url: str, redis_url: str, prefix: str) -> tuple[Any, tuple[str, int]]:
     """``netstack chat serve`` in its own process: (the process, its TCP address)."""
     proc = await asyncio.create_subprocess_exec(
@@ -472,7 +479,7 @@ async def start_instance(pg_url: str, redis_url: str, prefix: str) -> tuple[Any,
         str(INTERVAL),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=unmeasured_env(),
     )
     assert proc.stdout is not None
     async with asyncio.timeout(TIMEOUT * 2):
