@@ -110,7 +110,9 @@ SCHEMA: Final[tuple[LiteralString, ...]] = (
     "CREATE INDEX IF NOT EXISTS messages_room ON messages(room_id, id)",
     "CREATE INDEX IF NOT EXISTS messages_dm ON messages(recipient, sender, id)",
     "CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender, id)",
-    "CREATE INDEX IF NOT EXISTS messages_dm_sent ON messages(sender, recipient, id)"
+    "CREATE INDEX IF NOT EXISTS messages_dm_sent ON messages(sender, id, recipient)"
+    " WHERE recipient IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS messages_dm_received ON messages(recipient, id, sender)"
     " WHERE recipient IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS pending_dms (
         user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -140,16 +142,19 @@ def _message(row: Sequence[Any]) -> Message:
     return Message(row[0], row[1], row[2], row[3], room=row[4], recipient=row[5], file=file)
 
 
-# Both directions of a user's DMs through the indexes messages_dm_sent / messages_dm.
+# The partners of a user's last 1000 DMs each way (so a login costs O(1), however many DMs
+# a user has), through the indexes messages_dm_sent / messages_dm_received.
 _DM_PARTNERS: Final = """
 SELECT u.id, u.nick FROM (
-    SELECT recipient AS other, MAX(id) AS last FROM messages
-     WHERE sender=%s AND recipient IS NOT NULL GROUP BY recipient
+    SELECT recipient AS other, id FROM (
+        SELECT recipient, id FROM messages WHERE sender=%s AND recipient IS NOT NULL
+         ORDER BY id DESC LIMIT 1000) s
     UNION ALL
-    SELECT sender AS other, MAX(id) AS last FROM messages
-     WHERE recipient=%s GROUP BY sender
+    SELECT sender AS other, id FROM (
+        SELECT sender, id FROM messages WHERE recipient=%s
+         ORDER BY id DESC LIMIT 1000) r
 ) d JOIN users u ON u.id=d.other WHERE d.other<>%s
-GROUP BY u.id, u.nick ORDER BY MAX(d.last) DESC LIMIT %s
+GROUP BY u.id, u.nick ORDER BY MAX(d.id) DESC LIMIT %s
 """
 
 

@@ -188,7 +188,10 @@ class Store(Protocol):
     ) -> list[Message]: ...
 
     async def dm_partners(self, user_id: int, limit: int) -> list[tuple[int, str]]:
-        """(id, nick) of the users ``user_id`` exchanged DMs with, the most recent first."""
+        """(id, nick) of the users ``user_id`` exchanged DMs with, the most recent first.
+
+        Only the last 1000 DMs sent and 1000 received are looked at: bounded work per call.
+        """
 
     async def backfill(self, user_id: int, since: int, limit: int) -> list[Message]:
         """Messages newer than ``since`` in the user's rooms and DMs, oldest first."""
