@@ -120,9 +120,9 @@ const handlers = {
   presence(ev) {
     for (const n of ev.online) state.online.add(n);
     for (const n of ev.offline) state.online.delete(n);
+    if (state.current && state.current.startsWith("@")) renderHeader();  // "online"/"offline"
     if (ev.room === null) {
       renderSidebar();
-      if (state.current && state.current.startsWith("@")) renderHeader();
       return;
     }
     const key = "#" + ev.room;
