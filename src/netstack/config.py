@@ -797,7 +797,8 @@ class ChatTimeouts:
         default=7 * 24 * 3600.0, metadata=_help("login session token lifetime")
     )
     # With --redis: a crashed instance's users stop counting as online after this long
-    # (heartbeat every third of it). Short enough that DMs queue soon after a crash.
+    # (heartbeat every third of it), and a survivor announces them offline within one more
+    # heartbeat. Short enough that DMs queue and member lists are right soon after a crash.
     presence_ttl: float = field(
         default=30.0,
         metadata=_help("with redis: seconds before a dead instance's users go offline"),

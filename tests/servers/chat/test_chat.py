@@ -256,9 +256,17 @@ async def test_direct_messages_and_offline_delivery(any_db: str) -> None:
             second["message"]["id"],
         ]
         assert all(p["pending"] for p in pending)
-        assert carol.events == []  # the ack came first, then the DMs
+        # Where her DM partners are (the most recent first), whatever room she shows.
+        partners = await carol.expect("presence", room=None)
+        assert (partners["online"], partners["offline"]) == (["bob", "alice"], [])
+        assert carol.events == []  # the ack came first, then the DMs and that state
         assert login["type"] == "ack"
+        # Her partners hear she is online, and offline, though they share no room with her.
+        await alice.presence(None, online="carol")
+        await bob.presence(None, online="carol")
         await carol.close()
+        await alice.presence(None, offline="carol")
+        await bob.presence(None, offline="carol")
 
         carol = await tcp(srv)
         await carol.login("carol")

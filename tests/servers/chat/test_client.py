@@ -163,6 +163,8 @@ def test_format_event_covers_every_kind() -> None:
         "* #r: u0, u1, u2, u3, u4, u5, u6, u7, u8, u9 and 15 more online; z went offline"
     )
     assert format_event({**presence, "online": []}) is None
+    dms = {**presence, "room": None, "online": ["bob"], "offline": ["carol"]}  # DM partners
+    assert format_event(dms) == "* DMs: bob online; carol offline"
     line = format_event(
         {
             "type": "message",

@@ -89,6 +89,31 @@ async def test_two_users_chat_in_chromium(tmp_path: Path) -> None:
             await alice.locator("#room-list li", has_text="general").click()
             await expect(alice.locator("#chan-title")).to_have_text("#general")
 
+            # A DM partner who shares no room with alice: her online/offline reaches
+            # alice's DM list although #general is on screen.
+            carol = await ws(srv)
+            await carol.register("carol")
+            await carol.ok("dm", to="alice", text="hi from carol")
+            carol_dot = alice.locator("#dm-list li", has_text="carol").locator(".dot.online")
+            await expect(carol_dot).to_have_count(1)  # a live DM: she is connected
+            await carol.close()
+            await expect(carol_dot).to_have_count(0)
+            carol = await ws(srv)
+            await carol.login("carol")
+            await expect(carol_dot).to_have_count(1)
+            await carol.close()
+            await expect(carol_dot).to_have_count(0)
+            # With her conversation on screen, its header follows too.
+            await alice.locator("#dm-list li", has_text="carol").click()
+            await expect(alice.locator("#chan-topic")).to_have_text("offline")
+            carol = await ws(srv)
+            await carol.login("carol")
+            await expect(alice.locator("#chan-topic")).to_have_text("online")
+            await carol.close()
+            await expect(alice.locator("#chan-topic")).to_have_text("offline")
+            await alice.locator("#room-list li", has_text="general").click()
+            await expect(alice.locator("#chan-title")).to_have_text("#general")
+
             ARTIFACTS.mkdir(exist_ok=True)
             for nick, page in (("alice", alice), ("bob", bob)):
                 shot = ARTIFACTS / f"chat-page-{nick}.png"

@@ -30,7 +30,15 @@ from netstack.servers.chat.scaleout import (
 )
 from tests.helpers import TIMEOUT, apoll_until, free_port
 from tests.helpers.services import RedisServer, redis_server
-from tests.servers.chat.support import PASSWORD, Client, WSClient, chat_config, tcp, ws
+from tests.servers.chat.support import (
+    PASSWORD,
+    Client,
+    TCPClient,
+    WSClient,
+    chat_config,
+    tcp,
+    ws,
+)
 
 
 @pytest.fixture
@@ -432,3 +440,263 @@ async def test_presence_ttl_reaches_the_server(pg_url: str, redis: RedisServer) 
         assert srv.presence.ttl_ms == 7500
         assert isinstance(srv.fanout, RedisFanout)
         assert srv.fanout.instance == srv.presence.instance
+
+
+# A crashed instance, for real: its entry expires after TTL, a survivor reaps it on its
+# next heartbeat (every TTL / 3) and the offline goes out within INTERVAL.
+TTL = 1.5  # survivors tolerate a 1 s stall of their own loop (a loaded machine)
+INTERVAL = 0.05
+
+
+def unmeasured_env() -> dict[str, str]:
+    """This environment without coverage: a process the test kills with SIGKILL would
+    leave a half-written coverage data file behind (``coverage combine`` warns)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS_")}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+async def start_instance(pg_url: str, redis_url: str, prefix: str) -> tuple[Any, tuple[str, int]]:
+    """``netstack chat serve`` in its own process: (the process, its TCP address)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "netstack",
+        "chat",
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--tcp-bind",
+        "127.0.0.1:0",
+        "--db",
+        pg_url,
+        "--redis",
+        redis_url,
+        "--redis-prefix",
+        prefix,
+        "--presence-ttl",
+        str(TTL),
+        "--presence-interval",
+        str(INTERVAL),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=unmeasured_env(),
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(TIMEOUT * 2):
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            assert line, "the chat instance exited at start"
+            if line.startswith("listening on tcp "):
+                return proc, ("127.0.0.1", int(line.rsplit(":", 1)[1]))
+
+
+def redis_parts(srv: ChatServer) -> tuple[RedisPresence, RedisFanout]:
+    assert isinstance(srv.presence, RedisPresence)
+    assert isinstance(srv.fanout, RedisFanout)
+    return srv.presence, srv.fanout
+
+
+def offline_events(client: Client, nick: str) -> list[dict[str, Any]]:
+    return [e for e in client.events if e["type"] == "presence" and nick in e["offline"]]
+
+
+async def test_a_killed_instance_s_users_go_offline_once(
+    pg_url: str, redis: RedisServer, prefix: str
+) -> None:
+    timeouts = ChatTimeouts(presence_ttl=TTL, presence_interval=INTERVAL)
+    cfg = chat_config(pg_url, redis=redis.url, redis_prefix=prefix, chat_timeouts=timeouts)
+    async with ChatServer(cfg) as one, ChatServer(cfg) as three:
+        proc, two = await start_instance(pg_url, redis.url, prefix)
+        try:
+            alice, dave = await tcp(one), await tcp(three)  # the watchers, on survivors
+            bob = await TCPClient.open(two)  # only on the instance that will die
+            carol_one, carol_two = await tcp(one), await TCPClient.open(two)  # on both
+            await alice.register("alice")
+            await dave.register("dave")
+            await bob.register("bob")
+            await carol_one.register("carol")
+            await carol_two.login("carol")
+            await alice.ok("create", room="general")
+            for client in (dave, bob, carol_one):
+                await client.ok("join", room="general")
+            for watcher in (alice, dave):
+                who = await watcher.ok("who", room="general")
+                assert {m["nick"] for m in who["members"] if m["online"]} == {
+                    "alice",
+                    "bob",
+                    "carol",
+                    "dave",
+                }
+
+            await bob.ok("dm", to="alice", text="bye")  # DM partners: alice hears of bob
+            proc.kill()  # SIGKILL: no goodbye, no offline from it
+            await proc.wait()
+            killed = asyncio.get_running_loop().time()
+            for watcher in (alice, dave):
+                await watcher.presence("general", offline="bob")
+            elapsed = asyncio.get_running_loop().time() - killed
+            # Within TTL + a heartbeat + the batch interval (0.84 to 1.26 s with TTL 1 on
+            # an idle machine), plus slack for a loaded one.
+            assert elapsed <= TTL + TTL / 3 + INTERVAL + TIMEOUT / 5, elapsed
+            await alice.presence(None, offline="bob")  # to her, as his DM partner
+
+            # One reap between the two survivors, and nothing left to reap.
+            survivors = [redis_parts(one), redis_parts(three)]
+            assert sum(presence.reaped for presence, _ in survivors) == 1
+            for (presence, fanout), srv in zip(survivors, (one, three), strict=True):
+                assert await presence.reap() == 0
+                srv.service.flush_presence()
+                await fanout.flush()
+            await alice.ok("ping")  # anything for alice and dave before now has arrived:
+            await dave.ok("ping")  # the offline went out once, carol is still online
+            for watcher in (alice, dave):
+                assert offline_events(watcher, "bob") == []  # the one was taken above
+                assert offline_events(watcher, "carol") == []
+                who = await watcher.ok("who", room="general")
+                assert {m["nick"] for m in who["members"] if m["online"]} == {
+                    "alice",
+                    "carol",
+                    "dave",
+                }
+            await closing(alice, dave, carol_one, bob, carol_two)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+class Reaped:
+    """An ``on_expired`` / ``on_returned`` handler that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    async def __call__(self, user_ids: list[int]) -> None:
+        self.calls.append(user_ids)
+
+    @property
+    def users(self) -> list[int]:
+        return sorted(u for call in self.calls for u in call)
+
+
+async def test_a_dead_instance_is_reaped_in_batches_by_one_survivor(
+    redis: RedisServer, prefix: str
+) -> None:
+    from netstack.servers.chat.scaleout import REAP_BATCH
+
+    dead = RedisPresence(redis.url, prefix=prefix, ttl=0.3)
+    a = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT * 4)
+    b = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT * 4)
+    got_a, got_b = Reaped(), Reaped()
+    a.on_expired(got_a)
+    b.on_expired(got_b)
+    for presence in (dead, a, b):
+        await presence.start()
+        presence.stop_heartbeat()  # no tick of its own: the test calls reap() itself
+    users = range(1, 2 * REAP_BATCH + 2)  # three batches
+    # What a connect per user would leave, in one write (HSET, as the heartbeat does).
+    redis.cli(
+        "hset", f"{prefix}:presence:{dead.instance}", *[str(n) for u in users for n in (u, 1)]
+    )
+    assert await dead.connect(10_000) is True  # also on a (below): stays online
+    assert await a.connect(10_000) is False
+    assert await dead.connect(10_001) is True  # leaves a before the reap: offline then, once
+    assert await a.connect(10_001) is False
+    assert await a.reap() == 0  # not expired yet
+    await apoll_until(alive_is_offline(a, 1))
+    assert await a.disconnect(10_001) is True  # its last live connection: announced here
+
+    assert await a.reap() == 1
+    assert await b.reap() == 0  # claimed and finished by a: nothing for b
+    assert len(got_a.calls) == 3  # 2 * REAP_BATCH + 2 users left on it
+    assert all(len(call) <= REAP_BATCH for call in got_a.calls)
+    assert got_a.users == list(users)  # each once; not 10_000 (on a), not 10_001 (gone)
+    assert got_b.calls == []
+    assert redis.cli("exists", f"{prefix}:presence:{dead.instance}").strip() == "0"
+    assert await a.online([10_000]) == {10_000}
+    for presence in (dead, a, b):
+        await presence.close()
+
+
+async def test_a_reap_whose_reaper_dies_is_taken_over(redis: RedisServer, prefix: str) -> None:
+    from netstack.servers.chat.scaleout import CLAIM_LUA, LEAVE_LUA
+
+    dead = RedisPresence(redis.url, prefix=prefix, ttl=0.3)
+    reaper = RedisPresence(redis.url, prefix=prefix, ttl=0.3)  # its claim's lease: 0.3 s
+    other = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT * 4)
+    got = Reaped()
+    other.on_expired(got)
+    for presence in (dead, reaper, other):
+        await presence.start()
+        presence.stop_heartbeat()  # no tick of its own: the test calls reap() itself
+    assert await dead.connect(7) is True
+    await reaper._script(LEAVE_LUA)  # out of the way: only `dead` expires
+    await apoll_until(alive_is_offline(other, 7))
+    # The reaper claims the dead instance, then dies before reaping a single batch.
+    assert (await reaper._script(CLAIM_LUA)).decode() == dead.instance
+    assert await other.reap() == 0  # claimed, lease running: left alone
+
+    async def taken_over() -> bool:
+        return await other.reap() == 1
+
+    await apoll_until(taken_over)  # once the lease has passed
+    assert got.calls == [[7]]
+    for presence in (dead, reaper, other):
+        await presence.close()
+
+
+async def test_an_instance_taken_for_dead_announces_its_users_again(
+    redis: RedisServer, prefix: str
+) -> None:
+    stalled = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT)
+    other = RedisPresence(redis.url, prefix=prefix, ttl=TIMEOUT)
+    expired, returned = Reaped(), Reaped()
+    other.on_expired(expired)
+    stalled.on_returned(returned)
+    await stalled.start()
+    await other.start()
+    stalled.stop_heartbeat()  # its ticks are run by hand below: beat()
+    assert await stalled.connect(3) is True
+    # A stall longer than the ttl, as seen from Redis: the entry is past its expiry.
+    redis.cli("zadd", f"{prefix}:instances", "1", stalled.instance)
+    assert await other.reap() == 1
+    assert expired.calls == [[3]]
+    assert not await other.is_online(3)
+    # Its next heartbeat finds it was dropped: user 3 is online again and announced so.
+    await stalled.beat()
+    assert returned.calls == [[3]]
+    assert await other.is_online(3)
+    await stalled.beat()  # registered all along: nothing to announce
+    assert returned.calls == [[3]]
+
+    # Dropped again, and a connect comes before the heartbeat: that heartbeat announces.
+    redis.cli("zadd", f"{prefix}:instances", "1", stalled.instance)
+    assert await other.reap() == 1
+    assert await stalled.connect(4) is True
+    await stalled.beat()
+    assert sorted(returned.calls[-1]) == [3, 4]
+    assert await other.online([3, 4]) == {3, 4}
+    await stalled.close()
+    await other.close()
+
+
+async def test_users_of_an_instance_taken_for_dead_come_back_online(
+    pg_url: str, redis: RedisServer, prefix: str
+) -> None:
+    timeouts = ChatTimeouts(presence_ttl=TTL, presence_interval=INTERVAL)
+    cfg = chat_config(pg_url, redis=redis.url, redis_prefix=prefix, chat_timeouts=timeouts)
+    async with ChatServer(cfg) as one, ChatServer(cfg) as two:
+        alice, bob = await tcp(one), await tcp(two)
+        await alice.register("alice")
+        await bob.register("bob")
+        await alice.ok("create", room="general")
+        await bob.ok("join", room="general")
+        await alice.ok("who", room="general")
+        stalled, _ = redis_parts(two)
+        stalled.stop_heartbeat()  # it stalls longer than the ttl...
+        redis.cli("zadd", f"{prefix}:instances", "1", stalled.instance)
+        await alice.presence("general", offline="bob")  # ...and one reaps it
+        await stalled.beat()  # back: its heartbeat finds it was dropped
+        await alice.presence("general", online="bob")
+        assert (await alice.ok("dm", to="bob", text="there?"))["delivered"] is True
+        await closing(alice, bob)

@@ -171,6 +171,27 @@ async def test_messages_history_backfill_pending(store: Store) -> None:
     assert await store.pending(bob.id, 10) == []
 
 
+async def test_user_by_id_and_dm_partners(store: Store) -> None:
+    alice, bob, carol, dave = [
+        await store.create_user(nick, "h", NOW) for nick in ("alice", "Bob", "carol", "dave")
+    ]
+    assert await store.get_user_by_id(bob.id) == bob
+    assert await store.get_user_by_id(10_000) is None
+    assert await store.dm_partners(alice.id, 10) == []
+    room = await store.create_room("general", "public", "", alice.id, NOW)
+    await store.add_message(sender=alice, text="room", now=NOW, room=room)
+    await store.add_message(sender=alice, text="1", now=NOW, recipient=bob)
+    await store.add_message(sender=carol, text="2", now=NOW, recipient=alice)
+    await store.add_message(sender=alice, text="3", now=NOW, recipient=alice)  # a note to self
+    await store.add_message(sender=dave, text="4", now=NOW, recipient=bob)
+    # Both directions, the most recent first, without herself or room messages.
+    assert await store.dm_partners(alice.id, 10) == [(carol.id, "carol"), (bob.id, "Bob")]
+    await store.add_message(sender=bob, text="5", now=NOW, recipient=alice)
+    assert await store.dm_partners(alice.id, 10) == [(bob.id, "Bob"), (carol.id, "carol")]
+    assert await store.dm_partners(alice.id, 1) == [(bob.id, "Bob")]
+    assert await store.dm_partners(bob.id, 10) == [(alice.id, "alice"), (dave.id, "dave")]
+
+
 async def test_files(store: Store) -> None:
     alice = await store.create_user("alice", "h", NOW)
     data = bytes(range(256)) * 4  # binary, with NUL bytes

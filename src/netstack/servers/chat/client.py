@@ -132,18 +132,24 @@ def _nicks(names: list[str]) -> str:
 
 
 def format_presence(ev: dict[str, Any]) -> str | None:
-    """One line for a batched ``presence`` event (``None``: it lists nobody)."""
+    """One line for a batched ``presence`` event (``None``: it lists nobody).
+
+    Room null: the user's DM partners (their state after the login, then changes).
+    """
+    dms = ev.get("room") is None
     parts = [
         f"{_nicks(ev[name])} {verb}"
         for name, verb in (
             ("joined", "joined"),
             ("left", "left"),
             ("online", "online"),
-            ("offline", "went offline"),
+            ("offline", "offline" if dms else "went offline"),
         )
         if ev.get(name)
     ]
-    return f"* #{ev['room']}: {'; '.join(parts)}" if parts else None
+    if not parts:
+        return None
+    return f"* {'DMs' if dms else '#' + ev['room']}: {'; '.join(parts)}"
 
 
 def format_event(ev: dict[str, Any]) -> str | None:

@@ -12,8 +12,10 @@ Redis and calls the same ``deliver`` on each instance's subscribers.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeAlias
+
+UsersHandler: TypeAlias = Callable[[list[int]], Awaitable[None]]
 
 
 class Subscriber(Protocol):
@@ -59,9 +61,17 @@ class Presence(Protocol):
     async def online(self, user_ids: Sequence[int]) -> set[int]:
         """The ones of ``user_ids`` that are connected (one round trip for a room)."""
 
+    def on_expired(self, handler: UsersHandler) -> None:
+        """Have ``handler(user_ids)`` called with users who went offline without a
+        :meth:`disconnect`: their instance died (see :class:`~.scaleout.RedisPresence`)."""
+
+    def on_returned(self, handler: UsersHandler) -> None:
+        """Have ``handler(user_ids)`` called with this instance's users when they may have
+        been announced offline although connected (this instance was taken for dead)."""
+
 
 class LocalPresence:
-    """Presence within one process."""
+    """Presence within one process (which cannot outlive its own users)."""
 
     def __init__(self) -> None:
         self._connections: dict[int, int] = {}
@@ -90,6 +100,12 @@ class LocalPresence:
 
     async def online(self, user_ids: Sequence[int]) -> set[int]:
         return {uid for uid in user_ids if uid in self._connections}
+
+    def on_expired(self, handler: UsersHandler) -> None:
+        return None
+
+    def on_returned(self, handler: UsersHandler) -> None:
+        return None
 
 
 class LoginThrottle(Protocol):

@@ -110,6 +110,10 @@ SCHEMA: Final[tuple[LiteralString, ...]] = (
     "CREATE INDEX IF NOT EXISTS messages_room ON messages(room_id, id)",
     "CREATE INDEX IF NOT EXISTS messages_dm ON messages(recipient, sender, id)",
     "CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender, id)",
+    "CREATE INDEX IF NOT EXISTS messages_dm_sent ON messages(sender, id, recipient)"
+    " WHERE recipient IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS messages_dm_received ON messages(recipient, id, sender)"
+    " WHERE recipient IS NOT NULL",
     """CREATE TABLE IF NOT EXISTS pending_dms (
         user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
         message_id BIGINT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -136,6 +140,22 @@ NO_LIMIT: Final = 2**62
 def _message(row: Sequence[Any]) -> Message:
     file = FileInfo(row[6], row[7], row[8], row[9]) if row[6] is not None else None
     return Message(row[0], row[1], row[2], row[3], room=row[4], recipient=row[5], file=file)
+
+
+# The partners of a user's last 1000 DMs each way (so a login costs O(1), however many DMs
+# a user has), through the indexes messages_dm_sent / messages_dm_received.
+_DM_PARTNERS: Final = """
+SELECT u.id, u.nick FROM (
+    SELECT recipient AS other, id FROM (
+        SELECT recipient, id FROM messages WHERE sender=%s AND recipient IS NOT NULL
+         ORDER BY id DESC LIMIT 1000) s
+    UNION ALL
+    SELECT sender AS other, id FROM (
+        SELECT sender, id FROM messages WHERE recipient=%s
+         ORDER BY id DESC LIMIT 1000) r
+) d JOIN users u ON u.id=d.other WHERE d.other<>%s
+GROUP BY u.id, u.nick ORDER BY MAX(d.id) DESC LIMIT %s
+"""
 
 
 class PostgresStore(PooledStore):
@@ -188,6 +208,10 @@ class PostgresStore(PooledStore):
         row = await self._one(
             "SELECT id, nick, password_hash FROM users WHERE nick_key=%s", nick.lower()
         )
+        return User(*row) if row else None
+
+    async def get_user_by_id(self, user_id: int) -> User | None:
+        row = await self._one("SELECT id, nick, password_hash FROM users WHERE id=%s", user_id)
         return User(*row) if row else None
 
     async def create_session(self, token_hash: str, user_id: int, expires: int, now: int) -> None:
@@ -409,6 +433,10 @@ class PostgresStore(PooledStore):
             limit,
         )
         return [_message(row) for row in reversed(rows)]
+
+    async def dm_partners(self, user_id: int, limit: int) -> list[tuple[int, str]]:
+        rows = await self._all(_DM_PARTNERS, user_id, user_id, user_id, limit)
+        return [(row[0], row[1]) for row in rows]
 
     async def backfill(self, user_id: int, since: int, limit: int) -> list[Message]:
         rows = await self._all(

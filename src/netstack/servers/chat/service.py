@@ -18,6 +18,12 @@ Invariants:
   room's members, online/offline only to the sessions watching the room (the last
   :data:`MAX_WATCHED` rooms each asked ``who`` about), so a mass connect of N members
   costs O(N) per interval, not O(N^2).
+* Online/offline of a user also goes to their :data:`MAX_DM_PARTNERS` most recent DM
+  partners (``user:<id>``, a ``presence`` event with ``room`` null, batched per partner),
+  whatever room those watch; each login gets its partners' current state after the ack.
+  A user without DMs costs one store query per login/logout and no event.
+* A crashed instance's users are announced ``offline`` by the one surviving instance that
+  reaps it (:class:`~.scaleout.RedisPresence`, in batches), through the same batches.
 * A DM to a user with no live session is also queued as pending and delivered at the
   next login (and is in ``backfill`` anyway).
 * Several instances (``--redis``): events cross instances through the fan-out, and so do
@@ -36,7 +42,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Protocol
 
 from netstack.config import ChatLimits, ChatTimeouts
@@ -99,6 +105,9 @@ CLOSE_GOING_AWAY = 1001
 # Rooms whose online/offline changes one session receives (the member pane of the page
 # shows one; a terminal user may /who a few). The oldest watch is dropped beyond this.
 MAX_WATCHED = 4
+# A user's online/offline also goes to the users they exchanged DMs with: the most recent
+# this many (the page lists DM partners; a presence change costs O(this), not O(partners)).
+MAX_DM_PARTNERS = 50
 
 
 class Outlet(Protocol):
@@ -299,8 +308,11 @@ class ChatService:
         )
         self._background: set[asyncio.Task[None]] = set()  # presence updates of closed sessions
         self._presence_batch = PresenceBatcher()
+        self._dm_batch = PresenceBatcher()  # "room" is the DM partner's user id
         self._presence_timer: asyncio.TimerHandle | None = None
         self.fanout.subscribe(CONTROL_TOPIC, _Control(self))
+        self.presence.on_expired(self._expired)
+        self.presence.on_returned(self._returned)
         self._handlers: dict[str, Callable[[Session, Command], Awaitable[dict[str, object]]]] = {
             "register": self._register,
             "login": self._login,
@@ -416,6 +428,38 @@ class ChatService:
     def _presence(self, room: str, nick: str, change: PresenceChange) -> None:
         """Queue a presence change; the batch goes out within ``presence_interval``."""
         self._presence_batch.add(room, nick, change)
+        self._schedule_presence()
+
+    def _dm_presence(self, partner_id: int, nick: str, change: PresenceChange) -> None:
+        """Queue an online/offline change of ``nick`` for its DM partner ``partner_id``."""
+        self._dm_batch.add(str(partner_id), nick, change)
+        self._schedule_presence()
+
+    async def _announce(
+        self, user_id: int, nick: str, rooms: Collection[str], change: PresenceChange
+    ) -> None:
+        """Queue ``online``/``offline`` of a user for its rooms' watchers and DM partners."""
+        for room in sorted(rooms):
+            self._presence(room, nick, change)
+        for partner_id, _ in await self.store.dm_partners(user_id, MAX_DM_PARTNERS):
+            self._dm_presence(partner_id, nick, change)
+
+    async def _expired(self, user_ids: list[int]) -> None:
+        """Users of a dead instance connected nowhere else (one batch): ``offline``."""
+        for user_id in user_ids:
+            user = await self.store.get_user_by_id(user_id)
+            if user is not None:
+                rooms = await self.store.user_rooms(user_id)
+                await self._announce(user_id, user.nick, rooms, "offline")
+
+    async def _returned(self, user_ids: list[int]) -> None:
+        """This instance was taken for dead and its users announced offline: ``online``."""
+        for user_id in user_ids:
+            session = next(iter(self._user_sessions(user_id)), None)
+            if session is not None and session.user is not None:
+                await self._announce(user_id, session.user.nick, session.rooms, "online")
+
+    def _schedule_presence(self) -> None:
         interval = self.timeouts.presence_interval
         if interval is None:
             self.flush_presence()
@@ -432,6 +476,8 @@ class ChatService:
         for batch in self._presence_batch.flush():
             topic = room_topic(batch.room) if batch.membership else watch_topic(batch.room)
             self._publish(topic, batch.event)
+        for batch in self._dm_batch.flush():  # to each partner's own sessions, room null
+            self._publish(user_topic(int(batch.room)), {**batch.event, "room": None})
 
     def _watch(self, session: Session, room: str) -> None:
         """Send ``session`` the online/offline changes of ``room`` from now on."""
@@ -554,9 +600,15 @@ class ChatService:
         except Exception as exc:  # shared presence unreachable: still logged in, here
             logger.warning("chat presence: connect of %s failed: %s", user.nick, exc)
             first = False
+        partners = await self.store.dm_partners(user.id, MAX_DM_PARTNERS)
         if first:
             for room in rooms:
                 self._presence(room, user.nick, "online")
+            for partner_id, _ in partners:
+                self._dm_presence(partner_id, user.nick, "online")
+        # Where the DM partners are, whatever room the client shows; changes follow.
+        if partners and (event := await self._partners_event(partners)) is not None:
+            session.after_ack.append(event)
         result["rooms"] = rooms
         result["last_id"] = await self.store.last_message_id()
         # Sent after the ack: the DMs that waited for this login. They stop being pending
@@ -604,8 +656,26 @@ class ChatService:
             logger.warning("chat presence: disconnect of %s failed: %s", user.nick, exc)
             return
         if last:
-            for room in sorted(rooms):
-                self._presence(room, user.nick, "offline")
+            try:
+                await self._announce(user.id, user.nick, rooms, "offline")
+            except Exception as exc:  # the store failed: the rooms were queued already
+                logger.warning("chat presence: DM partners of %s: %s", user.nick, exc)
+
+    async def _partners_event(self, partners: list[tuple[int, str]]) -> dict[str, object] | None:
+        """A ``presence`` event (room null) with the online state of these DM partners."""
+        try:
+            online = await self.presence.online([uid for uid, _ in partners])
+        except Exception as exc:  # shared presence unreachable: say nothing
+            logger.warning("chat presence: lookup of DM partners failed: %s", exc)
+            return None
+        return {
+            "type": "presence",
+            "room": None,
+            "joined": [],
+            "left": [],
+            "online": [nick for uid, nick in partners if uid in online],
+            "offline": [nick for uid, nick in partners if uid not in online],
+        }
 
     async def _logout(self, session: Session, cmd: Command) -> dict[str, object]:
         if session.token_hash is not None:

@@ -98,6 +98,10 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_room ON messages(room_id, id);
 CREATE INDEX IF NOT EXISTS messages_dm ON messages(recipient, sender, id);
 CREATE INDEX IF NOT EXISTS messages_sender ON messages(sender, id);
+CREATE INDEX IF NOT EXISTS messages_dm_sent ON messages(sender, id, recipient)
+    WHERE recipient IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_dm_received ON messages(recipient, id, sender)
+    WHERE recipient IS NOT NULL;
 CREATE TABLE IF NOT EXISTS pending_dms (
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -135,6 +139,22 @@ def _switch_to_wal(db: sqlite3.Connection, attempts: int = 50) -> None:
             if "locked" not in str(exc) or attempt == attempts - 1:
                 raise
             time.sleep(0.02 * (attempt + 1))
+
+
+# The partners of a user's last 1000 DMs each way (so a login costs O(1), however many DMs
+# a user has), through the indexes messages_dm_sent / messages_dm_received.
+_DM_PARTNERS: Final = """
+SELECT u.id, u.nick FROM (
+    SELECT recipient AS other, id FROM (
+        SELECT recipient, id FROM messages WHERE sender=? AND recipient IS NOT NULL
+         ORDER BY id DESC LIMIT 1000) s
+    UNION ALL
+    SELECT sender AS other, id FROM (
+        SELECT sender, id FROM messages WHERE recipient=?
+         ORDER BY id DESC LIMIT 1000) r
+) d JOIN users u ON u.id=d.other WHERE d.other<>?
+GROUP BY u.id, u.nick ORDER BY MAX(d.id) DESC LIMIT ?
+"""
 
 
 class SQLiteStore:
@@ -217,6 +237,12 @@ class SQLiteStore:
     async def get_user(self, nick: str) -> User | None:
         row = await self._run(
             self._one, "SELECT id, nick, password_hash FROM users WHERE nick_key=?", nick.lower()
+        )
+        return User(*row) if row else None
+
+    async def get_user_by_id(self, user_id: int) -> User | None:
+        row = await self._run(
+            self._one, "SELECT id, nick, password_hash FROM users WHERE id=?", user_id
         )
         return User(*row) if row else None
 
@@ -459,6 +485,10 @@ class SQLiteStore:
             limit,
         )
         return [_message(row) for row in reversed(rows)]
+
+    async def dm_partners(self, user_id: int, limit: int) -> list[tuple[int, str]]:
+        rows = await self._run(self._all, _DM_PARTNERS, user_id, user_id, user_id, limit)
+        return [(row[0], row[1]) for row in rows]
 
     async def backfill(self, user_id: int, since: int, limit: int) -> list[Message]:
         rows = await self._run(

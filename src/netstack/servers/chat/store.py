@@ -116,6 +116,8 @@ class Store(Protocol):
     async def get_user(self, nick: str) -> User | None:
         """Look a user up by nick, ignoring case."""
 
+    async def get_user_by_id(self, user_id: int) -> User | None: ...
+
     async def create_session(self, token_hash: str, user_id: int, expires: int, now: int) -> None:
         """Store a new session; sessions expired by ``now`` are purged on the way."""
 
@@ -184,6 +186,12 @@ class Store(Protocol):
     async def dm_history(
         self, a: User, b: User, before: int | None, limit: int
     ) -> list[Message]: ...
+
+    async def dm_partners(self, user_id: int, limit: int) -> list[tuple[int, str]]:
+        """(id, nick) of the users ``user_id`` exchanged DMs with, the most recent first.
+
+        Only the last 1000 DMs sent and 1000 received are looked at: bounded work per call.
+        """
 
     async def backfill(self, user_id: int, since: int, limit: int) -> list[Message]:
         """Messages newer than ``since`` in the user's rooms and DMs, oldest first."""

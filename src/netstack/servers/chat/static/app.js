@@ -105,14 +105,27 @@ const handlers = {
     }
   },
   message(ev) { addMessage(ev.message); },
-  dm(ev) { addMessage(ev.message); },
+  dm(ev) {
+    // A live DM (not one queued while we were away) comes from someone connected now.
+    if (!ev.pending && ev.message.from !== state.nick && !state.online.has(ev.message.from)) {
+      state.online.add(ev.message.from);
+      renderSidebar();
+    }
+    addMessage(ev.message);
+  },
   // Batched: every presence_interval at most one per room with the membership changes
   // (to members) and one with online/offline (to sessions watching it, i.e. whose member
-  // pane asked `who` about it).
+  // pane asked `who` about it). Room null: online/offline of our DM partners (after login
+  // their state now, then their changes), whatever room is on screen.
   presence(ev) {
-    const key = "#" + ev.room;
     for (const n of ev.online) state.online.add(n);
     for (const n of ev.offline) state.online.delete(n);
+    if (state.current && state.current.startsWith("@")) renderHeader();  // "online"/"offline"
+    if (ev.room === null) {
+      renderSidebar();
+      return;
+    }
+    const key = "#" + ev.room;
     if (ev.joined.length) system(key, `${nickList(ev.joined)} joined #${ev.room}`);
     if (ev.left.length) system(key, `${nickList(ev.left)} left #${ev.room}`);
     if (state.current === key) {
