@@ -279,7 +279,9 @@ class ClientConnection(asyncio.Protocol):
                 kept.clear()
         if self.client_eof:
             bt.write_eof()
-        elif not self.transport.is_closing():
+        elif not self.transport.is_closing() and not side.backed_up:
+            # Reading stopped at the replay cap; unless the kept bytes just filled the
+            # backend's buffer (pause_writing above), in which case resume_writing resumes.
             self.transport.resume_reading()
 
     def _proxy_header(self) -> bytes:
@@ -363,10 +365,11 @@ class ClientConnection(asyncio.Protocol):
 class BackendConnection(asyncio.Protocol):
     """The backend side of a relay: forwards everything to its client."""
 
-    __slots__ = ("client", "transport")
+    __slots__ = ("backed_up", "client", "transport")
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
+        self.backed_up = False  # between pause_writing and resume_writing
 
     def itself(self) -> BackendConnection:
         """The protocol factory for ``create_connection``."""
@@ -392,11 +395,13 @@ class BackendConnection(asyncio.Protocol):
         self.client.backend_lost(self, exc)
 
     def pause_writing(self) -> None:
+        self.backed_up = True
         ct = self.client.transport
         if not ct.is_closing():
             ct.pause_reading()
 
     def resume_writing(self) -> None:
+        self.backed_up = False
         ct = self.client.transport
         if not ct.is_closing():
             ct.resume_reading()
