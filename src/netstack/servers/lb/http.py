@@ -802,24 +802,22 @@ class ProxyConnection(asyncio.Protocol):
         from netstack.proto import proxy_protocol
 
         assert self.proxy_buffer is not None
-        buffer = self.proxy_buffer + data
         try:
-            parsed = proxy_protocol.parse(buffer)
+            header, rest = proxy_protocol.receive(self.proxy_buffer, data)
         except RemoteProtocolError as exc:
             self.proxy_buffer = None
             logger.warning("! %s: %s; closing", self.peer, exc)
             self.abort()
             return b""
-        if parsed is None:
-            self.proxy_buffer = buffer
+        if header is None:
+            self.proxy_buffer = rest
             return b""
-        header, used = parsed
         self.proxy_buffer = None
-        if header.src_addr is not None and header.family in ("INET", "INET6"):
-            self._set_client(header.src_addr)
+        if header.source is not None:
+            self._set_client(header.source[0])
         if not self._allowed(self.listener.rules):
             return b""
-        return buffer[used:]
+        return rest
 
     def eof_received(self) -> bool:
         if self.tunnel:

@@ -136,29 +136,24 @@ class ClientConnection(asyncio.Protocol):
         from netstack.proto import proxy_protocol
 
         assert self.proxy_buffer is not None
-        buffer = self.proxy_buffer + data
         try:
-            parsed = proxy_protocol.parse(buffer)
+            header, rest = proxy_protocol.receive(self.proxy_buffer, data)
         except RemoteProtocolError as exc:
             logger.warning("! relay from %s: %s; closing", self.peer, exc)
             self.proxy_buffer = None
             self.abort()
             return
-        if parsed is None:
-            self.proxy_buffer = buffer
+        if header is None:
+            self.proxy_buffer = rest
             return
-        header, used = parsed
         self.proxy_buffer = None
-        inet = header.family in ("INET", "INET6")
-        if inet and header.src_addr is not None and header.dst_addr is not None:
+        source, destination = header.source, header.destination
+        if source is not None and destination is not None:
             # LOCAL, UNSPEC and UNIX headers leave the real connection endpoints in place.
-            self.proxied = (
-                (header.src_addr, header.src_port or 0),
-                (header.dst_addr, header.dst_port or 0),
-            )
+            self.proxied = (source, destination)
         self._start_connect()
-        if len(buffer) > used:
-            self._early_data(buffer[used:])
+        if rest:
+            self._early_data(rest)
 
     def _early_data(self, data: bytes) -> None:
         bt = self.backend_transport

@@ -315,23 +315,21 @@ class WSGIProtocol(asyncio.Protocol):
         from netstack.proto import proxy_protocol
 
         assert self.proxy_buffer is not None
-        buffer = self.proxy_buffer + data
         try:
-            parsed = proxy_protocol.parse(buffer)
+            header, rest = proxy_protocol.receive(self.proxy_buffer, data)
         except RemoteProtocolError as exc:
             self.proxy_buffer = None
             self._reject(exc)
             return b""
-        if parsed is None:
-            self.proxy_buffer = buffer
+        if header is None:
+            self.proxy_buffer = rest
             return b""
-        header, used = parsed
         self.proxy_buffer = None
-        if header.src_addr is not None and header.family in ("INET", "INET6"):
-            self.peer = (header.src_addr, header.src_port or 0)
+        if header.source is not None:
+            self.peer = header.source
             # The proxy vouches for the client, which is not itself a trusted proxy.
-            self.peer_trusted = self.server.trusted.contains(header.src_addr)
-        return buffer[used:]
+            self.peer_trusted = self.server.trusted.contains(header.source[0])
+        return rest
 
     def eof_received(self) -> bool:
         conn = self.conn
