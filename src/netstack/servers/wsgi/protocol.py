@@ -91,6 +91,15 @@ _RESPONSES: dict[tuple[Any, ...], EncodedResponse] = {}
 _RESPONSES_SIZE: Final = 256
 
 
+def _close_result(close: Callable[[], object]) -> None:
+    """Call the ``close()`` of an app's response iterable (PEP 3333); its error is the app's
+    bug, logged with the traceback, and the connection goes on."""
+    try:
+        close()
+    except Exception:
+        logger.exception("error closing the app's response iterable")
+
+
 def _encode_response(status: str, headers: list[tuple[str, str]]) -> EncodedResponse:
     """Check and encode what an app gave start_response (PEP 3333: latin-1 strings).
 
@@ -815,10 +824,7 @@ class Exchange:
         self.result = None
         close = getattr(result, "close", None)
         if close is not None:
-            try:
-                close()
-            except Exception:
-                logger.exception("error closing the app's response iterable")
+            _close_result(close)
 
     def app_error(self, exc: BaseException | None = None) -> None:
         """The app raised (or broke WSGI): 500 if nothing was sent, else cut the connection."""
@@ -973,10 +979,7 @@ class Exchange:
         teardown, a database session), which must never happen on the event loop."""
         close = getattr(result, "close", None)
         if close is not None:
-            try:
-                close()
-            except Exception:
-                logger.exception("error closing the app's response iterable")
+            _close_result(close)
 
     def send_threaded(self, data: bytes) -> None:
         """From the app thread: hand one chunk to the loop, in order.
