@@ -90,7 +90,7 @@ from netstack.proto.http11.parse import connection_tokens
 from netstack.proto.http11.write import reason_phrase
 from netstack.proto.ratelimit import RateLimiter
 from netstack.servers.lb.accesslog import REPLY_TERMS, AccessLog, access_logger
-from netstack.servers.lb.relay import REPLAY_MAX_BYTES
+from netstack.servers.lb.relay import REPLAY_MAX_BYTES, connect_backend
 from netstack.servers.lb.server import Listener
 from netstack.servers.wsgi.protocol import LINGER_BYTES, LINGER_SECONDS, error_response
 
@@ -1144,18 +1144,11 @@ class ProxyConnection(asyncio.Protocol):
             self.abort()
 
     async def _connect_once(self, backend: Backend) -> None:
-        loop = asyncio.get_running_loop()
         route = self.route
         assert route is not None
         up = Upstream(self.listener, backend)
-        try:
-            async with asyncio.timeout(route.pool_cfg.timeouts.connect_timeout):
-                await loop.create_connection(up.itself, backend.host, backend.port)
-        except TimeoutError:
-            reason = "connect timeout"
-        except OSError as exc:
-            reason = f"connect error ({exc.strerror or exc})"
-        else:
+        reason = await connect_backend(up.itself, backend, route.pool_cfg.timeouts.connect_timeout)
+        if reason is None:
             self.connect_task = None
             if self.closed or self.backend is not backend:
                 self.listener.park(up, self.listener.now)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from netstack.errors import LocalProtocolError, NoBackendAvailable, RemoteProtocolError
@@ -30,6 +31,26 @@ logger = logging.getLogger(__name__)
 # Enough for any protocol's first request (HTTP headers, a TLS ClientHello, a Redis or SQL
 # command); beyond it the client is streaming and a replay would be wrong anyway.
 REPLAY_MAX_BYTES: Final = 64 * 1024
+
+
+async def connect_backend(
+    factory: Callable[[], asyncio.Protocol], backend: Backend, connect_timeout: float
+) -> str | None:
+    """Connect to ``backend`` within ``connect_timeout`` seconds.
+
+    Returns:
+        ``None`` once connected (the protocol's connection_made has run), else why not, as
+        the balancer reports it: ``"connect timeout"`` or ``"connect error (...)"``.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(factory, backend.host, backend.port)
+    except TimeoutError:
+        return "connect timeout"
+    except OSError as exc:
+        return f"connect error ({exc.strerror or exc})"
+    return None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -235,14 +256,8 @@ class ClientConnection(asyncio.Protocol):
             self.tried.add(backend)
             self.backend = backend  # ours to release: failure below, failover or _finish
             side = BackendConnection(self)
-            try:
-                async with asyncio.timeout(timeout):
-                    await loop.create_connection(side.itself, backend.host, backend.port)
-            except TimeoutError:
-                reason = "connect timeout"
-            except OSError as exc:
-                reason = f"connect error ({exc.strerror or exc})"
-            else:
+            reason = await connect_backend(side.itself, backend, timeout)
+            if reason is None:
                 return  # attached in connection_made, before any backend byte could arrive
             if self.backend_side is side:  # made, then timed out before we resumed
                 self.backend_side = None
@@ -402,4 +417,4 @@ class BackendConnection(asyncio.Protocol):
             ct.resume_reading()
 
 
-__all__ = ["REPLAY_MAX_BYTES", "BackendConnection", "ClientConnection"]
+__all__ = ["REPLAY_MAX_BYTES", "BackendConnection", "ClientConnection", "connect_backend"]
