@@ -24,6 +24,23 @@ def the_relay(lb: Balancer):
     return next(iter(lb.connections))
 
 
+def send_total(sock: socket.socket, fill: bytes) -> None:
+    """Send TOTAL bytes of ``fill`` in 1 MiB blocks, then half-close."""
+    block = fill * (1 << 20)
+    for _ in range(TOTAL // len(block)):
+        sock.sendall(block)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def receive_all(sock: socket.socket, fill: bytes) -> int:
+    """Read to EOF, checking every byte is ``fill``; return how many arrived."""
+    got = 0
+    while chunk := sock.recv(1 << 20):
+        assert chunk == fill * len(chunk)
+        got += len(chunk)
+    return got
+
+
 def backend_backed_up(relay) -> bool:
     """The client is paused *because the backend is*: attached, and the client not read.
 
@@ -57,15 +74,7 @@ async def test_slow_client_pauses_the_backend() -> None:
                     )
                 )
                 assert relay.transport.get_write_buffer_size() <= HIGH + SLACK
-
-                def drain() -> int:
-                    got = 0
-                    while chunk := sock.recv(1 << 20):
-                        assert chunk == b"\xab" * len(chunk)
-                        got += len(chunk)
-                    return got
-
-                assert await asyncio.to_thread(drain) == TOTAL
+                assert await asyncio.to_thread(receive_all, sock, b"\xab") == TOTAL
 
 
 async def test_slow_backend_pauses_the_client() -> None:
@@ -86,14 +95,7 @@ async def test_slow_backend_pauses_the_client() -> None:
         async with Balancer(cfg) as lb:
             sock = socket.create_connection(lb.address(), timeout=TIMEOUT * 2)
             with sock:
-
-                def send_all() -> None:
-                    block = b"\xcd" * (1 << 20)
-                    for _ in range(TOTAL // len(block)):
-                        sock.sendall(block)
-                    sock.shutdown(socket.SHUT_WR)
-
-                sender = asyncio.create_task(asyncio.to_thread(send_all))
+                sender = asyncio.create_task(asyncio.to_thread(send_total, sock, b"\xcd"))
                 await apoll_until(lambda: lb.connections)
                 relay = the_relay(lb)
                 await apoll_until(lambda: backend_backed_up(relay))
@@ -108,10 +110,11 @@ async def test_slow_backend_pauses_the_client() -> None:
 
 
 async def test_backend_connecting_late_still_pauses_the_client() -> None:
-    # The backend's accept queue is full (listen(0) and one connection nobody accepted), so
-    # the balancer's SYN is dropped and its connect waits for the retransmission: the
-    # client meanwhile fills the replay buffer. On attach those kept bytes overflow the
-    # backend's buffer at once, and the client must stay paused (it was resumed by mistake).
+    # The state the flaky wait above mistook for backpressure, made certain: the backend's
+    # accept queue is full (listen(0) and one connection nobody accepted), so the
+    # balancer's SYN is dropped and its connect waits for the retransmission while the
+    # client fills the replay buffer and is paused with no backend. Once attached, the
+    # client resumes and is paused again by the backend's backpressure alone.
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # what accept() inherits
     listener.bind(("127.0.0.1", 0))
@@ -124,14 +127,7 @@ async def test_backend_connecting_late_still_pauses_the_client() -> None:
         async with Balancer(cfg) as lb:
             sock = socket.create_connection(lb.address(), timeout=TIMEOUT * 2)
             with sock:
-
-                def send_all() -> None:
-                    block = b"\xef" * (1 << 20)
-                    for _ in range(TOTAL // len(block)):
-                        sock.sendall(block)
-                    sock.shutdown(socket.SHUT_WR)
-
-                sender = asyncio.create_task(asyncio.to_thread(send_all))
+                sender = asyncio.create_task(asyncio.to_thread(send_total, sock, b"\xef"))
                 await apoll_until(lambda: lb.connections)
                 relay = the_relay(lb)
                 # Paused at the replay cap, no backend yet.
@@ -140,14 +136,6 @@ async def test_backend_connecting_late_still_pauses_the_client() -> None:
                 assert relay.kept_bytes >= REPLAY_MAX_BYTES
                 listener.accept()[0].close()  # room in the queue: the retransmitted SYN lands
                 await apoll_until(lambda: backend_backed_up(relay), TIMEOUT * 2)
-                print(
-                    "DBG",
-                    relay.kept_bytes,
-                    relay.backend_transport.get_write_buffer_size(),
-                    relay.backend_side.transport.get_extra_info("socket").getsockopt(
-                        socket.SOL_SOCKET, socket.SO_SNDBUF
-                    ),
-                )
                 # The kept bytes, at most the cap plus one read, and nothing read after them.
                 assert relay.backend_transport.get_write_buffer_size() > high
                 assert relay.backend_transport.get_write_buffer_size() <= REPLAY_MAX_BYTES + SLACK
@@ -156,15 +144,7 @@ async def test_backend_connecting_late_still_pauses_the_client() -> None:
                 with conn:
                     conn.settimeout(TIMEOUT * 2)
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-
-                    def drain() -> int:
-                        got = 0
-                        while chunk := conn.recv(1 << 20):
-                            assert chunk == b"\xef" * len(chunk)
-                            got += len(chunk)
-                        return got
-
-                    assert await asyncio.to_thread(drain) == TOTAL
+                    assert await asyncio.to_thread(receive_all, conn, b"\xef") == TOTAL
                     await sender
 
 
