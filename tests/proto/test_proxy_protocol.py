@@ -20,6 +20,7 @@ from netstack.proto.proxy_protocol import (
     encode_v2,
     for_connection,
     parse,
+    receive,
 )
 from tests.helpers import splits
 
@@ -556,3 +557,39 @@ def test_arbitrary_bytes_parse_or_fail_cleanly(data: bytes) -> None:
         assert 0 < consumed <= len(data)
         # Whatever parsed is something we can write back in the same version.
         assert parse(encode(header)) is not None
+
+
+@pytest.mark.parametrize(("data", "expected"), [v[1:] for v in VALID], ids=[v[0] for v in VALID])
+def test_receive_holds_a_partial_header_and_hands_back_what_follows(
+    data: bytes, expected: ProxyHeader
+) -> None:
+    for chunks in splits(data + b"GET /"):
+        pending = b""
+        header = None
+        fed = 0
+        while header is None:
+            header, pending = receive(pending, chunks[fed])
+            fed += 1
+        assert header == expected
+        assert pending + b"".join(chunks[fed:]) == b"GET /"
+
+
+def test_receive_raises_on_a_bad_start() -> None:
+    header, pending = receive(b"", b"PRO")
+    assert (header, pending) == (None, b"PRO")
+    with pytest.raises(RemoteProtocolError):
+        receive(pending, b"Z")
+
+
+def test_source_and_destination_only_for_inet_families() -> None:
+    tcp4 = parse(b"PROXY TCP4 192.0.2.1 198.51.100.2 5000 443\r\n")
+    assert tcp4 is not None
+    assert tcp4[0].source == ("192.0.2.1", 5000)
+    assert tcp4[0].destination == ("198.51.100.2", 443)
+    unknown = parse(b"PROXY UNKNOWN\r\n")
+    assert unknown is not None
+    assert unknown[0].source is None
+    assert unknown[0].destination is None
+    unix = ProxyHeader(2, "PROXY", "UNIX", "STREAM", "/run/a.sock", None, "/run/b.sock", None)
+    assert unix.source is None
+    assert unix.destination is None

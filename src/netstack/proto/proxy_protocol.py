@@ -128,6 +128,20 @@ class ProxyHeader:
         """True when the receiver must use the real connection endpoints (LOCAL/UNSPEC)."""
         return self.family == "UNSPEC"
 
+    @property
+    def source(self) -> tuple[str, int] | None:
+        """The original client ``(address, port)`` of an INET/INET6 header, else ``None``."""
+        if self.src_addr is None or self.family not in ("INET", "INET6"):
+            return None
+        return self.src_addr, self.src_port or 0
+
+    @property
+    def destination(self) -> tuple[str, int] | None:
+        """The ``(address, port)`` the client connected to, for INET/INET6; else ``None``."""
+        if self.dst_addr is None or self.family not in ("INET", "INET6"):
+            return None
+        return self.dst_addr, self.dst_port or 0
+
     def tlv(self, type_: int) -> bytes | None:
         """The value of the first TLV of ``type_``, or ``None`` if absent."""
         for t, value in self.tlvs:
@@ -174,6 +188,28 @@ def parse(
     if V2_SIGNATURE.startswith(head):
         return _parse_v2(buf, max_v2_bytes) if len(head) == len(V2_SIGNATURE) else None
     raise _bad("no v1 ('PROXY ') or v2 signature at the start of the connection")
+
+
+def receive(pending: bytes, data: bytes) -> tuple[ProxyHeader | None, bytes]:
+    """Add ``data`` to the start of a connection held so far, for a receiver fed in chunks.
+
+    Args:
+        pending: the bytes received before ``data`` that did not yet make a whole header.
+        data: the bytes just received.
+
+    Returns:
+        ``(header, the bytes after it)`` once the header is whole; ``(None, everything
+        received so far)`` to pass back as ``pending`` while it is not.
+
+    Raises:
+        RemoteProtocolError: as :func:`parse` (LimitExceeded included).
+    """
+    buffer = pending + data
+    parsed = parse(buffer)
+    if parsed is None:
+        return None, buffer
+    header, used = parsed
+    return header, buffer[used:]
 
 
 def _parse_v1(buf: bytes | bytearray) -> tuple[ProxyHeader, int] | None:

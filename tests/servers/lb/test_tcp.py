@@ -504,3 +504,37 @@ async def test_ipv6_frontend_relays_to_ipv4_backend() -> None:
 
             assert host == "::1"
             assert await asyncio.to_thread(ask) == b"v4 six\n"
+
+
+@pytest.mark.parametrize("mode", ["tcp", "http"])
+async def test_connect_failures_are_reported_with_their_reason(mode: str, caplog) -> None:
+    """Refused, then timed out (a full accept queue drops the SYN): both fail over, and the
+    balancer names each reason (connect_backend, shared by the L4 relay and L7 proxy)."""
+    caplog.set_level(logging.DEBUG, logger="netstack.servers.lb.server")
+    with socket.socket() as blocked:
+        blocked.bind(("127.0.0.1", 0))
+        blocked.listen(0)
+        filler = socket.create_connection(blocked.getsockname(), timeout=TIMEOUT)
+        cfg = lb_config(
+            free_port(),
+            blocked.getsockname()[1],
+            mode=mode,
+            timeouts=BalancerTimeouts(connect_timeout=0.2),
+        )
+        with filler:
+            async with Balancer(cfg) as lb:
+                port = lb.address()[1]
+
+                def ask() -> bytes:
+                    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+                        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        data = b""
+                        while chunk := s.recv(4096):
+                            data += chunk
+                        return data
+
+                answer = await asyncio.to_thread(ask)
+                assert lb.stats.backend_failures == 2
+    assert answer == b"" if mode == "tcp" else answer.startswith(b"HTTP/1.1 50")
+    assert "connect error (" in caplog.text  # refused: the message is the loop's
+    assert "connect timeout" in caplog.text

@@ -60,6 +60,9 @@ RPC_TEXT = """\
 # TYPE netstack_rpc_calls_total counter
 netstack_rpc_calls_total{{method="/notes.Notes/GetNote",code="OK"}} {ok}
 netstack_rpc_calls_total{{method="/notes.Notes/GetNote",code="NOT_FOUND"}} {bad}
+netstack_rpc_calls_total{{method="/notes.Notes/CreateNote",code="INVALID_ARGUMENT"}} {bad}
+netstack_rpc_calls_total{{method="/notes.Notes/GetNote",code="UNAVAILABLE"}} {failed}
+netstack_rpc_calls_total{{method="/notes.Notes/GetNote",code="INTERNAL"}} {failed}
 # TYPE netstack_rpc_call_duration_seconds histogram
 netstack_rpc_call_duration_seconds_bucket{{le="0.001"}} {ok}
 netstack_rpc_call_duration_seconds_bucket{{le="+Inf"}} {total}
@@ -289,7 +292,7 @@ def test_balancer_health_rpc_and_chat(exporters):
         ]
     }
     lb.set(json.dumps(backends), "/api/backends")
-    rpc.set(RPC_TEXT.format(ok=10, bad=0, total=10))
+    rpc.set(RPC_TEXT.format(ok=10, bad=0, failed=0, total=10))
     chat.set(CHAT_TEXT.format(messages=5))
     ctl = MemoryController(
         [
@@ -306,7 +309,7 @@ def test_balancer_health_rpc_and_chat(exporters):
         wait_first(dash)
         t0 = dash.snapshot()["time"]
         lb.set(LB_TEXT.format(requests=200, ok=180, bad=20))
-        rpc.set(RPC_TEXT.format(ok=40, bad=10, total=50))
+        rpc.set(RPC_TEXT.format(ok=40, bad=10, failed=3, total=50))
         chat.set(CHAT_TEXT.format(messages=25))
         snap = dash.collect()
         dt = snap["time"] - t0
@@ -328,8 +331,10 @@ def test_balancer_health_rpc_and_chat(exporters):
         assert row(snap, "web-3")["lb"] is None
         assert row(snap, "web-3")["lb_error"] == "not in the balancer's pools"
         r = row(snap, "rpc")
-        assert r["calls_rps"] == pytest.approx(40 / dt, rel=0.05)
-        assert r["errors_rps"] == pytest.approx(10 / dt, rel=0.05)
+        assert r["calls_rps"] == pytest.approx((30 + 2 * 10 + 2 * 3) / dt, rel=0.05)
+        # Server-side failures are errors; NOT_FOUND / INVALID_ARGUMENT are shown apart.
+        assert r["errors_rps"] == pytest.approx(2 * 3 / dt, rel=0.05)
+        assert r["client_errors_rps"] == pytest.approx(2 * 10 / dt, rel=0.05)
         assert r["p50_ms"] is not None
         assert r["p50_ms"] <= 1
         assert r["p99_ms"] == 1.0  # in +Inf: the highest finite bound

@@ -132,7 +132,7 @@ async def test_polling_fallback_all_tiers_and_an_error_shown_on_the_page(tmp_pat
             lb.set(LB_TEXT.format(requests=20 * n, ok=19 * n, bad=n))
             web1.set(web_text(10 * n, 9 * n, n))
             web2.set(web_text(10 * n, 10 * n, 0))
-            rpc.set(RPC_TEXT.format(ok=5 * n, bad=0, total=5 * n))
+            rpc.set(RPC_TEXT.format(ok=5 * n, bad=n, failed=n, total=5 * n))
             chat.set(CHAT_TEXT.format(messages=3 * n))
 
     ticker = threading.Thread(target=advance, daemon=True)
@@ -204,9 +204,10 @@ async def test_polling_fallback_all_tiers_and_an_error_shown_on_the_page(tmp_pat
             await expect(page.locator("#t-chat")).to_have_text("7")
             await expect(page.locator("#t-5xx")).to_have_text(NONZERO)
             await expect(page.locator("#t-lb-rps")).to_have_text(NONZERO)
-            await expect(
-                page.locator('.server[data-name="rpc"] .fig-calls .fig-value')
-            ).to_have_text(NONZERO)
+            rpc_card = page.locator('.server[data-name="rpc"]')
+            await expect(rpc_card.locator(".fig-calls .fig-value")).to_have_text(NONZERO)
+            await expect(rpc_card.locator(".fig-errors .fig-value")).to_have_text(NONZERO)
+            await expect(rpc_card.locator(".fig-client-errors .fig-value")).to_have_text(NONZERO)
             await expect(page.locator('.server[data-name="chat"]')).to_contain_text("websocket")
             card2 = page.locator('.server[data-name="web-2"]')
             await expect(card2.locator(".lb-state")).to_have_text("lb: draining")

@@ -413,3 +413,27 @@ async def test_a_body_complete_in_its_first_chunk_is_sent_in_one_write(threads: 
     replies = responses(data)
     assert [r.body for r in replies] == [b"hello", b"hello"]
     assert pulled == [1, 1]
+
+
+@THREADS
+async def test_an_iterable_whose_close_raises_is_logged_and_the_connection_goes_on(
+    threads: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Body:
+        def __iter__(self) -> Any:
+            yield b"ok"
+
+        def close(self) -> None:
+            raise RuntimeError("close failed")
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return Body()
+
+    async with serve(app, validate=False, threads=threads) as server:
+        data = await exchange(server, get() + get(extra="Connection: close\r\n"))
+        await apoll_until(
+            lambda: caplog.text.count("error closing the app's response iterable") == 2
+        )
+    assert [r.body for r in responses(data)] == [b"ok", b"ok"]
+    assert "RuntimeError: close failed" in caplog.text

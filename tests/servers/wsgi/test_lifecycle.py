@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import threading
 from typing import Any
 
@@ -81,3 +82,33 @@ async def test_graceful_close_finishes_in_flight_requests_and_closes_idle_ones()
     finally:
         release.set()
         await server_cm.__aexit__(None, None, None)
+
+
+async def test_connections_still_in_the_accept_queue_at_close_are_answered() -> None:
+    # Closing a listener resets what its accept queue holds: a client that connected and
+    # sent its request would see ECONNRESET on a fresh connection (the SIGTERM-under-load
+    # flake). The loop gets no turn between these connects and close(), so both are still
+    # queued when _shutdown runs; each is answered once, with Connection: close.
+    async with serve(echo, threads=0) as server:
+        port = port_of(server)
+        clients = []
+        for i in range(2):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            sock.sendall(get(f"/queued{i}"))
+            clients.append(sock)
+        server.close()
+
+        def read_all(sock: socket.socket) -> bytes:
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+        for i, sock in enumerate(clients):
+            with sock:
+                data = await asyncio.to_thread(read_all, sock)
+            (response,) = responses(data)
+            assert response.status == 200
+            assert response.body.startswith(f"GET /queued{i} ".encode())
+            assert b"connection: close" in data.lower()
+        await server.wait_closed()

@@ -90,7 +90,7 @@ from netstack.proto.http11.parse import connection_tokens
 from netstack.proto.http11.write import reason_phrase
 from netstack.proto.ratelimit import RateLimiter
 from netstack.servers.lb.accesslog import REPLY_TERMS, AccessLog, access_logger
-from netstack.servers.lb.relay import REPLAY_MAX_BYTES
+from netstack.servers.lb.relay import REPLAY_MAX_BYTES, connect_backend
 from netstack.servers.lb.server import Listener
 from netstack.servers.wsgi.protocol import LINGER_BYTES, LINGER_SECONDS, error_response
 
@@ -802,24 +802,22 @@ class ProxyConnection(asyncio.Protocol):
         from netstack.proto import proxy_protocol
 
         assert self.proxy_buffer is not None
-        buffer = self.proxy_buffer + data
         try:
-            parsed = proxy_protocol.parse(buffer)
+            header, rest = proxy_protocol.receive(self.proxy_buffer, data)
         except RemoteProtocolError as exc:
             self.proxy_buffer = None
             logger.warning("! %s: %s; closing", self.peer, exc)
             self.abort()
             return b""
-        if parsed is None:
-            self.proxy_buffer = buffer
+        if header is None:
+            self.proxy_buffer = rest
             return b""
-        header, used = parsed
         self.proxy_buffer = None
-        if header.src_addr is not None and header.family in ("INET", "INET6"):
-            self._set_client(header.src_addr)
+        if header.source is not None:
+            self._set_client(header.source[0])
         if not self._allowed(self.listener.rules):
             return b""
-        return buffer[used:]
+        return rest
 
     def eof_received(self) -> bool:
         if self.tunnel:
@@ -1146,18 +1144,11 @@ class ProxyConnection(asyncio.Protocol):
             self.abort()
 
     async def _connect_once(self, backend: Backend) -> None:
-        loop = asyncio.get_running_loop()
         route = self.route
         assert route is not None
         up = Upstream(self.listener, backend)
-        try:
-            async with asyncio.timeout(route.pool_cfg.timeouts.connect_timeout):
-                await loop.create_connection(up.itself, backend.host, backend.port)
-        except TimeoutError:
-            reason = "connect timeout"
-        except OSError as exc:
-            reason = f"connect error ({exc.strerror or exc})"
-        else:
+        reason = await connect_backend(up.itself, backend, route.pool_cfg.timeouts.connect_timeout)
+        if reason is None:
             self.connect_task = None
             if self.closed or self.backend is not backend:
                 self.listener.park(up, self.listener.now)

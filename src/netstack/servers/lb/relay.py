@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from netstack.errors import LocalProtocolError, NoBackendAvailable, RemoteProtocolError
@@ -30,6 +31,26 @@ logger = logging.getLogger(__name__)
 # Enough for any protocol's first request (HTTP headers, a TLS ClientHello, a Redis or SQL
 # command); beyond it the client is streaming and a replay would be wrong anyway.
 REPLAY_MAX_BYTES: Final = 64 * 1024
+
+
+async def connect_backend(
+    factory: Callable[[], asyncio.Protocol], backend: Backend, connect_timeout: float
+) -> str | None:
+    """Connect to ``backend`` within ``connect_timeout`` seconds.
+
+    Returns:
+        ``None`` once connected (the protocol's connection_made has run), else why not, as
+        the balancer reports it: ``"connect timeout"`` or ``"connect error (...)"``.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(factory, backend.host, backend.port)
+    except TimeoutError:
+        return "connect timeout"
+    except OSError as exc:
+        return f"connect error ({exc.strerror or exc})"
+    return None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -136,29 +157,24 @@ class ClientConnection(asyncio.Protocol):
         from netstack.proto import proxy_protocol
 
         assert self.proxy_buffer is not None
-        buffer = self.proxy_buffer + data
         try:
-            parsed = proxy_protocol.parse(buffer)
+            header, rest = proxy_protocol.receive(self.proxy_buffer, data)
         except RemoteProtocolError as exc:
             logger.warning("! relay from %s: %s; closing", self.peer, exc)
             self.proxy_buffer = None
             self.abort()
             return
-        if parsed is None:
-            self.proxy_buffer = buffer
+        if header is None:
+            self.proxy_buffer = rest
             return
-        header, used = parsed
         self.proxy_buffer = None
-        inet = header.family in ("INET", "INET6")
-        if inet and header.src_addr is not None and header.dst_addr is not None:
+        source, destination = header.source, header.destination
+        if source is not None and destination is not None:
             # LOCAL, UNSPEC and UNIX headers leave the real connection endpoints in place.
-            self.proxied = (
-                (header.src_addr, header.src_port or 0),
-                (header.dst_addr, header.dst_port or 0),
-            )
+            self.proxied = (source, destination)
         self._start_connect()
-        if len(buffer) > used:
-            self._early_data(buffer[used:])
+        if rest:
+            self._early_data(rest)
 
     def _early_data(self, data: bytes) -> None:
         bt = self.backend_transport
@@ -240,14 +256,8 @@ class ClientConnection(asyncio.Protocol):
             self.tried.add(backend)
             self.backend = backend  # ours to release: failure below, failover or _finish
             side = BackendConnection(self)
-            try:
-                async with asyncio.timeout(timeout):
-                    await loop.create_connection(side.itself, backend.host, backend.port)
-            except TimeoutError:
-                reason = "connect timeout"
-            except OSError as exc:
-                reason = f"connect error ({exc.strerror or exc})"
-            else:
+            reason = await connect_backend(side.itself, backend, timeout)
+            if reason is None:
                 return  # attached in connection_made, before any backend byte could arrive
             if self.backend_side is side:  # made, then timed out before we resumed
                 self.backend_side = None
@@ -279,7 +289,9 @@ class ClientConnection(asyncio.Protocol):
                 kept.clear()
         if self.client_eof:
             bt.write_eof()
-        elif not self.transport.is_closing():
+        elif not self.transport.is_closing() and not side.backed_up:
+            # Reading stopped at the replay cap; unless the kept bytes just filled the
+            # backend's buffer (pause_writing above), in which case resume_writing resumes.
             self.transport.resume_reading()
 
     def _proxy_header(self) -> bytes:
@@ -363,10 +375,11 @@ class ClientConnection(asyncio.Protocol):
 class BackendConnection(asyncio.Protocol):
     """The backend side of a relay: forwards everything to its client."""
 
-    __slots__ = ("client", "transport")
+    __slots__ = ("backed_up", "client", "transport")
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
+        self.backed_up = False  # between pause_writing and resume_writing
 
     def itself(self) -> BackendConnection:
         """The protocol factory for ``create_connection``."""
@@ -392,14 +405,16 @@ class BackendConnection(asyncio.Protocol):
         self.client.backend_lost(self, exc)
 
     def pause_writing(self) -> None:
+        self.backed_up = True
         ct = self.client.transport
         if not ct.is_closing():
             ct.pause_reading()
 
     def resume_writing(self) -> None:
+        self.backed_up = False
         ct = self.client.transport
         if not ct.is_closing():
             ct.resume_reading()
 
 
-__all__ = ["REPLAY_MAX_BYTES", "BackendConnection", "ClientConnection"]
+__all__ = ["REPLAY_MAX_BYTES", "BackendConnection", "ClientConnection", "connect_backend"]

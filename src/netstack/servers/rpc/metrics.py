@@ -24,6 +24,7 @@ would turn p99 into "how long people watch".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -122,20 +123,28 @@ class RPCMetrics(grpc.aio.ServerInterceptor):
             handler.response_serializer,
         )
 
+    @contextlib.contextmanager
+    def _call(self, method: str, context: Context, *, timed: bool) -> Iterator[None]:
+        """One call's accounting: in flight while it runs, then counted by its final code
+        (and timed, unless it is a server stream)."""
+        self.in_flight += 1
+        start = self.clock() if timed else 0.0
+        failure: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            self.in_flight -= 1
+            if timed:
+                self.duration.observe(self.clock() - start)
+            self.count(method, final_code(context, failure))
+
     def _unary(self, behavior: Any, method: str) -> Any:
         async def unary(request: Any, context: Context) -> Any:
-            self.in_flight += 1
-            start = self.clock()
-            failure: BaseException | None = None
-            try:
+            with self._call(method, context, timed=True):
                 return await behavior(request, context)
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                self.in_flight -= 1
-                self.duration.observe(self.clock() - start)
-                self.count(method, final_code(context, failure))
 
         return unary
 
@@ -143,32 +152,16 @@ class RPCMetrics(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def generator(request: Any, context: Context) -> AsyncIterator[Any]:
-                self.in_flight += 1
-                failure: BaseException | None = None
-                try:
+                with self._call(method, context, timed=False):
                     async for response in behavior(request, context):
                         yield response
-                except BaseException as exc:
-                    failure = exc
-                    raise
-                finally:
-                    self.in_flight -= 1
-                    self.count(method, final_code(context, failure))
 
             return generator
 
         # A coroutine that writes with context.write (WatchNotes, health Watch).
         async def writer(request: Any, context: Context) -> None:
-            self.in_flight += 1
-            failure: BaseException | None = None
-            try:
+            with self._call(method, context, timed=False):
                 await behavior(request, context)
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                self.in_flight -= 1
-                self.count(method, final_code(context, failure))
 
         return writer
 

@@ -180,6 +180,30 @@ def _ok(status: str) -> bool:
     return not status.startswith("5")
 
 
+# gRPC codes that answer a caller's mistake or choice (what the gRPC-to-HTTP mapping makes
+# 4xx): NOT_FOUND, ALREADY_EXISTS... are the service doing its job, shown apart from
+# errors. Every other non-OK code, one we do not know included, is a server-side error
+# (UNKNOWN, INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, DATA_LOSS,
+# UNIMPLEMENTED).
+GRPC_CLIENT_CODES: Final = frozenset(
+    {
+        "CANCELLED",
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNAUTHENTICATED",
+    }
+)
+
+
+def _rpc_error(code: str) -> bool:
+    return code != "OK" and code not in GRPC_CLIENT_CODES
+
+
 class Dashboard:
     """Watches a :class:`~.topology.Controller`'s components and serves the dashboard.
 
@@ -529,7 +553,12 @@ def _figures(kind: Kind, d: _Diff | None) -> dict[str, Any]:
         name = "netstack_rpc_calls_total"
         return {
             "calls_rps": d.rate(name) if d else None,
-            "errors_rps": sum(d.rates_by(name, "code", lambda c: c != "OK").values())
+            "errors_rps": sum(d.rates_by(name, "code", _rpc_error).values())
+            if d and d.known
+            else None,
+            "client_errors_rps": sum(
+                d.rates_by(name, "code", GRPC_CLIENT_CODES.__contains__).values()
+            )
             if d and d.known
             else None,
             "p50_ms": p50,

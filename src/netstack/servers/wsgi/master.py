@@ -54,6 +54,7 @@ from typing import Any, Final
 from netstack.config import WSGIServerConfig
 from netstack.servers.procutil import die_with_parent
 from netstack.servers.wsgi.balance import LoadSlot, LoadTable
+from netstack.transport.backlog import refuse_new_connections
 
 logger = logging.getLogger(__name__)
 
@@ -452,8 +453,11 @@ class Master:
             self.cfg.timeouts.graceful_timeout,
         )
         # Our copies of the listeners go first: once the workers close theirs, the kernel
-        # refuses new connections instead of queueing them for nobody.
+        # refuses new connections instead of queueing them for nobody. Every holder is
+        # stopping, so no new handshake either: what is queued now is all the workers
+        # accept before closing (a close would reset it; transport/backlog.py).
         for sock in self.sockets:
+            refuse_new_connections(sock)
             sock.close()
         for worker in self.workers.values():
             worker.stopping = True

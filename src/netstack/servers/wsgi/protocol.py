@@ -91,6 +91,15 @@ _RESPONSES: dict[tuple[Any, ...], EncodedResponse] = {}
 _RESPONSES_SIZE: Final = 256
 
 
+def _close_result(close: Callable[[], object]) -> None:
+    """Call the ``close()`` of an app's response iterable (PEP 3333); its error is the app's
+    bug, logged with the traceback, and the connection goes on."""
+    try:
+        close()
+    except Exception:
+        logger.exception("error closing the app's response iterable")
+
+
 def _encode_response(status: str, headers: list[tuple[str, str]]) -> EncodedResponse:
     """Check and encode what an app gave start_response (PEP 3333: latin-1 strings).
 
@@ -315,23 +324,21 @@ class WSGIProtocol(asyncio.Protocol):
         from netstack.proto import proxy_protocol
 
         assert self.proxy_buffer is not None
-        buffer = self.proxy_buffer + data
         try:
-            parsed = proxy_protocol.parse(buffer)
+            header, rest = proxy_protocol.receive(self.proxy_buffer, data)
         except RemoteProtocolError as exc:
             self.proxy_buffer = None
             self._reject(exc)
             return b""
-        if parsed is None:
-            self.proxy_buffer = buffer
+        if header is None:
+            self.proxy_buffer = rest
             return b""
-        header, used = parsed
         self.proxy_buffer = None
-        if header.src_addr is not None and header.family in ("INET", "INET6"):
-            self.peer = (header.src_addr, header.src_port or 0)
+        if header.source is not None:
+            self.peer = header.source
             # The proxy vouches for the client, which is not itself a trusted proxy.
-            self.peer_trusted = self.server.trusted.contains(header.src_addr)
-        return buffer[used:]
+            self.peer_trusted = self.server.trusted.contains(header.source[0])
+        return rest
 
     def eof_received(self) -> bool:
         conn = self.conn
@@ -817,10 +824,7 @@ class Exchange:
         self.result = None
         close = getattr(result, "close", None)
         if close is not None:
-            try:
-                close()
-            except Exception:
-                logger.exception("error closing the app's response iterable")
+            _close_result(close)
 
     def app_error(self, exc: BaseException | None = None) -> None:
         """The app raised (or broke WSGI): 500 if nothing was sent, else cut the connection."""
@@ -975,10 +979,7 @@ class Exchange:
         teardown, a database session), which must never happen on the event loop."""
         close = getattr(result, "close", None)
         if close is not None:
-            try:
-                close()
-            except Exception:
-                logger.exception("error closing the app's response iterable")
+            _close_result(close)
 
     def send_threaded(self, data: bytes) -> None:
         """From the app thread: hand one chunk to the loop, in order.

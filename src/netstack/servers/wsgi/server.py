@@ -46,6 +46,7 @@ from netstack.servers.wsgi.balance import (
 )
 from netstack.servers.wsgi.environ import base_environ, build_environ
 from netstack.servers.wsgi.protocol import Exchange, FileWrapper, WSGIProtocol
+from netstack.transport.backlog import accept_pending, refuse_new_connections
 from netstack.transport.listener import Lifecycle
 from netstack.transport.tls import server_context
 
@@ -284,6 +285,13 @@ class WSGIServer(Lifecycle):
     async def _shutdown(self) -> None:
         """uvicorn's shutdown(), event-driven: stop accepting, drain, then abort."""
         self.closing = True
+        # Closing a listener resets what waits in its accept queue: take that first
+        # (transport/backlog.py). The master stops new handshakes on shared listeners.
+        queued = []
+        for sock in self._sockets:
+            if self._given_sockets is None:
+                refuse_new_connections(sock)
+            queued += accept_pending(sock)
         for server in self._servers:
             server.close()
         if self.load_slot is not None:
@@ -296,6 +304,12 @@ class WSGIServer(Lifecycle):
                 self._pause_timer.cancel()
             for sock in self._sockets:
                 sock.close()
+        handoffs = [
+            self.loop.create_task(
+                self.loop.connect_accepted_socket(lambda: WSGIProtocol(self), conn, ssl=self.ssl)
+            )
+            for conn in queued
+        ]
         logger.info("shutting down: %d connection(s) to finish", len(self.connections))
         for conn in list(self.connections):
             conn.shutdown()
@@ -303,6 +317,8 @@ class WSGIServer(Lifecycle):
             self._all_closed.set()
         try:
             async with asyncio.timeout(self.cfg.timeouts.graceful_timeout):
+                if handoffs:  # each is admitted (and waited for) once its transport is made
+                    await asyncio.gather(*handoffs, return_exceptions=True)
                 await self._all_closed.wait()
         except TimeoutError:
             logger.warning(

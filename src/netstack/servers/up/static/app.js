@@ -269,7 +269,8 @@
       const nd = !c.data;
       if (c.kind === "rpc") {
         kv(figs, "calls/s", nd ? "no data" : fmtRate(c.calls_rps), "fig-calls");
-        kv(figs, "errors/s", nd ? "—" : fmtRate(c.errors_rps));
+        kv(figs, "errors/s", nd ? "—" : fmtRate(c.errors_rps), "fig-errors");
+        kv(figs, "client errors/s", nd ? "—" : fmtRate(c.client_errors_rps), "fig-client-errors");
         kv(figs, "p50", nd ? "—" : fmtMs(c.p50_ms));
         kv(figs, "p99", nd ? "—" : fmtMs(c.p99_ms));
       } else {
