@@ -106,14 +106,12 @@ async def run(args: argparse.Namespace) -> None:
     if args.access_log:  # formatted and written as `netstack balance` would, to /dev/null
         import logging
 
-        from netstack.log import TEXT_FORMAT
+        from netstack import log
 
-        handler = logging.FileHandler(os.devnull)
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))
-        root = logging.getLogger("netstack")
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
+        log.configure("info")  # as the CLI does; then its stderr handler writes to /dev/null
+        handler = logging.getLogger("netstack").handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(open(os.devnull, "w"))  # noqa: ASYNC230, SIM115  # for the run
     async with Balancer(cfg) as lb:
         listener = next(iter(lb.listeners.values()))
         assert isinstance(listener, HTTPListener)

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from netstack.config import DEFAULT_LB_ACCESS_LOG_FORMAT
-from netstack.log import LB_ACCESS_LOGGER
+from netstack.log import LB_ACCESS_LOGGER, write_info_line
 from netstack.servers.logformat import AtomFormat, clf_time
 
 if TYPE_CHECKING:
@@ -196,6 +196,8 @@ class AccessLog:
         except Exception as exc:  # a surprise in a header value: still log something
             line = f"access log format failed ({exc!r})"
         logger = access_logger
+        if write_info_line(logger, line):
+            return  # plain text to stderr: the extra fields would not be shown anyway
         record = logging.LogRecord(logger.name, logging.INFO, __file__, 0, line, None, None)
         record.__dict__.update(extra)
         logger.handle(record)

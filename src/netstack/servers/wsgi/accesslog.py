@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from netstack.errors import ConfigError
-from netstack.log import ACCESS_LOGGER
+from netstack.log import ACCESS_LOGGER, write_info_line
 from netstack.servers.logformat import AtomFormat, clf_time
 
 if TYPE_CHECKING:
@@ -126,6 +126,8 @@ class AccessFormat:
             line = self.format(exchange)
         except Exception as exc:  # a header value with a surprise: still log something
             line = f"access log format failed ({exc!r})"
+        if write_info_line(access_logger, line):
+            return  # plain text to stderr: the extra fields would not be shown anyway
         request = exchange.request
         environ = exchange.environ
         access_logger.info(
