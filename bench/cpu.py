@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import statistics
 import sys
 import tempfile
@@ -51,21 +50,6 @@ def all_cases(baseline: str | None) -> dict[str, object]:
     return found
 
 
-def group_cpu(pgid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of every live process in group ``pgid`` (Linux /proc)."""
-    user = system = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited meanwhile
-        if int(fields[2]) == pgid:
-            user += int(fields[11])
-            system += int(fields[12])
-    tick = os.sysconf("SC_CLK_TCK")
-    return user / tick, system / tick
-
-
 def measure(
     case: object, duration: float, connections: int, logdir: Path
 ) -> tuple[float, float, float]:
@@ -74,9 +58,9 @@ def measure(
     try:
         pgid = running.proc.pid
         bench_http.run_wrk(running.port, 1, connections, True)  # warm-up
-        user0, sys0 = group_cpu(pgid)
+        user0, sys0 = bench_http.group_cpu(pgid)
         result = bench_http.run_wrk(running.port, duration, connections, True)
-        user1, sys1 = group_cpu(pgid)
+        user1, sys1 = bench_http.group_cpu(pgid)
     finally:
         bench_http.stop(running)
     if result.socket_errors or result.non_2xx:

@@ -380,21 +380,30 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in group ``pgid`` (Linux /proc).
-
-    Servers run in their own session, so this is the master and all its workers and
-    threads: more than 100 % over a pinned run would mean the pin did not hold.
+def group_cpu(pgid: int, reaped: bool = False) -> tuple[float, float]:
+    """(user, system) CPU seconds of every live process in group ``pgid`` (Linux /proc),
+    with ``reaped`` also those of the children they waited for (processes that come and go).
     """
-    total = 0
+    user = system = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # exited meanwhile
         if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11]) + (int(fields[13]) if reaped else 0)
+            system += int(fields[12]) + (int(fields[14]) if reaped else 0)
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in group ``pgid`` (Linux /proc).
+
+    Servers run in their own session, so this is the master and all its workers and
+    threads: more than 100 % over a pinned run would mean the pin did not hold.
+    """
+    return sum(group_cpu(pgid))
 
 
 def _tail(log: Path, lines: int = 3) -> str:

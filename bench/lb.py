@@ -689,17 +689,7 @@ def measure(
 def _cpu(pgid: int) -> float:
     """CPU seconds of process group ``pgid``: user + system of its live processes, plus
     those of the children they reaped (PumpkinLB's per-connection processes come and go)."""
-    if not pgid:
-        return 0.0
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited meanwhile
-        if int(fields[2]) == pgid:
-            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return total / os.sysconf("SC_CLK_TCK")
+    return sum(bench_http.group_cpu(pgid, reaped=True)) if pgid else 0.0
 
 
 def _content(b: BulkResult) -> str:
