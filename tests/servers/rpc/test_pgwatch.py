@@ -67,6 +67,16 @@ async def expect_next(stream: Stream, title: str) -> pb.NoteEvent:
     return event
 
 
+async def expect_feed_back(server: RPCServer, stub: pb_grpc.NotesAsyncStub) -> None:
+    """The feed reconnected once, and a new watch hears a change made after it."""
+    feed = feed_of(server)
+    await apoll_until(lambda: feed.reconnects == 1 and feed.backend_pid is not None)
+    again = await watch(stub)
+    await create(stub, "after")
+    await expect_next(again, "after")
+    again.cancel()
+
+
 async def test_a_watcher_on_one_instance_sees_changes_made_through_the_other(tmp_path, pg_url):
     async with two_instances(tmp_path, pg_url) as (_, _, stub_a, stub_b):
         on_a, on_b = await watch(stub_a), await watch(stub_b)
@@ -222,12 +232,7 @@ async def test_a_change_that_cannot_be_read_back_ends_the_watches(tmp_path, pg_u
         await notify(pg_url, '{"k": "U", "id": 1, "v": 2, "seq": 424242}')
         details = await expect_interrupted(stream)
         assert "change 424242 is no longer in note_changes" in details
-        feed = feed_of(server)
-        await apoll_until(lambda: feed.reconnects == 1 and feed.backend_pid is not None)
-        again = await watch(stub)
-        await create(stub, "after")
-        await expect_next(again, "after")
-        again.cancel()
+        await expect_feed_back(server, stub)
 
 
 async def test_while_the_feed_is_down_new_watches_are_refused(tmp_path, pg_url):
@@ -261,12 +266,7 @@ async def test_a_change_the_service_cannot_send_ends_the_watches(tmp_path, pg_ur
             )
         assert "(internal error: ValueError)" in await expect_interrupted(stream)
         assert "notes change feed failed" in caplog.text
-        feed = feed_of(server)
-        await apoll_until(lambda: feed.reconnects == 1 and feed.backend_pid is not None)
-        again = await watch(stub)
-        await create(stub, "after")
-        await expect_next(again, "after")
-        again.cancel()
+        await expect_feed_back(server, stub)
 
 
 async def test_closing_the_server_closes_its_listen_connection(tmp_path, pg_url):
